@@ -1,0 +1,252 @@
+"""Configuration: frozen dataclasses <- YAML presets in `configs/` <- `key.sub=value` overrides.
+
+One root `Config` with a section per concern, so a preset (one YAML file per scene set, e.g.
+`configs/demo.yaml`) composes with a backbone choice (`backbone.name=clip`) and a task (the entry
+point that reads it) instead of one copied file per combination. Unknown keys and wrong types
+raise `UserError` (one line, exit code 2). The resolved config is written into every run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fit3d.errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass(frozen=True)
+class ScenesConfig:
+    """Which scenes to read and how."""
+
+    name: str = "demo"
+    """Scene set: `demo` (generated rooms, ScanNet++ layout) or `scannetpp`."""
+    root: str = ""
+    """Dataset root. Empty: demo -> `<run.out>/scenes/demo`; scannetpp -> $SCANNETPP_ROOT."""
+    train_split: str = "nvs_sem_train"
+    """Split file (`<root>/splits/<name>.txt`) of scenes used for lifting and fine-tuning."""
+    val_split: str = "nvs_sem_val"
+    """Split file of held-out scenes used for evaluation."""
+    resolution: float = 0.5
+    """Image scale factor applied on read (FiT3D: 0.5, 1752x1168 -> 876x584)."""
+    max_scenes: int = 0
+    """Use at most this many scenes per split (0 = all)."""
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """The 2D foundation model."""
+
+    name: str = "dinov2"
+    """Alias (`dinov2`, `dinov2_b`, `dinov2_reg`, `clip`, `mae`, `deit3`) or a timm model name."""
+    weights: str = ""
+    """Explicit weights file (timm safetensors, Meta .pth, FiT3D state dict). Empty: resolve."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where outputs go and how runs are seeded and logged."""
+
+    out: str = "outputs"
+    """Output root; stages write to `<out>/<stage>/<name>/`."""
+    name: str = "default"
+    """Run name (folder under the stage's output directory)."""
+    seed: int = 0
+    """Global random seed."""
+    device: str = "auto"
+    """`auto` (CUDA if available), `cpu` or `cuda`."""
+    logger: str = "csv"
+    """`csv` (always written) or `wandb` (also; honours WANDB_MODE)."""
+
+
+@dataclass(frozen=True)
+class LiftConfig:
+    """Stage 1: lifting features into per-scene Gaussians (REFERENCE.md section 1)."""
+
+    steps: int = 30000
+    """Optimisation steps per scene, one view per step."""
+    feature_dim: int = 64
+    """Low-dimensional feature width D stored per Gaussian."""
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Stage 2: fine-tuning the backbone on rendered features (REFERENCE.md section 2)."""
+
+    lift_run: str = "default"
+    """Stage-1 run name whose scenes provide the targets."""
+    epochs: int = 1
+    """Training epochs over all (scene, view) pairs."""
+    batch_size: int = 2
+    """Images per optimiser step (per device)."""
+    lr: float = 1e-5
+    """AdamW learning rate."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    grad_clip: float = 0.1
+    """Gradient clipping norm."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The evaluator: linear probes and 3D-awareness probes (REFERENCE.md sections 3-4)."""
+
+    finetune_run: str = "default"
+    """Stage-2 run whose `backbone.safetensors` is the fine-tuned model ('' = original only)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Root of every run's configuration."""
+
+    scenes: ScenesConfig = field(default_factory=ScenesConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    lift: LiftConfig = field(default_factory=LiftConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` coerced to annotation `tp` (int -> float, list -> tuple), else raise."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+        for arg in typing.get_args(tp):
+            if arg is not type(None):
+                try:
+                    return _check_type(value, arg, key)
+                except UserError:
+                    pass
+        raise UserError(f"config key '{key}' expects {tp}, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise UserError(f"config key '{key}' expects a list, got {value!r}")
+        args = typing.get_args(tp)
+        item = args[0] if args else Any
+        return tuple(_check_type(v, item, key) for v in value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise UserError(f"config key '{key}' expects {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Instantiate dataclass `cls` from nested `data`, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        key = prefix + unknown[0]
+        raise UserError(f"unknown config key '{key}' (known under '{prefix or '.'}': {sorted(names)})")
+    kwargs = {}
+    for name, value in data.items():
+        tp, key = hints[name], prefix + name
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise UserError(f"config key '{key}' is a section, got {value!r}")
+            kwargs[name] = _build(tp, value, key + ".")
+        else:
+            kwargs[name] = _check_type(value, tp, key)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge: `update` wins, sections merge."""
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_preset(name: str) -> dict[str, Any]:
+    """Load a preset by name (`configs/<name>.yaml`) or by path."""
+    path = Path(name)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise UserError(f"config preset '{name}' not found (known: {known})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config preset {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(data, dict):
+        raise UserError(f"config preset {path} must be a mapping")
+    return data
+
+
+def _parse_override(text: str) -> dict[str, Any]:
+    """`a.b=1` -> {"a": {"b": 1}}; values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise UserError(f"override '{text}' must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of a config (tuples become lists)."""
+    return yaml.safe_load(yaml.safe_dump(_plain(dataclasses.asdict(cfg))))
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_plain(v) for v in x]
+    return x
+
+
+def load_config(presets: list[str] = (), overrides: list[str] = ()) -> Config:
+    """Defaults <- each preset in order <- each `key.sub=value` override."""
+    data: dict[str, Any] = {}
+    for name in presets:
+        data = _merge(data, _read_preset(name))
+    for text in overrides:
+        data = _merge(data, _parse_override(text))
+    return _build(Config, data)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    from fit3d.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def parse_cli(argv: list[str] | None, prog: str, description: str) -> Config:
+    """Standard entry-point CLI: `[--preset NAME]... [key.sub=value]...`."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument(
+        "--preset",
+        action="append",
+        default=[],
+        help="YAML preset in configs/ (or a path); repeat to stack",
+    )
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. lift.steps=500")
+    args = parser.parse_args(argv)
+    return load_config(args.preset, args.overrides)
