@@ -139,7 +139,7 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+    if (tp is int and isinstance(value, bool)) or not isinstance(value, tp):
         raise UserError(f"config key '{key}' expects {tp.__name__}, got {value!r}")
     return value
 
@@ -151,7 +151,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         key = prefix + unknown[0]
-        raise UserError(f"unknown config key '{key}' (known under '{prefix or '.'}': {sorted(names)})")
+        raise UserError(
+            f"unknown config key '{key}' (known under '{prefix or '.'}': {sorted(names)})"
+        )
     kwargs = {}
     for name, value in data.items():
         tp, key = hints[name], prefix + name
