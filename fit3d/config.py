@@ -39,6 +39,18 @@ class ScenesConfig:
     """Image scale factor applied on read (FiT3D: 0.5, 1752x1168 -> 876x584)."""
     max_scenes: int = 0
     """Use at most this many scenes per split (0 = all)."""
+    demo_train: int = 6
+    """Demo only: number of generated training rooms (listed in the train split)."""
+    demo_val: int = 3
+    """Demo only: number of generated held-out rooms (listed in the val split)."""
+    demo_views: int = 40
+    """Demo only: views per room (every 8th is a test view)."""
+    demo_width: int = 336
+    """Demo only: image width in pixels."""
+    demo_height: int = 224
+    """Demo only: image height in pixels."""
+    demo_seed: int = 0
+    """Demo only: generator seed (rooms, textures, camera paths)."""
 
 
 @dataclass(frozen=True)
