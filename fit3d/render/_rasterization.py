@@ -1,0 +1,233 @@
+"""`rasterization`: gsplat's classic 3DGS rasteriser API with a CPU backend of our own.
+
+gsplat has no CPU path (its kernels are CUDA-only), so the `torch` backend reimplements the same
+rules: projection and SH in differentiable torch (`_project`, `_sh`), tile binning by one sort, and
+front-to-back compositing per 16x16 tile, by C++ kernels with a hand-written backward
+(`_composite_cpp`, compiled on first use) or, when no compiler is available, by pure torch
+(`_composite_torch`). On CUDA tensors the `gsplat` backend calls `gsplat.rasterization` itself.
+
+Stopping feature gradients at geometry (`geometry_grad_channels=k`): only the first k channels of
+`colors` (and the depth channel of the D/ED modes) send gradient into means, quats, scales and
+opacities (and `info["means2d"]`, so densification statistics come from them alone); the other
+channels still get their own gradient. The torch backend does this inside one pass: the backward
+computes the geometry gradient from the first k channels of the output gradient only, which is
+exactly what rendering those channels again on detached geometry would give. The gsplat backend
+does that second render (features on detached means/quats/scales/opacities).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ._composite_torch import composite_torch
+from ._project import TILE, intersect_tiles, project
+from ._sh import spherical_harmonics
+
+RenderMode = Literal["RGB", "D", "ED", "RGB+D", "RGB+ED"]
+Backend = Literal["auto", "gsplat", "torch", "torch-python"]
+
+
+def rasterization(
+    means: Tensor,  # [N, 3]
+    quats: Tensor,  # [N, 4]
+    scales: Tensor,  # [N, 3]
+    opacities: Tensor,  # [N]
+    colors: Tensor,  # [N, D] | [C, N, D] | SH [N, K, 3] | [C, N, K, 3]
+    viewmats: Tensor,  # [C, 4, 4]
+    Ks: Tensor,  # [C, 3, 3]
+    width: int,
+    height: int,
+    near_plane: float = 0.01,
+    far_plane: float = 1e10,
+    sh_degree: int | None = None,
+    backgrounds: Tensor | None = None,  # [C, D]
+    render_mode: RenderMode = "RGB",
+    packed: bool = False,
+    absgrad: bool = False,
+    eps2d: float = 0.3,
+    backend: Backend = "auto",
+    geometry_grad_channels: int | None = None,
+) -> tuple[Tensor, Tensor, dict]:
+    """Render 3D Gaussians into C pinhole cameras (gsplat `rasterization`, classic mode).
+
+    Args:
+        means: [N, 3] centres. quats: [N, 4] wxyz rotations, any norm. scales: [N, 3] activated
+            scales. opacities: [N] activated opacities in [0, 1].
+        colors: [N, D] or [C, N, D] values to blend, or with `sh_degree` SH coefficients
+            [N, K, 3] / [C, N, K, 3] turned into RGB as `max(SH(dir) + 0.5, 0)`.
+        viewmats: [C, 4, 4] world-to-camera, OpenCV axes. Ks: [C, 3, 3] pinhole intrinsics.
+        width, height: image size in pixels.
+        near_plane, far_plane: camera-depth range kept. eps2d: 2D low-pass added to covariances.
+        backgrounds: [C, D] colour behind the Gaussians (zero for the depth channel).
+        render_mode: "RGB", "D" (accumulated depth), "ED" (expected depth = D / alpha), "RGB+D",
+            "RGB+ED" (depth as the last channel).
+        packed: info holds [nnz] rows with `camera_ids`/`gaussian_ids` instead of [C, N] arrays.
+        absgrad: also store |grad| of means2d as `info["means2d"].absgrad` (gsplat backend only).
+        backend: "gsplat" (CUDA), "torch" (CPU: C++ kernels, pure torch if they cannot be built),
+            "torch-python" (CPU, always pure torch), "auto" (gsplat on CUDA tensors, else torch).
+        geometry_grad_channels: k -> only the first k colour channels send gradient to geometry
+            (module docstring); None -> all of them.
+
+    Returns:
+        renders [C, H, W, D'] (D' = D, 1 or D + 1 by mode), alphas [C, H, W, 1], info dict with
+        `means2d` (gradient retained), `radii` (int32), `depths`, `conics`, `opacities`, `width`,
+        `height`, `n_cameras`, `tile_size`, `tile_width`, `tile_height`, `flatten_ids`,
+        `isect_offsets`, and `camera_ids`/`gaussian_ids` when packed.
+    """
+    if render_mode not in ("RGB", "D", "ED", "RGB+D", "RGB+ED"):
+        raise ValueError(f"unknown render_mode {render_mode!r}")
+    if backend == "auto":
+        backend = "gsplat" if means.is_cuda else "torch"
+    if backend == "gsplat":
+        return _rasterize_gsplat(
+            means, quats, scales, opacities, colors, viewmats, Ks, width, height, near_plane,
+            far_plane, sh_degree, backgrounds, render_mode, packed, absgrad, eps2d,
+            geometry_grad_channels,
+        )  # fmt: skip
+    if backend not in ("torch", "torch-python"):
+        raise ValueError(f"unknown backend {backend!r}")
+    if absgrad:
+        raise NotImplementedError("absgrad is only available with the gsplat backend")
+    return _rasterize_torch(
+        means, quats, scales, opacities, colors, viewmats, Ks, width, height, near_plane,
+        far_plane, sh_degree, backgrounds, render_mode, packed, eps2d, geometry_grad_channels,
+        python_only=backend == "torch-python",
+    )  # fmt: skip
+
+
+def _entry_colors(
+    colors: Tensor, means: Tensor, viewmats: Tensor, sh_degree: int | None, cam: Tensor, gid: Tensor
+) -> Tensor:
+    """Per visible entry colours [M, D] (SH evaluated towards each entry's camera)."""
+    n = means.shape[0]
+    per_cam = colors.dim() == (4 if sh_degree is not None else 3)
+    if per_cam and colors.shape[:2] != (viewmats.shape[0], n):
+        raise ValueError(f"colors {tuple(colors.shape)} do not match C={viewmats.shape[0]}, N={n}")
+    if not per_cam and colors.shape[0] != n:
+        raise ValueError(f"colors {tuple(colors.shape)} do not match N={n}")
+    picked = colors[cam, gid] if per_cam else colors[gid]
+    if sh_degree is None:
+        return picked
+    campos = torch.linalg.inv(viewmats)[:, :3, 3]  # [C, 3]
+    dirs = means[gid] - campos[cam]
+    return torch.clamp_min(spherical_harmonics(sh_degree, dirs, picked) + 0.5, 0.0)
+
+
+def _rasterize_torch(
+    means, quats, scales, opacities, colors, viewmats, Ks, width, height, near_plane, far_plane,
+    sh_degree, backgrounds, render_mode, packed, eps2d, geometry_grad_channels, python_only,
+) -> tuple[Tensor, Tensor, dict]:  # fmt: skip
+    n_cams, n = viewmats.shape[0], means.shape[0]
+    proj = project(
+        means, quats, scales, opacities, viewmats, Ks, width, height, near_plane, far_plane, eps2d
+    )
+    cam, gid = proj.camera_ids, proj.gaussian_ids
+    if packed:
+        means2d = proj.means2d
+    else:  # dense [C, N, 2] leaf of the rendering graph, as gsplat returns it
+        means2d = proj.means2d.new_zeros(n_cams, n, 2).index_put((cam, gid), proj.means2d)
+    if means2d.requires_grad:
+        means2d.retain_grad()
+    m2d = means2d if packed else means2d[cam, gid]  # [M, 2]
+
+    want_rgb = render_mode in ("RGB", "RGB+D", "RGB+ED")
+    want_depth = render_mode != "RGB"
+    rgb = _entry_colors(colors, means, viewmats, sh_degree, cam, gid) if want_rgb else None
+    d_rgb = rgb.shape[1] if rgb is not None else 0
+    k = d_rgb if geometry_grad_channels is None else min(geometry_grad_channels, d_rgb)
+    parts = [] if rgb is None else [rgb[:, :k]]
+    if want_depth:
+        parts.append(proj.depths[:, None])
+    if rgb is not None:
+        parts.append(rgb[:, k:])
+    entry_cols = torch.cat(parts, 1) if parts else proj.means2d.new_zeros(0, 0)
+    n_geo = k + int(want_depth)
+
+    isect = intersect_tiles(proj, n_cams, width, height)
+    if python_only:
+        img, alphas = composite_torch(
+            m2d, proj.conics, proj.opacities, entry_cols, isect, n_cams, width, height, n_geo
+        )
+    else:
+        from ._composite_cpp import composite
+
+        img, alphas = composite(
+            m2d, proj.conics, proj.opacities, entry_cols, isect, n_cams, width, height, n_geo
+        )
+    # back to the caller's channel order: colours, then depth
+    if want_depth:
+        depth = img[..., k : k + 1]
+        img = torch.cat([img[..., :k], img[..., k + 1 :], depth], -1)
+    if backgrounds is not None and want_rgb:
+        bg = backgrounds[:, None, None, :]  # [C, 1, 1, D]
+        fill_geo = (1.0 - alphas) * bg[..., :k]
+        fill_free = (1.0 - alphas.detach()) * bg[..., k:]
+        fill = torch.cat([fill_geo, fill_free], -1)
+        img = torch.cat([img[..., :d_rgb] + fill, img[..., d_rgb:]], -1)
+    if render_mode in ("ED", "RGB+ED"):
+        img = torch.cat([img[..., :-1], img[..., -1:] / alphas.clamp_min(1e-10)], -1)
+
+    radii = proj.radii
+    depths, conics, opac = proj.depths, proj.conics, proj.opacities
+    if not packed:
+        radii = radii.new_zeros(n_cams, n, 2).index_put((cam, gid), radii)
+        depths = depths.new_zeros(n_cams, n).index_put((cam, gid), depths)
+        conics = conics.new_zeros(n_cams, n, 3).index_put((cam, gid), conics)
+        opac = opac.new_zeros(n_cams, n).index_put((cam, gid), opac)
+    info = {
+        "camera_ids": cam if packed else None,
+        "gaussian_ids": gid if packed else None,
+        "radii": radii,
+        "means2d": means2d,
+        "depths": depths,
+        "conics": conics,
+        "opacities": opac,
+        "tile_width": isect.tiles_x,
+        "tile_height": isect.tiles_y,
+        "tiles_per_gauss": isect.tiles_per_gauss,
+        "flatten_ids": isect.flatten_ids,
+        "isect_offsets": isect.offsets,
+        "width": width,
+        "height": height,
+        "tile_size": TILE,
+        "n_batches": 1,
+        "n_cameras": n_cams,
+    }
+    return img, alphas, info
+
+
+def _rasterize_gsplat(
+    means, quats, scales, opacities, colors, viewmats, Ks, width, height, near_plane, far_plane,
+    sh_degree, backgrounds, render_mode, packed, absgrad, eps2d, geometry_grad_channels,
+) -> tuple[Tensor, Tensor, dict]:  # fmt: skip
+    """gsplat on CUDA; a split colour tensor renders twice (features on detached geometry)."""
+    import gsplat
+
+    common = dict(
+        width=width, height=height, near_plane=near_plane, far_plane=far_plane, eps2d=eps2d,
+        packed=packed, rasterize_mode="classic",
+    )  # fmt: skip
+    k = geometry_grad_channels
+    if sh_degree is not None or k is None or k >= colors.shape[-1]:
+        return gsplat.rasterization(
+            means, quats, scales, opacities, colors, viewmats, Ks, sh_degree=sh_degree,
+            backgrounds=backgrounds, render_mode=render_mode, absgrad=absgrad, **common,
+        )  # fmt: skip
+    bg_geo = backgrounds[..., :k] if backgrounds is not None else None
+    bg_free = backgrounds[..., k:] if backgrounds is not None else None
+    img_geo, alphas, info = gsplat.rasterization(
+        means, quats, scales, opacities, colors[..., :k], viewmats, Ks, backgrounds=bg_geo,
+        render_mode=render_mode, absgrad=absgrad, **common,
+    )  # fmt: skip
+    img_free, _, _ = gsplat.rasterization(
+        means.detach(), quats.detach(), scales.detach(), opacities.detach(), colors[..., k:],
+        viewmats, Ks, backgrounds=bg_free, render_mode="RGB", **common,
+    )  # fmt: skip
+    if render_mode == "RGB":
+        return torch.cat([img_geo, img_free], -1), alphas, info
+    if render_mode in ("D", "ED"):
+        return img_geo, alphas, info
+    return torch.cat([img_geo[..., :-1], img_free, img_geo[..., -1:]], -1), alphas, info
