@@ -113,6 +113,34 @@ class EvalConfig:
 
     finetune_run: str = "default"
     """Stage-2 run whose `backbone.safetensors` is the fine-tuned model ('' = original only)."""
+    finetuned_weights: str = ""
+    """Explicit fine-tuned weights file (overrides `finetune_run`)."""
+    probes: tuple[str, ...] = ("seg", "depth", "normals", "corr")
+    """Probes to run: `seg`, `depth`, `normals` (trained linear heads), `corr` (zero-shot)."""
+    feature_sets: tuple[str, ...] = ("original", "fine-tuned", "assembled", "control")
+    """Feature sets to compare; `assembled` = original ++ fine-tuned, `control` = original x2."""
+    seeds: tuple[int, ...] = (0, 1)
+    """Probe training seeds; the report gives the mean and the spread over them."""
+    lrs: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
+    """Probe learning-rate sweep, picked on a validation split of the train scenes."""
+    epochs: int = 10
+    """Probe training epochs over the train views."""
+    batch_size: int = 8
+    """Probe training batch (views)."""
+    val_fraction: float = 0.2
+    """Fraction of train scenes (at least 1) used to pick the learning rate."""
+    max_views: int = 0
+    """Use at most this many evenly spaced views per scene (0 = all)."""
+    max_depth: float = 10.0
+    """Upper end of the depth probe's 256 bins (metres)."""
+    pairs_per_scene: int = 10
+    """Correspondence view pairs per held-out scene (spread over rotation bins)."""
+    min_overlap: float = 0.3
+    """Minimum covisible fraction of a correspondence pair."""
+    top_k: int = 1000
+    """Correspondences kept per pair (best ratio-test weight)."""
+    pca_views: int = 3
+    """Held-out views shown in `pca.png`."""
 
 
 @dataclass(frozen=True)

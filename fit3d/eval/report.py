@@ -1,0 +1,208 @@
+"""The evaluation report: results.json, results.md (markdown tables), results.png, pca.png.
+
+`results` (what `fit3d.eval` builds and results.json stores)::
+
+    {"feature_sets": [...], "metrics": {set: {"eval/seg/miou": {"mean", "std", "values"}, ...}},
+     "lr": {set: {probe: lr}}, "notes": [...], "provenance": {...}, "config": {...}}
+
+Spread = sample standard deviation over the probe seeds (0 for the deterministic
+correspondence probe). Changes are relative to the `original` row.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from fit3d.io import atomic_path, write_json  # noqa: E402
+
+METRICS: dict[str, tuple[str, bool, float]] = {
+    "eval/seg/miou": ("mIoU %", True, 100.0),
+    "eval/seg/macc": ("mAcc %", True, 100.0),
+    "eval/seg/aacc": ("aAcc %", True, 100.0),
+    "eval/depth/rmse": ("RMSE m", False, 1.0),
+    "eval/depth/absrel": ("AbsRel", False, 1.0),
+    "eval/depth/delta1": ("delta1 %", True, 100.0),
+    "eval/normals/within_11": ("<11.25deg %", True, 1.0),
+    "eval/normals/within_22": ("<22.5deg %", True, 1.0),
+    "eval/normals/within_30": ("<30deg %", True, 1.0),
+    "eval/normals/ang_rmse": ("ang. RMSE deg", False, 1.0),
+    "eval/corr/recall_5px": ("R@5px %", True, 100.0),
+    "eval/corr/recall_10px": ("R@10px %", True, 100.0),
+    "eval/corr/recall_20px": ("R@20px %", True, 100.0),
+    "eval/corr/recall_10px_rot0-15": ("R@10 0-15deg %", True, 100.0),
+    "eval/corr/recall_10px_rot15-30": ("R@10 15-30deg %", True, 100.0),
+    "eval/corr/recall_10px_rot30-60": ("R@10 30-60deg %", True, 100.0),
+    "eval/corr/recall_10px_rot60-180": ("R@10 60-180deg %", True, 100.0),
+}
+"""Metric key -> (column label, higher is better, display scale)."""
+HEADLINE = ("eval/seg/miou", "eval/depth/rmse", "eval/corr/recall_10px")
+"""The metrics on which the assembled features should beat the original (FiT3D's claim)."""
+PROBE_TITLES = {
+    "seg": "Semantic segmentation (linear)",
+    "depth": "Depth (linear, 256 bins)",
+    "normals": "Surface normals (linear, angular NLL)",
+    "corr": "Multiview correspondence (zero-shot)",
+}
+
+
+def summarize(values: list[float]) -> dict:
+    """{"mean", "std" (sample, 0 for one value), "values"} of per-seed metric values."""
+    finite = [v for v in values if not math.isnan(v)]
+    mean = statistics.fmean(finite) if finite else math.nan
+    std = statistics.stdev(finite) if len(finite) > 1 else 0.0
+    return {"mean": mean, "std": std, "values": values}
+
+
+def _cell(stat: dict | None, base: dict | None, scale: float) -> str:
+    if stat is None or math.isnan(stat["mean"]):
+        return "-"
+    digits = 4 if scale == 1.0 and abs(stat["mean"]) < 10 else 2
+    text = f"{stat['mean'] * scale:.{digits}f}"
+    if stat["std"] > 0:
+        text += f" ± {stat['std'] * scale:.{digits}f}"
+    if base is not None and base is not stat and not math.isnan(base["mean"]):
+        text += f" ({(stat['mean'] - base['mean']) * scale:+.{digits}f})"
+    return text
+
+
+def markdown(results: dict) -> str:
+    """One table per probe: rows = feature sets, columns = that probe's metrics."""
+    sets, metrics = results["feature_sets"], results["metrics"]
+    lines = []
+    for probe, title in PROBE_TITLES.items():
+        keys = [k for k in METRICS if k.split("/")[1] == probe]
+        keys = [k for k in keys if any(k in metrics.get(s, {}) for s in sets)]
+        if not keys:
+            continue
+        lines += [f"### {title}", ""]
+        lines.append("| features | " + " | ".join(METRICS[k][0] for k in keys) + " |")
+        lines.append("|---|" + "---|" * len(keys))
+        for s in sets:
+            row = metrics.get(s, {})
+            base = metrics.get("original", {})
+            cells = [_cell(row.get(k), base.get(k), METRICS[k][2]) for k in keys]
+            lines.append(f"| {s} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines.append(verdict(results))
+    return "\n".join(lines)
+
+
+def verdict(results: dict) -> str:
+    """One line: on how many headline metrics the assembled features beat the original."""
+    metrics = results["metrics"]
+    if "assembled" not in metrics or "original" not in metrics:
+        return "No fine-tuned features: the FiT3D comparison (assembled vs original) was not run."
+    parts, wins, total = [], 0, 0
+    for key in HEADLINE:
+        a, o = metrics["assembled"].get(key), metrics["original"].get(key)
+        if a is None or o is None or math.isnan(a["mean"]) or math.isnan(o["mean"]):
+            continue
+        label, higher, scale = METRICS[key]
+        delta = (a["mean"] - o["mean"]) * scale
+        spread = max(a["std"], o["std"]) * scale
+        better = delta > 0 if higher else delta < 0
+        total += 1
+        wins += better
+        parts.append(f"{label} {delta:+.4g} (seed spread {spread:.2g})")
+    return f"Assembled vs original: better on {wins} of {total} headline metrics: " + "; ".join(
+        parts
+    )
+
+
+def bar_chart(path: Path, results: dict) -> None:
+    """results.png: one bar chart per metric (mean over seeds, error bar = spread)."""
+    sets, metrics = results["feature_sets"], results["metrics"]
+    keys = [k for k in METRICS if any(k in metrics.get(s, {}) for s in sets)]
+    if not keys:
+        return
+    cols = min(4, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    colors = plt.get_cmap("tab10").colors
+    for ax, key in zip(axes.flat, keys, strict=False):
+        label, higher, scale = METRICS[key]
+        vals = [metrics.get(s, {}).get(key, {"mean": math.nan, "std": 0.0}) for s in sets]
+        ax.bar(
+            range(len(sets)),
+            [v["mean"] * scale for v in vals],
+            yerr=[v["std"] * scale for v in vals],
+            color=colors[: len(sets)],
+            capsize=3,
+        )
+        ax.set_xticks(range(len(sets)), sets, rotation=30, ha="right", fontsize=7)
+        ax.set_title(
+            f"{key.removeprefix('eval/')} ({'higher' if higher else 'lower'} better)", fontsize=8
+        )
+        ax.set_ylabel(label, fontsize=7)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def pca_rgb(maps: list[Tensor]) -> list[Tensor]:
+    """Feature maps [C, h, w] -> RGB maps [h, w, 3] in [0, 1] through one shared 3-component PCA.
+
+    The basis and the colour range (1st-99th percentile per component) are fitted on the tokens of
+    all maps together, so colours are comparable across views.
+    """
+    tokens = torch.cat([m.float().flatten(1).T for m in maps])  # [N, C]
+    mean = tokens.mean(0)
+    _, _, v = torch.pca_lowrank(tokens - mean, q=min(3, tokens.shape[1]), center=False)
+    proj = (tokens - mean) @ v  # [N, 3]
+    if proj.shape[1] < 3:
+        proj = F.pad(proj, (0, 3 - proj.shape[1]))
+    lo, hi = torch.quantile(proj, 0.01, dim=0), torch.quantile(proj, 0.99, dim=0)
+    rgb = ((proj - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
+    out, start = [], 0
+    for m in maps:
+        n = m.shape[1] * m.shape[2]
+        out.append(rgb[start : start + n].reshape(m.shape[1], m.shape[2], 3))
+        start += n
+    return out
+
+
+def pca_panel(path: Path, images: list[Tensor], maps: dict[str, list[Tensor]]) -> None:
+    """pca.png: columns = held-out views, rows = the image then each feature set's PCA colours."""
+    rows = 1 + len(maps)
+    cols = len(images)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 1.9 * rows), squeeze=False)
+    for c, img in enumerate(images):
+        axes[0, c].imshow(img.numpy())
+    for r, (name, feats) in enumerate(maps.items(), start=1):
+        for c, rgb in enumerate(pca_rgb(feats)):
+            axes[r, c].imshow(rgb.numpy(), interpolation="nearest")
+        axes[r, 0].set_ylabel(name, fontsize=8)
+    axes[0, 0].set_ylabel("image", fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def write_report(out_dir: Path, results: dict) -> str:
+    """Write results.json, results.md and results.png; return the markdown."""
+    text = markdown(results)
+    notes = "".join(f"- {n}\n" for n in results.get("notes", []))
+    header = f"# FiT3D evaluation: {results['provenance'].get('backbone', '')}\n\n"
+    write_json(out_dir / "results.json", results)
+    with atomic_path(out_dir / "results.md") as tmp:
+        tmp.write_text(header + text + ("\n\nNotes:\n" + notes if notes else "") + "\n")
+    bar_chart(out_dir / "results.png", results)
+    return text
