@@ -1,0 +1,153 @@
+"""fit3d.backbones: aliases, preprocessing, dense features against a hook-based reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fit3d.backbones import ALIASES, Backbone
+from fit3d.errors import UserError
+
+MEAN = torch.tensor([0.485, 0.456, 0.406])
+STD = torch.tensor([0.229, 0.224, 0.225])
+
+
+def _block_tokens(bb: Backbone, x: torch.Tensor) -> list[torch.Tensor]:
+    """Reference: every block's raw output tokens [B, prefix + h*w, C], via forward hooks on
+    timm's plain forward_features (a different code path from forward_intermediates)."""
+    out: list[torch.Tensor] = []
+    hooks = [blk.register_forward_hook(lambda m, i, o: out.append(o)) for blk in bb.model.blocks]
+    try:
+        final = bb.model.forward_features(x)  # [B, T, C] after the final norm
+    finally:
+        for h in hooks:
+            h.remove()
+    assert torch.equal(bb.model.norm(out[-1]), final)
+    return out
+
+
+def _to_map(tokens: torch.Tensor, n_prefix: int, h: int, w: int) -> torch.Tensor:
+    """[B, prefix + h*w, C] -> [B, C, h, w] patch map (row-major token order)."""
+    b, _, c = tokens.shape
+    return tokens[:, n_prefix:].reshape(b, h, w, c).permute(0, 3, 1, 2)
+
+
+def test_aliases_follow_reference() -> None:
+    assert ALIASES["dinov2"] == "vit_small_patch14_dinov2.lvd142m"
+    assert ALIASES["dinov2_b"] == "vit_base_patch14_dinov2.lvd142m"
+    assert ALIASES["dinov2_reg"] == "vit_small_patch14_reg4_dinov2.lvd142m"
+    assert ALIASES["clip"] == "vit_base_patch16_clip_384.laion2b_ft_in12k_in1k"
+    assert ALIASES["mae"] == "vit_base_patch16_224.mae"
+    assert ALIASES["deit3"] == "deit3_base_patch16_224.fb_in1k"
+
+
+def test_test_tiny() -> None:
+    bb = Backbone("test_tiny")
+    assert bb.weights_info.source == "random"
+    assert (bb.embed_dim, bb.patch_size, bb.num_blocks) == (48, 14, 2)
+    assert bb.quarter_blocks() == (0, 0, 1, 1)
+    x = bb.preprocess(torch.rand(2, 3, 100, 150))
+    assert x.shape == (2, 3, 98, 140)
+    maps = bb.features(x, bb.quarter_blocks(), norm=False)
+    assert [tuple(m.shape) for m in maps] == [(2, 48, 7, 10)] * 4
+    assert torch.equal(maps[0], maps[1]) and torch.equal(maps[2], maps[3])
+    assert not torch.equal(maps[0], maps[2])
+
+
+@pytest.mark.parametrize("hw", [(14, 14), (56, 84), (98, 140), (224, 224), (70, 322)])
+@pytest.mark.parametrize("norm", [True, False])
+def test_features_match_hook_reference(hw: tuple[int, int], norm: bool) -> None:
+    bb = Backbone("test_tiny")
+    x = torch.randn(2, 3, *hw)
+    h, w = hw[0] // 14, hw[1] // 14
+    with torch.no_grad():
+        ref = _block_tokens(bb, x)
+        maps = bb.features(x, blocks=(1, 0, -1), norm=norm)
+    for m, i in zip(maps, (1, 0, 1), strict=True):
+        tokens = bb.model.norm(ref[i]) if norm else ref[i]
+        assert m.shape == (2, 48, h, w)
+        torch.testing.assert_close(m, _to_map(tokens, 1, h, w), rtol=1e-5, atol=1e-5)
+
+
+def test_forward_and_cls_token() -> None:
+    """forward = last block + final norm, patch tokens; cls_token = token 0 with/without norm."""
+    bb = Backbone("test_tiny")
+    x = torch.randn(3, 3, 42, 70)
+    with torch.no_grad():
+        ref = _block_tokens(bb, x)
+        fmap, cls, cls_raw = bb(x), bb.cls_token(x), bb.cls_token(x, norm=False)
+    torch.testing.assert_close(fmap, _to_map(bb.model.norm(ref[-1]), 1, 3, 5))
+    torch.testing.assert_close(cls, bb.model.norm(ref[-1])[:, 0])
+    torch.testing.assert_close(cls_raw, ref[-1][:, 0])
+    assert cls.shape == (3, 48)
+
+
+def test_registers_are_dropped() -> None:
+    """DINOv2 with 4 registers: maps hold patch tokens only, CLS is token 0."""
+    bb = Backbone("dinov2_reg", weights="random")
+    assert bb.model.num_prefix_tokens == 5
+    x = torch.randn(1, 3, 56, 42)
+    with torch.no_grad():
+        ref = _block_tokens(bb, x)
+        fmap, cls = bb(x), bb.cls_token(x)
+    assert fmap.shape == (1, 384, 4, 3)
+    torch.testing.assert_close(fmap, _to_map(bb.model.norm(ref[-1]), 5, 4, 3))
+    torch.testing.assert_close(cls, bb.model.norm(ref[-1])[:, 0])
+
+
+@pytest.mark.parametrize(
+    ("alias", "dim", "patch", "quarters"),
+    [("dinov2", 384, 14, (2, 5, 8, 11)), ("mae", 768, 16, (2, 5, 8, 11))],
+)
+def test_full_size_architectures(alias: str, dim: int, patch: int, quarters: tuple) -> None:
+    bb = Backbone(alias, weights="random")
+    assert (bb.embed_dim, bb.patch_size, bb.quarter_blocks()) == (dim, patch, quarters)
+    x = bb.preprocess(torch.rand(1, 3, 3 * patch + 5, 2 * patch + 1))
+    assert x.shape == (1, 3, 3 * patch, 2 * patch)
+    with torch.no_grad():
+        assert [m.shape for m in bb.features(x, quarters)] == [(1, dim, 3, 2)] * 4
+
+
+def test_preprocess_normalises_and_keeps_the_whole_image() -> None:
+    bb = Backbone("test_tiny")
+    # A constant image stays constant under any resize: exactly ImageNet-normalised values.
+    img = torch.ones(1, 3, 30, 45) * torch.tensor([0.2, 0.5, 0.9]).view(1, 3, 1, 1)
+    out = bb.preprocess(img)
+    assert out.shape == (1, 3, 28, 42)
+    want = ((torch.tensor([0.2, 0.5, 0.9]) - MEAN) / STD).view(1, 3, 1, 1).expand_as(out)
+    torch.testing.assert_close(out, want)
+    # No crop: a left-to-right ramp keeps its range (a crop would cut the ends off).
+    ramp = torch.linspace(0, 1, 45).view(1, 1, 1, 45).expand(1, 3, 30, 45)
+    red = bb.preprocess(ramp)[0, 0] * STD[0] + MEAN[0]  # [28, 42] back in [0, 1]
+    assert red[:, 0].max() < 0.02 and red[:, -1].min() > 0.98
+    # Already a multiple of the patch: untouched apart from normalisation.
+    img = torch.rand(2, 3, 28, 56)
+    torch.testing.assert_close(
+        bb.preprocess(img), (img - MEAN.view(1, 3, 1, 1)) / STD.view(1, 3, 1, 1)
+    )
+
+
+def test_gradients_reach_every_parameter() -> None:
+    """Stage 2 trains all backbone parameters through `forward`."""
+    bb = Backbone("test_tiny").train()
+    bb(torch.randn(1, 3, 28, 28)).square().mean().backward()
+    assert all(p.grad is not None for p in bb.parameters())
+
+
+def test_unknown_alias_lists_known_ones() -> None:
+    with pytest.raises(UserError) as e:
+        Backbone("dinov3")
+    msg = str(e.value)
+    assert "\n" not in msg and "'dinov3'" in msg
+    assert all(alias in msg for alias in ALIASES)
+
+
+def test_bad_block_index() -> None:
+    bb = Backbone("test_tiny")
+    with pytest.raises(ValueError):
+        bb.features(torch.randn(1, 3, 28, 28), blocks=(2,))
+
+
+def test_image_smaller_than_a_patch() -> None:
+    with pytest.raises(UserError):
+        Backbone("test_tiny").preprocess(torch.rand(1, 3, 10, 40))
