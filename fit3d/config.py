@@ -107,6 +107,34 @@ class FinetuneConfig:
     """AdamW weight decay."""
     grad_clip: float = 0.1
     """Gradient clipping norm."""
+    max_steps: int = -1
+    """Stop after this many optimiser steps (-1: `epochs` decides)."""
+    devices: int | str = "auto"
+    """Lightning `devices` per node (a count, or `auto`)."""
+    num_nodes: int = 1
+    """Lightning `num_nodes` (multi-node DDP)."""
+    strategy: str = "auto"
+    """Lightning strategy: `auto`, `ddp`, `ddp_spawn`, ... (several devices: DDP)."""
+    precision: str = "32-true"
+    """Lightning precision, e.g. `32-true`, `bf16-mixed`, `16-mixed`."""
+    num_workers: int = 0
+    """DataLoader workers; with workers, targets are rendered on CPU inside them."""
+    scene_cache: int = 4
+    """Lifted scenes held in memory per loader process (also the shuffling group size)."""
+    val_lift_run: str = ""
+    """Stage-1 run of held-out scenes for validation ('' = test views of the training scenes)."""
+    val_views: int = 2
+    """Validation views per validation scene (0 = all its test views)."""
+    checkpoint_every: int = 200
+    """Save `checkpoints/last.ckpt` every this many steps (and at the end)."""
+    log_every: int = 10
+    """Log the training loss every this many steps."""
+    resume: bool = False
+    """Continue from `checkpoints/last.ckpt` of this run if it exists."""
+    corr_pairs: int = 4
+    """View pairs per held-out scene for the correspondence check in meta.json (0 = skip)."""
+    pca_views: int = 2
+    """Held-out views shown in pca.png (original vs fine-tuned, shared PCA basis)."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,12 @@
+"""Stage 2: 3D-aware fine-tuning of a 2D backbone on features rendered from lifted scenes.
+
+`python -m stage2_finetune [--preset demo] [key=value ...]` (REFERENCE.md section 2). The
+LightningModule is `FinetuneModule`, the LightningDataModule `FinetuneDataModule`; `run(cfg)`
+does one whole run.
+"""
+
+from stage2_finetune.data import EpochSampler, FinetuneDataModule, FinetuneDataset
+from stage2_finetune.module import FinetuneModule
+from stage2_finetune.train import run
+
+__all__ = ["EpochSampler", "FinetuneDataModule", "FinetuneDataset", "FinetuneModule", "run"]

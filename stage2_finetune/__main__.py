@@ -1,0 +1,28 @@
+"""`python -m stage2_finetune [--preset NAME] [key.sub=value ...]`: fine-tune a backbone."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from fit3d.config import parse_cli
+from fit3d.errors import cli_entry
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_cli(
+        argv,
+        prog="python -m stage2_finetune",
+        description="Stage 2: fine-tune a 2D backbone on features rendered from a stage-1 run.",
+    )
+    from stage2_finetune.train import run, run_dir
+
+    meta = run(cfg)
+    if meta:
+        print(f"wrote {run_dir(cfg)}: " + json.dumps(meta["heldout"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""One fine-tuning run: check inputs, train with Lightning, write `outputs/finetune/<run>/`.
+
+Outputs: `backbone.safetensors` (plain timm state dict), `meta.json` (written last), `config.yaml`,
+`checkpoints/last.ckpt` (resume only), `logs/metrics.csv`, `pca.png`.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger, Logger
+
+from fit3d.backbones import Backbone
+from fit3d.config import Config, save_config, to_dict
+from fit3d.errors import UserError
+from fit3d.io import git_commit, sha256_file, write_json, write_safetensors
+from fit3d.scenes import list_scenes, open_scene
+from stage2_finetune import heldout
+from stage2_finetune.data import FinetuneDataModule, LiftRun, read_lift_run
+from stage2_finetune.module import FinetuneModule
+
+_ACCELERATORS = {"auto": "auto", "cpu": "cpu", "cuda": "gpu"}
+
+
+def run_dir(cfg: Config) -> Path:
+    """`<run.out>/finetune/<run.name>`."""
+    return Path(cfg.run.out) / "finetune" / cfg.run.name
+
+
+def lift_dir(cfg: Config, name: str) -> Path:
+    """`<run.out>/lift/<name>`."""
+    return Path(cfg.run.out) / "lift" / name
+
+
+def make_backbone(cfg: Config) -> Backbone:
+    """The backbone to fine-tune (or its original weights, for comparisons)."""
+    return Backbone(cfg.backbone.name, cfg.backbone.weights or None)
+
+
+def token_grid(backbone: Backbone, height: int, width: int) -> tuple[int, int]:
+    """Token grid (h, w) the backbone produces for an H x W image."""
+    size = backbone.preprocess(torch.zeros(1, 3, height, width)).shape[-2:]
+    return size[0] // backbone.patch_size, size[1] // backbone.patch_size
+
+
+def _wandb_logger(cfg: Config, out: Path) -> Logger:
+    """WandbLogger that never prompts: honours WANDB_MODE; without it and without credentials
+    (WANDB_API_KEY or a ~/.netrc entry) it logs offline."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    mode = os.environ.get("WANDB_MODE")
+    if mode is None:
+        try:
+            known = netrc.netrc().authenticators("api.wandb.ai") is not None
+        except (OSError, netrc.NetrcParseError):
+            known = False
+        mode = "online" if os.environ.get("WANDB_API_KEY") or known else "offline"
+    return WandbLogger(
+        project="fit3d", name=f"finetune-{cfg.run.name}", save_dir=str(out), mode=mode
+    )
+
+
+def _loggers(cfg: Config, out: Path) -> list[Logger]:
+    if cfg.run.logger not in ("csv", "wandb"):
+        raise UserError(f"run.logger must be csv or wandb, got '{cfg.run.logger}'")
+    loggers: list[Logger] = [CSVLogger(str(out), name="logs")]  # logs/version_<k>/ per session
+    if cfg.run.logger == "wandb":
+        loggers.append(_wandb_logger(cfg, out))
+    return loggers
+
+
+def _heldout_scenes(run: LiftRun, split: str) -> tuple[list, str]:
+    """Held-out scenes of the dataset behind `run` (for the correspondence check), or a reason."""
+    meta = run.metas[0]
+    try:
+        ids = list_scenes(meta["scenes_root"], split)
+    except UserError as e:
+        return [], str(e)
+    return [open_scene(meta["scenes_root"], s, float(meta["resolution"])) for s in ids], ""
+
+
+class LastCheckpoint(Callback):
+    """Keep one resumable `last.ckpt`: every `every` steps, at `max_steps`, at each epoch end.
+
+    An epoch cut short by `max_steps` is saved at its last batch, not at the epoch end hook (a
+    checkpoint taken there would claim the epoch finished and a resumed run would skip the rest).
+    """
+
+    def __init__(self, path: Path, every: int):
+        self.path, self.every = Path(path), max(every, 1)
+        self._last_batch = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self._last_batch = batch_idx
+        step = trainer.global_step
+        if step % self.every == 0 or step == trainer.max_steps:
+            trainer.save_checkpoint(self.path)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self._last_batch + 1 >= trainer.num_training_batches:
+            trainer.save_checkpoint(self.path)
+
+
+def make_trainer(cfg: Config, out: Path, callbacks: list[Callback]) -> L.Trainer:
+    f = cfg.finetune
+    if cfg.run.device not in _ACCELERATORS:
+        raise UserError(f"run.device must be auto, cpu or cuda, got '{cfg.run.device}'")
+    ckpt = LastCheckpoint(out / "checkpoints" / "last.ckpt", f.checkpoint_every)
+    return L.Trainer(
+        accelerator=_ACCELERATORS[cfg.run.device],
+        devices=f.devices,
+        num_nodes=f.num_nodes,
+        strategy=f.strategy,
+        precision=f.precision,
+        max_epochs=f.epochs,
+        max_steps=f.max_steps,
+        gradient_clip_val=f.grad_clip,
+        gradient_clip_algorithm="norm",
+        logger=_loggers(cfg, out),
+        callbacks=[ckpt, *callbacks],
+        log_every_n_steps=max(f.log_every, 1),
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        enable_checkpointing=False,  # LastCheckpoint instead of Lightning's default callback
+        default_root_dir=str(out),
+    )
+
+
+def run(cfg: Config, callbacks: list[Callback] | None = None) -> dict[str, Any]:
+    """Fine-tune per `cfg`; returns the meta dict (rank 0) or {} (other DDP ranks)."""
+    f = cfg.finetune
+    out = run_dir(cfg)
+    lift = read_lift_run(lift_dir(cfg, f.lift_run))  # fails before the model is built
+    val_lift = read_lift_run(lift_dir(cfg, f.val_lift_run)) if f.val_lift_run else None
+    L.seed_everything(cfg.run.seed, workers=True, verbose=False)  # random-init backbones too
+    backbone = make_backbone(cfg)
+    for r in (lift, val_lift):
+        if r is not None:
+            r.check_width(backbone.embed_dim)
+    ckpt_path = out / "checkpoints" / "last.ckpt"
+    if f.resume and not ckpt_path.is_file():
+        raise UserError(f"finetune.resume=true but {ckpt_path} does not exist")
+    data = FinetuneDataModule(
+        lift,
+        lambda h, w: token_grid(backbone, h, w),
+        batch_size=f.batch_size,
+        num_workers=f.num_workers,
+        cache_size=f.scene_cache,
+        seed=cfg.run.seed,
+        val_run=val_lift,
+        val_views=f.val_views,
+    )
+    module = FinetuneModule(backbone, lr=f.lr, weight_decay=f.weight_decay)
+    trainer = make_trainer(cfg, out, list(callbacks or []))
+    if trainer.is_global_zero:
+        save_config(cfg, out / "config.yaml")
+    # mid-epoch resumption is exact (FinetuneDataModule.state_dict), unlike Lightning assumes
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_path) if f.resume else None)
+    seconds = time.perf_counter() - start
+    if not trainer.is_global_zero:
+        return {}
+    return _finish(cfg, out, trainer, module, data, lift, val_lift, seconds)
+
+
+def _finish(
+    cfg: Config,
+    out: Path,
+    trainer: L.Trainer,
+    module: FinetuneModule,
+    data: FinetuneDataModule,
+    lift: LiftRun,
+    val_lift: LiftRun | None,
+    seconds: float,
+) -> dict[str, Any]:
+    """Rank 0 after training: weights, before/after checks, pca.png, meta.json (last)."""
+    tuned = module.backbone.eval()
+    info = tuned.weights_info
+    weights_file = out / "backbone.safetensors"
+    write_safetensors(
+        weights_file,
+        tuned.model.state_dict(),
+        {"timm_name": tuned.timm_name, "base_sha256": info.sha256, "format": "timm"},
+    )
+    original = make_backbone(cfg).to(trainer.strategy.root_device).eval()
+    models = {"original": original, "finetuned": tuned}
+    val_set = data.val_dataset()
+    l1 = heldout.dataset_l1(models, val_set)
+    scenes, why = _heldout_scenes(lift, cfg.scenes.val_split)
+    corr = heldout.correspondence_cosine(models, scenes, cfg.finetune.corr_pairs, cfg.run.seed)
+    heldout.save_pca(out / "pca.png", original, tuned, val_set, cfg.finetune.pca_views)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    meta = {
+        "backbone": tuned.alias,
+        "timm_name": tuned.timm_name,
+        "embed_dim": tuned.embed_dim,
+        "base_weights": {"source": info.source, "path": info.path, "sha256": info.sha256},
+        "weights_sha256": sha256_file(weights_file),
+        "lift_run": str(lift.path),
+        "val_lift_run": str(val_lift.path) if val_lift else "",
+        "train_scenes": len(lift.scene_ids),
+        "train_views": len(data.train_pairs),
+        "steps": trainer.global_step,
+        "epochs": trainer.current_epoch,
+        "world_size": trainer.world_size,
+        "seconds": round(seconds, 2),
+        "losses": {
+            "train": metrics.get("finetune/loss"),
+            "val": metrics.get("finetune/val_loss"),
+        },
+        "heldout": {
+            "masked_l1": {"views": len(val_set), **l1},
+            "correspondence_cosine": corr if corr is not None else f"skipped: {why or 'no depth'}",
+        },
+        "git_commit": git_commit(),
+        "config": to_dict(cfg),
+    }
+    write_json(out / "meta.json", meta)
+    return meta
