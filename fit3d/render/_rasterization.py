@@ -155,8 +155,9 @@ def _rasterize_torch(
         from ._composite_cpp import composite
 
         img, alphas = composite(
-            m2d, proj.conics, proj.opacities, entry_cols, isect, n_cams, width, height, n_geo
-        )
+            m2d, proj.conics, proj.opacities, entry_cols, proj.radii, isect, n_cams, width,
+            height, n_geo,
+        )  # fmt: skip
     # back to the caller's channel order: colours, then depth
     if want_depth:
         depth = img[..., k : k + 1]
