@@ -20,6 +20,7 @@ Run: `python -m fit3d.scenes.demo [--preset demo] [scenes.demo_views=40 ...]`.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import multiprocessing
@@ -70,7 +71,7 @@ CLASSES = [
     "book",
 ]
 """Semantic class names; the id of a class is its index."""
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 """Bump when the generator's output changes, so cached sets are regenerated."""
 TEX = 256
 """Texture tile size (texels)."""
@@ -99,6 +100,7 @@ class Room:
     n_inst: int = 7  # instance ids 1..6 are the shell faces
 
 
+@functools.cache
 def _sources() -> tuple[list[np.ndarray], list[np.ndarray]]:
     """scikit-image's bundled images: (grey textures, colour photos), float32 in [0, 1]."""
     grey = [
@@ -131,8 +133,8 @@ def _sources() -> tuple[list[np.ndarray], list[np.ndarray]]:
 class _Materials:
     """Builds randomised texture tiles for a room from scikit-image's real images."""
 
-    def __init__(self, room: Room, rng: np.random.Generator):
-        self.room, self.rng = room, rng
+    def __init__(self, room: Room, rng: np.random.Generator, footprint: float):
+        self.room, self.rng, self.footprint = room, rng, footprint
         self.grey, self.colour = _sources()
 
     def _crop(self, img: np.ndarray, aspect: float = 1.0) -> np.ndarray:
@@ -140,10 +142,12 @@ class _Materials:
         ch = int(self.rng.integers(min(h, 64), min(h, 320) + 1))
         cw = min(w, max(8, int(ch * aspect)))
         y, x = self.rng.integers(0, h - ch + 1), self.rng.integers(0, w - cw + 1)
-        tile = cv2.resize(img[y : y + ch, x : x + cw], (TEX, TEX), interpolation=cv2.INTER_AREA)
-        return cv2.GaussianBlur(tile, (0, 0), 0.7)
+        return cv2.resize(img[y : y + ch, x : x + cw], (TEX, TEX), interpolation=cv2.INTER_AREA)
 
     def _add(self, tex: np.ndarray, scale: tuple[float, float]) -> int:
+        # prefilter (a fixed mip level): blur to about half the pixel footprint, in texels
+        sx, sy = (min(4.0, max(0.7, 0.5 * self.footprint * TEX / s)) for s in scale)
+        tex = cv2.GaussianBlur(tex, (0, 0), sigmaX=sx, sigmaY=sy)
         self.room.textures.append(np.ascontiguousarray(np.clip(tex, 0, 1)[::-1], np.float32))
         self.room.tex_scale.append(scale)
         return len(self.room.textures) - 1
@@ -429,11 +433,11 @@ def _chair(room: Room, mats: _Materials, rng, xy, yaw: float, mat: int) -> None:
     part(-0.2, 0, seat + 0.22, (0.02, 0.22, 0.2))
 
 
-def build_room(rng: np.random.Generator) -> Room:
-    """A random furnished room."""
+def build_room(rng: np.random.Generator, footprint: float = 0.0075) -> Room:
+    """A random furnished room; textures are prefiltered for pixels `footprint` metres wide."""
     size = np.array([rng.uniform(4.4, 6.0), rng.uniform(3.8, 5.0), rng.uniform(2.5, 2.9)])
     room = Room(size=size, shell_mat=[], light=np.zeros(3))
-    mats = _Materials(room, rng)
+    mats = _Materials(room, rng, footprint)
     wall_mat = mats.tinted(mats.palette("wall"), 0.06, 2.0)
     accent = int(rng.integers(4))
     for face in range(4):
@@ -604,12 +608,22 @@ def _box_local(o, d, c, h, cos, sin):
 
 
 def _hit_boxes(o, d, c, h, cos, sin) -> torch.Tensor:
-    """Entry t of rays into oriented boxes [R, M] (inf = miss or ray starts inside)."""
-    lo, ld = _box_local(o, d, c, h, cos, sin)
-    inv = 1.0 / _safe(ld)
-    t1, t2 = (-h - lo) * inv, (h - lo) * inv
-    tnear = torch.minimum(t1, t2).amax(-1)
-    tfar = torch.maximum(t1, t2).amin(-1)
+    """Entry t of rays into oriented boxes [P, S] (inf = miss or ray starts inside).
+
+    o [P, 1, 3] and box params [P, 1, ...] per group, d [P, S, 3]; slabs are computed one axis
+    at a time so that only the direction terms are full-size (this is the generator's hot loop).
+    A direction component of exactly 0 can give NaN (0 * inf), which counts as a miss."""
+    p = o - c  # [P, 1, 3]
+    lo = (cos * p[..., 0] + sin * p[..., 1], -sin * p[..., 0] + cos * p[..., 1], p[..., 2])
+    dx, dy = d[..., 0], d[..., 1]
+    ld = (cos * dx + sin * dy, cos * dy - sin * dx, d[..., 2])
+    tnear = tfar = None
+    for a in range(3):
+        inv = 1.0 / ld[a]
+        t1, t2 = (-h[..., a] - lo[a]) * inv, (h[..., a] - lo[a]) * inv
+        tn, tf = torch.minimum(t1, t2), torch.maximum(t1, t2)
+        tnear = tn if tnear is None else torch.maximum(tnear, tn)
+        tfar = tf if tfar is None else torch.minimum(tfar, tf)
     ok = (tfar >= tnear) & (tnear > _EPS)
     return torch.where(ok, tnear, torch.full_like(tnear, math.inf))
 
@@ -815,49 +829,70 @@ def _shade(T: _Tensors, x: torch.Tensor, normal: torch.Tensor, albedo: torch.Ten
     t_block, _ = _cast_objects(T, T.light.expand(G, 3), to_x.reshape(G, S, 3))
     lit = (t_block.reshape(-1, 1) >= 0.999).float()  # the point itself is at t = 1
     direct = 2.2 * lam * lit / (1.0 + 0.25 * dist**2)
-    return (albedo * (0.35 + direct)).clamp(0, 1)
+    return (albedo * (0.4 + direct)).clamp(0, 1)
+
+
+def _trace(T: _Tensors, origin: torch.Tensor, dirs: torch.Tensor) -> list[torch.Tensor]:
+    """Shade rays from `origin` [3] along `dirs` [N, 3] (ordered so that runs of 256 rays are
+    spatially compact): rgb [N, 3], depth [N], world normals [N, 3], primitive ids [N]."""
+    S = _TILE * _TILE
+    N = len(dirs)
+    G = (N + S - 1) // S
+    dirs = torch.cat([dirs, dirs[-1:].expand(G * S - N, 3)]).reshape(G, S, 3)  # whole groups
+    outs = []
+    step = max(1, _CHUNK // S)
+    for g in range(0, G, step):
+        dg = dirs[g : g + step]
+        t, n, uv, pid = _surface(T, origin, dg)
+        x = origin + t[:, None] * dg.reshape(-1, 3)
+        outs.append((_shade(T, x, n, _texture(T, T.mat[pid], uv), S), t, n, pid))
+    return [torch.cat(z)[:N] for z in zip(*outs, strict=True)]
 
 
 def render_view(T: _Tensors, viewmat: np.ndarray, K: np.ndarray, width: int, height: int):
     """Render one view: rgb [H,W,3], depth [H,W], camera-frame normals [H,W,3], class and
-    instance ids [H,W]; all from the same rays through pixel centres (+0.5).
+    instance ids [H,W]. Ground truth comes from the rays through pixel centres (+0.5); colour
+    at object borders is the mean of 2x2 sub-pixel rays (antialiased, as a camera integrates).
 
-    Rays are processed in 16x16-pixel groups so each group is tested only against the solids
-    whose bounding spheres meet its cone (the same for the shadow rays from the light)."""
+    Rays are processed in 16x16-pixel groups, each tested only against the solids whose
+    bounding spheres meet its cone (the same for the shadow rays from the light)."""
     c2w = torch.from_numpy(np.linalg.inv(viewmat)).float()
     v, u = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
     tile = (v // _TILE) * ((width + _TILE - 1) // _TILE) + u // _TILE
     order = torch.argsort(tile.reshape(-1), stable=True)  # pixels grouped by tile
-    cam = torch.stack(
-        [(u + 0.5 - K[0, 2]) / K[0, 0], (v + 0.5 - K[1, 2]) / K[1, 1], torch.ones(height, width)],
-        -1,
-    ).reshape(-1, 3)[order]
-    S = _TILE * _TILE
-    R = len(cam)
-    G = (R + S - 1) // S
-    cam = torch.cat([cam, cam[-1:].expand(G * S - R, 3)])  # pad to whole groups
-    d_all = (cam @ c2w[:3, :3].T).reshape(G, S, 3)
     origin = c2w[:3, 3]
-    out = {k: [] for k in ("rgb", "t", "n", "pid")}
-    step = max(1, _CHUNK // S)
-    for g in range(0, G, step):
-        dg = d_all[g : g + step]
-        t, n, uv, pid = _surface(T, origin, dg)
-        x = origin + t[:, None] * dg.reshape(-1, 3)
-        out["rgb"].append(_shade(T, x, n, _texture(T, T.mat[pid], uv), S))
-        out["t"].append(t)
-        out["n"].append(n @ c2w[:3, :3])  # world -> camera: R_w2c n = R_c2w^T n
-        out["pid"].append(pid)
+
+    def dirs(pu: torch.Tensor, pv: torch.Tensor) -> torch.Tensor:  # pixel coords -> world dirs
+        cam = torch.stack(
+            [(pu - K[0, 2]) / K[0, 0], (pv - K[1, 2]) / K[1, 1], torch.ones_like(pu)], -1
+        )
+        return cam.reshape(-1, 3) @ c2w[:3, :3].T
+
+    uf, vf = u.reshape(-1).float(), v.reshape(-1).float()
+    rgb, t, n, pid = _trace(T, origin, dirs(uf[order] + 0.5, vf[order] + 0.5))
     inv = torch.empty_like(order)
-    inv[order] = torch.arange(R)
-    cat = {k: torch.cat(v)[:R][inv] for k, v in out.items()}
-    pid = cat["pid"].reshape(height, width)
+    inv[order] = torch.arange(len(order))
+    rgb, t, n, pid = rgb[inv], t[inv], n[inv], pid[inv]
+    pim = pid.reshape(height, width)
+    edge = torch.zeros(height, width, dtype=torch.bool)
+    dv, du = pim[1:] != pim[:-1], pim[:, 1:] != pim[:, :-1]
+    edge[1:] |= dv
+    edge[:-1] |= dv
+    edge[:, 1:] |= du
+    edge[:, :-1] |= du
+    idx = order[edge.reshape(-1)[order]]  # border pixels, in tile order
+    if len(idx):
+        off = torch.tensor([0.25, 0.75])
+        su = (uf[idx, None, None] + off[None, None, :]).expand(-1, 2, 2)
+        sv = (vf[idx, None, None] + off[None, :, None]).expand(-1, 2, 2)
+        sub = _trace(T, origin, dirs(su.reshape(-1), sv.reshape(-1)))[0]
+        rgb[idx] = sub.reshape(-1, 4, 3).mean(1)
     return (
-        cat["rgb"].reshape(height, width, 3),
-        cat["t"].reshape(height, width),
-        cat["n"].reshape(height, width, 3),
-        T.cls[pid],
-        T.inst[pid],
+        rgb.reshape(height, width, 3),
+        t.reshape(height, width),
+        (n @ c2w[:3, :3]).reshape(height, width, 3),  # world -> camera: R_c2w^T n
+        T.cls[pim],
+        T.inst[pim],
     )
 
 
@@ -951,9 +986,9 @@ def generate_room(
 ) -> None:
     """Generate one room under `dslr` (the scene's `dslr/` folder)."""
     rng = np.random.default_rng(seed)
-    room = build_room(rng)
-    T = _Tensors(room)
     K = _demo_K(width, height)
+    room = build_room(rng, footprint=1.8 / K[0, 0])  # pixel size at 1.8 m
+    T = _Tensors(room)
     viewmats = camera_path(room, n_views, rng)
     names = [f"DSC{i:05d}.JPG" for i in range(n_views)]
     for sub in (IMAGE_DIR, MASK_DIR, *GT_DIRS.values(), "nerfstudio"):
@@ -1079,7 +1114,10 @@ def generate_demo(
         (out / "data" / sid / "dslr", seed * 1000 + i, n_views, width, height)
         for i, sid in enumerate(ids)
     ]
-    workers = min(len(jobs), workers or os.cpu_count() or 1)
+    if not workers:  # processes pay off only for real work (spawn costs seconds)
+        big = len(jobs) * n_views * width * height > 4_000_000
+        workers = (os.cpu_count() or 1) if big else 1
+    workers = min(len(jobs), workers)
     if workers > 1:
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
