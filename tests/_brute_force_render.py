@@ -79,7 +79,7 @@ def render_one(
             [torch.stack([fx / z, zero, -fx * u / z]), torch.stack([zero, fy / z, -fy * v / z])]
         )
         cov2 = J @ cov_c[i] @ J.T + eps2d * torch.eye(2, dtype=dt)
-        if float(torch.linalg.det(cov2)) <= 0:
+        if float(torch.linalg.det(cov2.detach())) <= 0:
             continue
         P = torch.linalg.inv(cov2)
         mx, my = fx * x / z + cx, fy * y / z + cy

@@ -114,6 +114,9 @@ def composite_torch(
         all_ids = torch.cat(ids)
         img = img.index_add(0, all_ids, torch.cat(outs))
         acc = acc.index_add(0, all_ids, torch.cat(accs))
+    else:  # nothing visible: zero images that still belong to the autograd graph
+        img = img + 0.0 * colors.sum()
+        acc = acc + 0.0 * (opacities.sum() + means2d.sum() + conics.sum())
     img = img.reshape(n_cams, ty, tx, TILE, TILE, d).permute(0, 1, 3, 2, 4, 5)
     img = img.reshape(n_cams, ty * TILE, tx * TILE, d)[:, :height, :width]
     acc = acc.reshape(n_cams, ty, tx, TILE, TILE).permute(0, 1, 3, 2, 4)
