@@ -3,9 +3,9 @@
 // Each 16x16 tile walks its depth-sorted Gaussians front to back and splats each one only over
 // the pixels of its radius box inside the tile; a pixel stops before the Gaussian that would bring
 // its transmittance to <= 1e-4, and a tile stops when all its pixels have. The backward walks the
-// same lists back to front per pixel, recovering each transmittance by division, and
-// writes one gradient row per (Gaussian, tile) pair, which the caller sums per Gaussian. Tiles run
-// in parallel on ATen's thread pool, most loaded first.
+// same lists back to front per pixel, recovering each transmittance by division, and adds the
+// gradients into one private buffer per thread, summed at the end. Tiles run in parallel on ATen's
+// thread pool, most loaded first.
 
 #include <torch/extension.h>
 
@@ -66,7 +66,8 @@ inline Footprint footprint(float mx, float my, float a, float b, float c, float 
   return {mx, my, a, b, c, std::log(255.0f * o) * 1.001f + 1e-3f};
 }
 
-// Runs fn(tile) for every tile with Gaussians, dynamically scheduled, busiest tiles first.
+// Runs fn(tile, slot) for every tile with Gaussians, dynamically scheduled, busiest tiles first;
+// `slot` < at::get_num_threads() is owned by one thread at a time (for private accumulators).
 template <typename Fn>
 void for_each_tile(const int64_t* offsets, int64_t n_tiles, Fn fn) {
   std::vector<int64_t> order;
@@ -79,8 +80,8 @@ void for_each_tile(const int64_t* offsets, int64_t n_tiles, Fn fn) {
   });
   std::atomic<int64_t> next{0};
   const int64_t n = static_cast<int64_t>(order.size());
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(order[i]);
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t slot, int64_t) {
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(order[i], slot);
   });
 }
 
@@ -110,7 +111,7 @@ std::vector<torch::Tensor> forward(torch::Tensor means2d, torch::Tensor conics,
   int32_t* last_p = last.data_ptr<int32_t>();
   const int64_t per_cam = tiles_x * tiles_y;
 
-  for_each_tile(off, n_cams * per_cam, [&](int64_t tile) {
+  for_each_tile(off, n_cams * per_cam, [&](int64_t tile, int64_t) {
     const int64_t cam = tile / per_cam, tl = tile % per_cam;
     const int64_t ox = (tl % tiles_x) * kTile, oy = (tl / tiles_x) * kTile;
     const int64_t tw = std::min<int64_t>(kTile, width - ox), th = std::min<int64_t>(kTile, height - oy);
@@ -171,8 +172,8 @@ std::vector<torch::Tensor> forward(torch::Tensor means2d, torch::Tensor conics,
   return {out, trans, last};
 }
 
-// Returns per-pair gradient rows: geometry [P, 6] (means2d x, y, conic a, b, c, opacity) and
-// colours [P, D]. Only the first `geo_channels` channels of v_out feed the geometry gradient.
+// Returns gradients: geometry [M, 6] (means2d x, y, conic a, b, c, opacity) and colours [M, D].
+// Only the first `geo_channels` channels of v_out feed the geometry gradient.
 std::vector<torch::Tensor> backward(torch::Tensor means2d, torch::Tensor conics,
                                     torch::Tensor opacities, torch::Tensor colors,
                                     torch::Tensor radii, torch::Tensor flatten_ids,
@@ -181,11 +182,12 @@ std::vector<torch::Tensor> backward(torch::Tensor means2d, torch::Tensor conics,
                                     torch::Tensor v_alpha, int64_t n_cams, int64_t width,
                                     int64_t height, int64_t tiles_x, int64_t tiles_y,
                                     int64_t geo_channels) {
-  const int64_t D = colors.size(1), P = flatten_ids.size(0);
+  const int64_t D = colors.size(1), M = colors.size(0);
   const int64_t Dg = std::min(geo_channels, D);
+  const int64_t slots = at::get_num_threads();
   auto f32 = means2d.options();
-  auto v_geo = torch::zeros({P, 6}, f32);
-  auto v_col = torch::zeros({P, D}, f32);
+  auto v_geo = torch::zeros({slots, M, 6}, f32);  // one private accumulator per thread
+  auto v_col = torch::zeros({slots, M, D}, f32);
   const float* m2 = means2d.data_ptr<float>();
   const float* co = conics.data_ptr<float>();
   const float* op = opacities.data_ptr<float>();
@@ -201,11 +203,13 @@ std::vector<torch::Tensor> backward(torch::Tensor means2d, torch::Tensor conics,
   float* vc_p = v_col.data_ptr<float>();
   const int64_t per_cam = tiles_x * tiles_y;
 
-  for_each_tile(off, n_cams * per_cam, [&](int64_t tile) {
+  for_each_tile(off, n_cams * per_cam, [&](int64_t tile, int64_t slot) {
     const int64_t cam = tile / per_cam, tl = tile % per_cam;
     const int64_t ox = (tl % tiles_x) * kTile, oy = (tl / tiles_x) * kTile;
     const int64_t tw = std::min<int64_t>(kTile, width - ox), th = std::min<int64_t>(kTile, height - oy);
     const int64_t start = off[tile];
+    float* vg_slot = vg_p + slot * M * 6;
+    float* vc_slot = vc_p + slot * M * D;
     float T[kPix], behind[kPix];
     float t_final[kPix], v_a[kPix];
     int32_t stop_at[kPix];
@@ -225,14 +229,13 @@ std::vector<torch::Tensor> backward(torch::Tensor means2d, torch::Tensor conics,
         max_last = std::max(max_last, stop_at[p]);
       }
     }
-    std::vector<float> vc_local(D);
     for (int64_t j = max_last - 1; j >= 0; --j) {
       const int64_t g = ids[start + j];
       const float mx = m2[2 * g], my = m2[2 * g + 1];
       const float a = co[3 * g], b = co[3 * g + 1], c = co[3 * g + 2], o = op[g];
       const Box bx = pixel_box(mx, my, rad[2 * g], rad[2 * g + 1], ox, oy, tw, th);
       const float* cg = col + g * D;
-      std::fill(vc_local.begin(), vc_local.end(), 0.0f);
+      float* vc_g = vc_slot + g * D;
       float v_mx = 0, v_my = 0, v_ca = 0, v_cb = 0, v_cc = 0, v_op = 0;
       bool any = false;
       const Footprint fp = footprint(mx, my, a, b, c, o);
@@ -256,7 +259,7 @@ std::vector<torch::Tensor> backward(torch::Tensor means2d, torch::Tensor conics,
           float gdot = 0.0f;
 #pragma omp simd reduction(+ : gdot)
           for (int64_t k = 0; k < Dg; ++k) gdot += cg[k] * vp[k];
-          for (int64_t k = 0; k < D; ++k) vc_local[k] += w * vp[k];
+          for (int64_t k = 0; k < D; ++k) vc_g[k] += w * vp[k];
           const float v_alpha_i = t_i * gdot + (v_a[p] * t_final[p] - behind[p]) * inv;
           behind[p] += w * gdot;
           T[p] = t_i;
@@ -272,17 +275,16 @@ std::vector<torch::Tensor> backward(torch::Tensor means2d, torch::Tensor conics,
         }
       }
       if (!any) continue;
-      float* vg = vg_p + (start + j) * 6;
-      vg[0] = v_mx;
-      vg[1] = v_my;
-      vg[2] = v_ca;
-      vg[3] = v_cb;
-      vg[4] = v_cc;
-      vg[5] = v_op;
-      std::copy(vc_local.begin(), vc_local.end(), vc_p + (start + j) * D);
+      float* vg = vg_slot + g * 6;
+      vg[0] += v_mx;
+      vg[1] += v_my;
+      vg[2] += v_ca;
+      vg[3] += v_cb;
+      vg[4] += v_cc;
+      vg[5] += v_op;
     }
   });
-  return {v_geo, v_col};
+  return {v_geo.sum(0), v_col.sum(0)};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -70,10 +70,7 @@ class _Composite(torch.autograd.Function):
             means2d, conics, opacities, colors, radii, isect.flatten_ids, isect.offsets, trans,
             last, v_out.contiguous(), v_alpha[..., 0].contiguous(), *ctx.grid, ctx.geo_channels,
         )  # fmt: skip
-        m = means2d.shape[0]
-        geo = v_geo.new_zeros(m, 6).index_add_(0, isect.flatten_ids, v_geo)  # [M, 6]
-        v_colors = v_col.new_zeros(m, colors.shape[1]).index_add_(0, isect.flatten_ids, v_col)
-        return geo[:, :2], geo[:, 2:5], geo[:, 5], v_colors, None, None, None, None
+        return v_geo[:, :2], v_geo[:, 2:5], v_geo[:, 5], v_col, None, None, None, None
 
 
 def composite(
