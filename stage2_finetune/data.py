@@ -260,15 +260,9 @@ class FinetuneDataModule(L.LightningDataModule):
         for si, s in enumerate(self.val_scenes):
             views = s.test_views if val_run is None else (s.test_views or s.train_views)
             self.val_pairs += [(si, v) for v in (views[:val_views] if val_views > 0 else views)]
-        sizes = {
-            (s.height(v), s.width(v))
-            for scenes, pairs in (
-                (self.scenes, self.train_pairs),
-                (self.val_scenes, self.val_pairs),
-            )
-            for si, v in pairs
-            for s in (scenes[si],)
-        }
+        views = [(self.scenes[si], v) for si, v in self.train_pairs]
+        views += [(self.val_scenes[si], v) for si, v in self.val_pairs]
+        sizes = {(s.height(v), s.width(v)) for s, v in views}
         self.grids: Grids = {size: grid_fn(*size) for size in sorted(sizes)}
         self._position = (0, 0)  # (epoch, training batches consumed in it)
         self._device = torch.device("cpu")

@@ -38,7 +38,8 @@ class FinetuneModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = self.loss(batch)
-        self.log("finetune/loss", loss, prog_bar=True, batch_size=len(batch["image"]))
+        n = len(batch["image"])
+        self.log("finetune/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:

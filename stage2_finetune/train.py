@@ -22,7 +22,7 @@ from fit3d.backbones import Backbone
 from fit3d.config import Config, save_config, to_dict
 from fit3d.errors import UserError
 from fit3d.io import git_commit, sha256_file, write_json, write_safetensors
-from fit3d.scenes import list_scenes, open_scene
+from fit3d.scenes import Scene, list_scenes, open_scene
 from stage2_finetune import heldout
 from stage2_finetune.data import FinetuneDataModule, LiftRun, read_lift_run
 from stage2_finetune.module import FinetuneModule
@@ -77,7 +77,7 @@ def _loggers(cfg: Config, out: Path) -> list[Logger]:
     return loggers
 
 
-def _heldout_scenes(run: LiftRun, split: str) -> tuple[list, str]:
+def _heldout_scenes(run: LiftRun, split: str) -> tuple[list[Scene], str]:
     """Held-out scenes of the dataset behind `run` (for the correspondence check), or a reason."""
     meta = run.metas[0]
     try:
@@ -214,7 +214,7 @@ def _finish(
         "world_size": trainer.world_size,
         "seconds": round(seconds, 2),
         "losses": {
-            "train": metrics.get("finetune/loss"),
+            "train_last_epoch": metrics.get("finetune/loss_epoch"),
             "val": metrics.get("finetune/val_loss"),
         },
         "heldout": {
