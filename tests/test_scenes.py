@@ -173,6 +173,7 @@ def test_list_and_resolve_demo(tmp_path):
     assert (
         resolve_scenes(cfg, "unused", "val")[1] == ["demo_002"] == list_scenes(root, "nvs_sem_val")
     )
+    assert list_scenes(root, "val") == ["demo_002"] and list_scenes(root, "train") == ids
     cfg2 = ScenesConfig(
         demo_train=1, demo_val=1, demo_views=2, demo_width=16, demo_height=16, max_scenes=1
     )

@@ -373,9 +373,15 @@ def open_scene(root: str | Path, scene_id: str, resolution: float = 1.0) -> Scen
     return Scene(scene_id, dslr, ordered, train, test, resolution, _classes(root))
 
 
+SPLIT_ALIASES = {"train": "nvs_sem_train", "val": "nvs_sem_val"}
+
+
 def list_scenes(root: str | Path, split: str) -> list[str]:
-    """Scene ids listed in `<root>/splits/<split>.txt` (blank lines and `#` comments skipped)."""
+    """Scene ids listed in `<root>/splits/<split>.txt` (blank lines and `#` comments skipped);
+    `train` / `val` stand for `nvs_sem_train` / `nvs_sem_val` unless such files exist."""
     path = Path(root) / "splits" / f"{split}.txt"
+    if not path.is_file() and split in SPLIT_ALIASES:
+        path = path.with_name(f"{SPLIT_ALIASES[split]}.txt")
     if not path.is_file():
         raise UserError(f"split file {path} not found")
     ids = [ln.strip() for ln in path.read_text().splitlines()]
