@@ -137,7 +137,7 @@ def save_pca(
     tune = [tokens(tuned, it["image"]) for it in items]
     shared = _pca_rgb(orig + tune)
     targets = _pca_rgb([it["target"].float().cpu() for it in items])
-    fig, axes = plt.subplots(n, 4, figsize=(12, 2.6 * n), squeeze=False)
+    fig, axes = plt.subplots(n, 4, figsize=(12, 2.8 * n + 0.4), squeeze=False)
     for r, it in enumerate(items):
         cols = [it["image"].permute(1, 2, 0).cpu(), targets[r], shared[r], shared[n + r]]
         for ax, im, title in zip(axes[r], cols, _PCA_TITLES, strict=True):

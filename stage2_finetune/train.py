@@ -210,7 +210,7 @@ def _finish(
         "train_scenes": len(lift.scene_ids),
         "train_views": len(data.train_pairs),
         "steps": trainer.global_step,
-        "epochs": trainer.current_epoch,
+        "epochs": round(trainer.global_step / max(trainer.num_training_batches, 1), 3),
         "world_size": trainer.world_size,
         "seconds": round(seconds, 2),
         "losses": {
