@@ -71,7 +71,7 @@ CLASSES = [
     "book",
 ]
 """Semantic class names; the id of a class is its index."""
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 """Bump when the generator's output changes, so cached sets are regenerated."""
 TEX = 256
 """Texture tile size (texels)."""
@@ -829,7 +829,7 @@ def _shade(T: _Tensors, x: torch.Tensor, normal: torch.Tensor, albedo: torch.Ten
     t_block, _ = _cast_objects(T, T.light.expand(G, 3), to_x.reshape(G, S, 3))
     lit = (t_block.reshape(-1, 1) >= 0.999).float()  # the point itself is at t = 1
     direct = 2.2 * lam * lit / (1.0 + 0.25 * dist**2)
-    return (albedo * (0.4 + direct)).clamp(0, 1)
+    return 1.0 - torch.exp(-1.5 * albedo * (0.4 + direct))  # soft tone curve, no clipping
 
 
 def _trace(T: _Tensors, origin: torch.Tensor, dirs: torch.Tensor) -> list[torch.Tensor]:
