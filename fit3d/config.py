@@ -89,6 +89,59 @@ class LiftConfig:
     """Optimisation steps per scene, one view per step."""
     feature_dim: int = 64
     """Low-dimensional feature width D stored per Gaussian."""
+    image_scale: float = 1.0
+    """Extra image scale for lifting only (x scenes.resolution); the teacher still sees images at
+    scenes.resolution, its tokens are upsampled to the lifting size. 1.0 = as FiT3D."""
+    sh_degree: int = 3
+    """Maximum SH colour degree."""
+    sh_degree_interval: int = 1000
+    """Raise the active SH degree by one every this many steps."""
+    init_opacity: float = 0.1
+    """Initial opacity of every Gaussian (stored as its logit)."""
+    max_init_points: int = 0
+    """Randomly keep at most this many sparse points for initialisation (0 = all)."""
+    fallback_points: int = 20000
+    """Scenes without sparse points: this many random points in the train-view frusta."""
+    ssim_weight: float = 0.2
+    """RGB loss = (1 - w) * L1 + w * (1 - SSIM), SSIM 11x11 Gaussian window, sigma 1.5."""
+    feature_weight: float = 1.0
+    """Weight of L1(decoder(rendered features), upsampled teacher)."""
+    lr_means: float = 1.6e-4
+    """Initial means learning rate, multiplied by the scene extent."""
+    lr_means_final: float = 1.6e-6
+    """Final means learning rate (x extent), reached by exponential decay at the last step."""
+    lr_sh0: float = 2.5e-3
+    """SH DC learning rate."""
+    lr_shN: float = 1.25e-4
+    """Learning rate of the higher SH coefficients."""
+    lr_opacities: float = 0.05
+    """Opacity-logit learning rate."""
+    lr_scales: float = 5e-3
+    """Log-scale learning rate."""
+    lr_quats: float = 1e-3
+    """Quaternion learning rate."""
+    lr_features: float = 6.25e-5
+    """Per-Gaussian feature learning rate."""
+    lr_decoder: float = 6.25e-5
+    """Feature decoder learning rate."""
+    refine_start: int = 500
+    """Densification starts after this step."""
+    refine_stop: int = 15000
+    """Densification stops at this step."""
+    refine_every: int = 100
+    """Densify and prune every this many steps."""
+    reset_every: int = 3000
+    """Opacity reset period (gsplat DefaultStrategy `reset_every`)."""
+    grow_grad2d: float = 2e-4
+    """Screen-space gradient threshold for clone/split."""
+    grow_scale3d: float = 0.01
+    """Clone below, split above this scale (x scene extent)."""
+    prune_opa: float = 0.005
+    """Prune Gaussians with opacity below this."""
+    checkpoint_every: int = 1000
+    """Write a resumable checkpoint every this many steps (0 = never)."""
+    pca_view: int = 0
+    """Index into the scene's test views of the view shown in `pca.png`."""
 
 
 @dataclass(frozen=True)

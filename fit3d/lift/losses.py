@@ -1,0 +1,71 @@
+"""Stage-1 losses and held-out metrics, all honouring a validity mask (True = pixel counts).
+
+SSIM is torchmetrics' (11x11 Gaussian window, sigma 1.5, data range 1, reflect padding), taken as
+a per-pixel map so masked pixels can be left out of its mean.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchmetrics.functional.image import structural_similarity_index_measure
+
+
+def _weights(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """Mask [H,W] bool (or None) -> float weights [H,W] on like's device."""
+    if mask is None:
+        return torch.ones(like.shape[-2:], device=like.device, dtype=like.dtype)
+    return mask.to(device=like.device, dtype=like.dtype)
+
+
+def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean |pred - target| over valid pixels and all channels; pred/target [C,H,W]."""
+    w = _weights(mask, pred)  # [H, W]
+    return ((pred - target).abs() * w).sum() / (w.sum().clamp_min(1.0) * pred.shape[0])
+
+
+def ssim_map(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-pixel SSIM [H,W] (channel mean) of images [C,H,W] in [0,1]."""
+    _, full = structural_similarity_index_measure(
+        pred[None],
+        target[None],
+        gaussian_kernel=True,
+        sigma=1.5,
+        kernel_size=11,
+        data_range=1.0,
+        return_full_image=True,
+    )
+    return full[0].mean(0)
+
+
+def rgb_loss(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, ssim_weight: float
+) -> torch.Tensor:
+    """(1 - w) * L1 + w * (1 - SSIM) over valid pixels; pred/target [H,W,3]."""
+    p, t = pred.permute(2, 0, 1), target.permute(2, 0, 1)
+    w = _weights(mask, p)
+    ssim = (ssim_map(p, t) * w).sum() / w.sum().clamp_min(1.0)
+    return (1.0 - ssim_weight) * masked_l1(p, t, mask) + ssim_weight * (1.0 - ssim)
+
+
+def upsample(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Teacher token map [C,h,w] (any float dtype) -> [C,H,W] f32, bilinear, align_corners=False."""
+    up = F.interpolate(
+        tokens[None].float(), size=(height, width), mode="bilinear", align_corners=False
+    )
+    return up[0]
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> float:
+    """PSNR (dB, peak 1) over valid pixels; pred/target [H,W,3]."""
+    p, t = pred.permute(2, 0, 1), target.permute(2, 0, 1)
+    w = _weights(mask, p)
+    mse = (((p - t) ** 2) * w).sum() / (w.sum().clamp_min(1.0) * 3)
+    return float(-10.0 * torch.log10(mse.clamp_min(1e-10)))
+
+
+def feature_cosine(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> float:
+    """Mean over valid pixels of the cosine between feature vectors; pred/target [C,H,W]."""
+    w = _weights(mask, pred)
+    cos = F.cosine_similarity(pred, target, dim=0, eps=1e-8)  # [H, W]
+    return float((cos * w).sum() / w.sum().clamp_min(1.0))
