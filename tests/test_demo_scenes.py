@@ -248,3 +248,15 @@ def test_show_writes_mosaic(demo_root, tmp_path):
     img = cv2.imread(str(out))
     assert img is not None and img.shape[0] > 200 and img.std() > 10
     assert main(["nope", "--root", str(demo_root)]) == 2
+
+
+def test_concurrent_callers_generate_once(tmp_path):
+    """Two callers at once (e.g. DDP ranks): one generates, the other waits and reuses it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    kw = dict(seed=4, n_train=1, n_val=1, n_views=2, width=16, height=16, workers=1)
+    with ThreadPoolExecutor(2) as pool:
+        roots = list(pool.map(lambda _: generate_demo(tmp_path, **kw), range(2)))
+    assert roots == [tmp_path, tmp_path]
+    assert json.loads((tmp_path / "demo.json").read_text())["scenes"] == ["demo_000", "demo_001"]
+    assert len(open_scene(tmp_path, "demo_001")) == 2

@@ -20,6 +20,7 @@ Run: `python -m fit3d.scenes.demo [--preset demo] [scenes.demo_views=40 ...]`.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import math
@@ -1096,15 +1097,30 @@ def generate_demo(
         "width": width,
         "height": height,
     }
-    marker = out / "demo.json"
-    if marker.is_file():
-        try:
-            if json.loads(marker.read_text()).get("params") == params:
-                return out
-        except json.JSONDecodeError:
-            pass
     if n_views < 2 or n_train + n_val < 1 or width < 8 or height < 8:
         raise UserError(f"demo needs >= 2 views, >= 1 room and >= 8x8 pixels, got {params}")
+    marker = out / "demo.json"
+    if _cached(marker, params):
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".demo.lock", "w") as lock:  # concurrent callers (e.g. DDP ranks) wait here
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _cached(marker, params):
+            _generate(out, params, workers, verbose)
+    return out
+
+
+def _cached(marker: Path, params: dict) -> bool:
+    try:
+        return json.loads(marker.read_text()).get("params") == params
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def _generate(out: Path, params: dict, workers: int, verbose: bool) -> None:
+    seed, n_train, n_val = params["seed"], params["n_train"], params["n_val"]
+    n_views, width, height = params["n_views"], params["width"], params["height"]
+    marker = out / "demo.json"
     marker.unlink(missing_ok=True)
     start = time.perf_counter()
     ids = [f"demo_{i:03d}" for i in range(n_train + n_val)]
@@ -1135,7 +1151,6 @@ def generate_demo(
     write_json(out / "classes.json", {"classes": CLASSES})
     seconds = time.perf_counter() - start
     write_json(marker, {"params": params, "scenes": ids, "seconds": round(seconds, 2)})
-    return out
 
 
 @cli_entry
