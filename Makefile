@@ -55,7 +55,7 @@ eval: setup ## Evaluate original / fine-tuned / assembled / control features wit
 	$(RUN_ENV) $(PY) -m fit3d.eval $(STAGE_ARGS)
 
 demo: setup ## Whole pipeline on the embedded demo scenes: scenes -> lift -> finetune -> eval
-	@echo "[1/4] demo scenes" && $(PY) -m fit3d.scenes.demo
+	@echo "[1/4] demo scenes" && $(PY) -m fit3d.scenes.demo --preset demo $(ARGS)
 	@echo "[2/4] lift" && $(RUN_ENV) $(PY) -m stage1_lift --preset demo backbone.name=$(BACKBONE) $(ARGS)
 	@echo "[3/4] finetune" && $(RUN_ENV) $(PY) -m stage2_finetune --preset demo backbone.name=$(BACKBONE) $(ARGS)
 	@echo "[4/4] eval" && $(RUN_ENV) $(PY) -m fit3d.eval --preset demo backbone.name=$(BACKBONE) $(ARGS)
