@@ -4,6 +4,7 @@ gradcheck, and gsplat's densification strategies running on CPU renders."""
 from __future__ import annotations
 
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -144,7 +145,7 @@ def test_gradcheck_float64() -> None:
         img, alpha, _ = rasterization(*args, viewmats, Ks, 12, 9, backend="torch-python")
         return img, alpha
 
-    assert torch.autograd.gradcheck(render, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+    assert torch.autograd.gradcheck(render, inputs, eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -337,3 +338,11 @@ def test_mcmc_strategy_needs_cuda_for_relocation() -> None:
     assert params["means"].grad is not None and params["means"].grad.abs().sum() > 0
     with pytest.raises(Exception):  # noqa: B017 - gsplat raises from its missing CUDA kernels
         strategy.step_post_backward(params, optimizers, state, 1, info, lr=1e-3)
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+def test_cpp_kernels_build_where_a_compiler_exists() -> None:
+    """Otherwise the `torch` backend tests above would silently exercise the fallback."""
+    from fit3d.render import _cpp
+
+    assert _cpp.usable(torch.zeros(1))

@@ -89,7 +89,7 @@ void for_each_tile(const int64_t* offsets, int64_t n_tiles, Fn fn) {
 
 // Returns (colours [C, H, W, D], transmittance [C, H, W], last [C, H, W] int32): a pixel's
 // contributors are among the first `last` entries of its tile's list.
-std::vector<torch::Tensor> forward(torch::Tensor means2d, torch::Tensor conics,
+std::vector<torch::Tensor> composite_forward(torch::Tensor means2d, torch::Tensor conics,
                                    torch::Tensor opacities, torch::Tensor colors,
                                    torch::Tensor radii, torch::Tensor flatten_ids,
                                    torch::Tensor offsets, int64_t n_cams, int64_t width,
@@ -174,7 +174,7 @@ std::vector<torch::Tensor> forward(torch::Tensor means2d, torch::Tensor conics,
 
 // Returns gradients: geometry [M, 6] (means2d x, y, conic a, b, c, opacity) and colours [M, D].
 // Only the first `geo_channels` channels of v_out feed the geometry gradient.
-std::vector<torch::Tensor> backward(torch::Tensor means2d, torch::Tensor conics,
+std::vector<torch::Tensor> composite_backward(torch::Tensor means2d, torch::Tensor conics,
                                     torch::Tensor opacities, torch::Tensor colors,
                                     torch::Tensor radii, torch::Tensor flatten_ids,
                                     torch::Tensor offsets, torch::Tensor trans,
@@ -285,9 +285,4 @@ std::vector<torch::Tensor> backward(torch::Tensor means2d, torch::Tensor conics,
     }
   });
   return {v_geo.sum(0), v_col.sum(0)};
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "tile compositor forward");
-  m.def("backward", &backward, "tile compositor backward");
 }

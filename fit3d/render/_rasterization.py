@@ -1,10 +1,11 @@
 """`rasterization`: gsplat's classic 3DGS rasteriser API with a CPU backend of our own.
 
 gsplat has no CPU path (its kernels are CUDA-only), so the `torch` backend reimplements the same
-rules: projection and SH in differentiable torch (`_project`, `_sh`), tile binning by one sort, and
-front-to-back compositing per 16x16 tile, by C++ kernels with a hand-written backward
-(`_composite_cpp`, compiled on first use) or, when no compiler is available, by pure torch
-(`_composite_torch`). On CUDA tensors the `gsplat` backend calls `gsplat.rasterization` itself.
+rules: EWA projection, 16x16 tile binning (depth-sorted per tile) and front-to-back compositing,
+by C++ kernels with hand-written backwards (`_project.cpp`, `_composite.cpp`, compiled on first
+use, see `_cpp`) or, without a compiler, by pure torch (`_project.py`, `_composite_torch.py`, also
+the float64 reference). SH colours are evaluated in torch (`_sh`). On CUDA tensors the `gsplat`
+backend calls `gsplat.rasterization` itself.
 
 Stopping feature gradients at geometry (`geometry_grad_channels=k`): only the first k channels of
 `colors` (and the depth channel of the D/ED modes) send gradient into means, quats, scales and
@@ -22,8 +23,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from . import _cpp, _project
 from ._composite_torch import composite_torch
-from ._project import TILE, intersect_tiles, project
+from ._project import TILE
 from ._sh import spherical_harmonics
 
 RenderMode = Literal["RGB", "D", "ED", "RGB+D", "RGB+ED"]
@@ -121,7 +123,9 @@ def _rasterize_torch(
     sh_degree, backgrounds, render_mode, packed, eps2d, geometry_grad_channels, python_only,
 ) -> tuple[Tensor, Tensor, dict]:  # fmt: skip
     n_cams, n = viewmats.shape[0], means.shape[0]
-    proj = project(
+    fast = not python_only and _cpp.usable(means, quats, scales, opacities, viewmats, Ks)
+    kernels = _cpp if fast else _project
+    proj = kernels.project(
         means, quats, scales, opacities, viewmats, Ks, width, height, near_plane, far_plane, eps2d
     )
     cam, gid = proj.camera_ids, proj.gaussian_ids
@@ -146,18 +150,16 @@ def _rasterize_torch(
     entry_cols = torch.cat(parts, 1) if parts else proj.means2d.new_zeros(0, 0)
     n_geo = k + int(want_depth)
 
-    isect = intersect_tiles(proj, n_cams, width, height)
-    if python_only:
-        img, alphas = composite_torch(
-            m2d, proj.conics, proj.opacities, entry_cols, isect, n_cams, width, height, n_geo
-        )
-    else:
-        from ._composite_cpp import composite
-
-        img, alphas = composite(
+    isect = kernels.intersect_tiles(proj, n_cams, width, height)
+    if fast and entry_cols.dtype == torch.float32:
+        img, alphas = _cpp.composite(
             m2d, proj.conics, proj.opacities, entry_cols, proj.radii, isect, n_cams, width,
             height, n_geo,
         )  # fmt: skip
+    else:
+        img, alphas = composite_torch(
+            m2d, proj.conics, proj.opacities, entry_cols, isect, n_cams, width, height, n_geo
+        )
     # back to the caller's channel order: colours, then depth
     if want_depth:
         depth = img[..., k : k + 1]
