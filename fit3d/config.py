@@ -210,8 +210,13 @@ class EvalConfig:
     """Probe training epochs over the train views."""
     batch_size: int = 8
     """Probe training batch (views)."""
+    label_stride: int = 1
+    """Probes train on every label_stride-th label pixel each way (speed); tests use all pixels."""
     val_fraction: float = 0.2
     """Fraction of train scenes (at least 1) used to pick the learning rate."""
+    sweep_each_set: bool = False
+    """Sweep the lr for every feature set; default: on the first set only, reused for the rest
+    (BatchNorm in front of each linear head makes the best lr nearly feature-independent)."""
     max_views: int = 0
     """Use at most this many evenly spaced views per scene (0 = all)."""
     max_depth: float = 10.0

@@ -12,9 +12,19 @@ from fit3d.eval.probes import (
     angular_nll,
     evaluate_probe,
     gradient_loss,
+    resample,
     sig_loss,
     train_probe,
 )
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: with other processes on the cores, a second thread only adds hand-off waits."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def test_sig_loss_is_scale_invariant_up_to_lambda():
@@ -67,3 +77,12 @@ def test_probes_learn_separable_problems():
     m = evaluate_probe(head, task, xt, deptht)
     assert m["rmse"] < 0.2  # a constant prediction gives ~0.45
     assert m["delta1"] > 0.8
+
+
+@pytest.mark.parametrize("size", [(16, 24), (13, 22)])
+def test_strided_resample_matches_full_resolution(size):
+    x = torch.randn(2, 5, 4, 6)
+    full = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(resample(x, size, 3), full[:, :, 1::3, 1::3])
+    head = TASKS["normals"].head(5).eval()
+    torch.testing.assert_close(head(x, size, 2), head(x, size)[:, 1::2, 1::2])

@@ -110,14 +110,17 @@ def _finetuned(cfg: Config, notes: list[str]) -> tuple[object | None, dict]:
         return None, meta
 
 
-def _val_split(counts: list[int]) -> tuple[Tensor, Tensor]:
-    """(fit, val) view indices of the train split: the last ~20% of scenes validate
-    (every 5th view if there is a single train scene)."""
+def _val_split(counts: list[int], fraction: float) -> tuple[Tensor, Tensor]:
+    """(fit, val) view indices of the train split: the last max(1, fraction * n) train scenes
+    validate (with a single train scene, every round(1 / fraction)-th view)."""
     total = sum(counts)
     if len(counts) == 1:
         idx = torch.arange(total)
-        return idx[idx % 5 != 4], idx[idx % 5 == 4]
-    return torch.arange(total - counts[-1]), torch.arange(total - counts[-1], total)
+        k = max(round(1 / max(fraction, 1e-6)), 2)
+        return idx[idx % k != k - 1], idx[idx % k == k - 1]
+    n_val = min(max(round(fraction * len(counts)), 1), len(counts) - 1)
+    start = sum(counts[: len(counts) - n_val])
+    return torch.arange(start), torch.arange(start, total)
 
 
 def _probe_input(task: Task, feats: dict[str, dict[str, Tensor]], parts: tuple[str, ...]) -> Tensor:
@@ -133,8 +136,9 @@ def _probe_input(task: Task, feats: dict[str, dict[str, Tensor]], parts: tuple[s
 def _run_probe(
     task: Task, sets: list[str], train: Split, test: Split, cfg: Config, notes: list[str]
 ) -> tuple[dict, dict]:
-    """Sweep the learning rate on the validation split, then train one probe per seed on all
-    train views and score it on the test views. Returns ({set: {key: summary}}, {set: lr})."""
+    """Sweep the learning rate on the validation split (on the first feature set, reused for the
+    others unless eval.sweep_each_set), then train one probe per seed on all train views and
+    score it on the test views. Returns ({set: {key: summary}}, {set: lr})."""
     ec = cfg.eval
     y_tr, y_te = getattr(train.labels, task.name), getattr(test.labels, task.name)
     if y_tr is None or y_te is None:
@@ -145,26 +149,37 @@ def _run_probe(
         max(y[y != 255].max() if (y != 255).any() else 0 for y in (y_tr, y_te)) + 1
     )
     kwargs = {"num_classes": num_classes, "max_depth": ec.max_depth}
-    fit, val = _val_split(train.counts)
+    fit, val = _val_split(train.counts, ec.val_fraction)
     metrics, lrs = {}, {}
     for s in sets:
         x_tr = _probe_input(task, train.feats, FEATURE_SETS[s])
         x_te = _probe_input(task, test.feats, FEATURE_SETS[s])
         scores = {}
-        for lr in ec.lrs if len(ec.lrs) > 1 else ():
+        sweep = len(ec.lrs) > 1 and (ec.sweep_each_set or s == sets[0])
+        for lr in ec.lrs if sweep else ():
             torch.manual_seed(ec.seeds[0])
             head = task.head(x_tr.shape[1], **kwargs)
             head = train_probe(
-                head, task, x_tr[fit], y_tr[fit], lr, ec.epochs, ec.batch_size, ec.seeds[0]
+                head,
+                task,
+                x_tr[fit],
+                y_tr[fit],
+                lr,
+                ec.epochs,
+                ec.batch_size,
+                ec.seeds[0],
+                ec.label_stride,
             )
             m = evaluate_probe(head, task, x_tr[val], y_tr[val], num_classes=num_classes)
             scores[lr] = m[task.select] if task.higher_is_better else -m[task.select]
-        lrs[s] = max(scores, key=scores.get) if scores else ec.lrs[0]
+        lrs[s] = max(scores, key=scores.get) if scores else lrs.get(sets[0], ec.lrs[0])
         per_seed: dict[str, list[float]] = {}
         for seed in ec.seeds:
             torch.manual_seed(seed)
             head = task.head(x_tr.shape[1], **kwargs)
-            head = train_probe(head, task, x_tr, y_tr, lrs[s], ec.epochs, ec.batch_size, seed)
+            head = train_probe(
+                head, task, x_tr, y_tr, lrs[s], ec.epochs, ec.batch_size, seed, ec.label_stride
+            )
             m = evaluate_probe(head, task, x_te, y_te, num_classes=num_classes)
             for k, v in m.items():
                 per_seed.setdefault(f"eval/{task.name}/{k}", []).append(v)

@@ -196,12 +196,23 @@ def pca_panel(path: Path, images: list[Tensor], maps: dict[str, list[Tensor]]) -
     plt.close(fig)
 
 
+def _json_safe(obj):
+    """NaN -> None, recursively (strict JSON has no NaN)."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def write_report(out_dir: Path, results: dict) -> str:
-    """Write results.json, results.md and results.png; return the markdown."""
+    """Write results.json (NaN as null), results.md and results.png; return the markdown."""
     text = markdown(results)
     notes = "".join(f"- {n}\n" for n in results.get("notes", []))
     header = f"# FiT3D evaluation: {results['provenance'].get('backbone', '')}\n\n"
-    write_json(out_dir / "results.json", results)
+    write_json(out_dir / "results.json", _json_safe(results))
     with atomic_path(out_dir / "results.md") as tmp:
         tmp.write_text(header + text + ("\n\nNotes:\n" + notes if notes else "") + "\n")
     bar_chart(out_dir / "results.png", results)
