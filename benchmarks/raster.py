@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     has_baseline = args.baseline.exists()
     rows = []
     side = f"{'s/view':>11} {'Mpairs/s':>8} {'RSS MB':>7}"
-    header = f"{'case':>22} | ours {side} | baseline {side} | ratio"
+    header = f"{'case':>22} | {'ours:':<5}{side} | {'baseline:':<9}{side} | ratio ours/baseline"
     print(header)
     print("-" * len(header))
     for n, w, h, c in cases:
@@ -210,10 +210,8 @@ def main(argv: list[str] | None = None) -> int:
             return f"{s['seconds']:11.3f} {s['mpairs_per_s']:8.1f} {s['peak_rss_mb']:7.0f}"
 
         ratio = f"{row['ratio']:.2f}x" if "ratio" in row else "-"
-        print(
-            f"{f'{n // 1000}k {w}x{h} C={c}':>22} | {cell(ours)} | {cell(base)} | {ratio}",
-            flush=True,
-        )
+        case = f"{n // 1000}k {w}x{h} C={c}"
+        print(f"{case:>22} | {'':5}{cell(ours)} | {'':9}{cell(base)} | {ratio}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "threads": args.threads,

@@ -3,9 +3,10 @@
 // Each 16x16 tile walks its depth-sorted Gaussians front to back and splats each one only over
 // the pixels of its radius box inside the tile; a pixel stops before the Gaussian that would bring
 // its transmittance to <= 1e-4, and a tile stops when all its pixels have. The backward walks the
-// same lists back to front per pixel, recovering each transmittance by division, and adds the
-// gradients into one private buffer per thread, summed at the end. Tiles run in parallel on ATen's
-// thread pool, most loaded first.
+// same lists back to front per pixel, recovering each transmittance by division, sums each
+// Gaussian's gradient over the tile and adds it to the output under a striped lock. Tiles run in
+// parallel on ATen's thread pool, most loaded first. Memory: the image, the Gaussian-tile lists and
+// [M, D] gradients, never N x H x W.
 
 #include <torch/extension.h>
 
@@ -15,6 +16,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <mutex>
 #include <vector>
 
 namespace {
@@ -24,6 +26,7 @@ constexpr int kPix = kTile * kTile;
 constexpr float kAlphaMin = 1.0f / 255.0f;
 constexpr float kAlphaMax = 0.999f;
 constexpr float kTMin = 1e-4f;
+constexpr int64_t kLocks = 4096;
 
 struct Grid {
   int64_t n_cams, width, height, tiles_x, tiles_y;
@@ -66,8 +69,7 @@ inline Footprint footprint(float mx, float my, float a, float b, float c, float 
   return {mx, my, a, b, c, std::log(255.0f * o) * 1.001f + 1e-3f};
 }
 
-// Runs fn(tile, slot) for every tile with Gaussians, dynamically scheduled, busiest tiles first;
-// `slot` < at::get_num_threads() is owned by one thread at a time (for private accumulators).
+// Runs fn(tile) for every tile with Gaussians, dynamically scheduled, busiest tiles first.
 template <typename Fn>
 void for_each_tile(const int64_t* offsets, int64_t n_tiles, Fn fn) {
   std::vector<int64_t> order;
@@ -80,8 +82,8 @@ void for_each_tile(const int64_t* offsets, int64_t n_tiles, Fn fn) {
   });
   std::atomic<int64_t> next{0};
   const int64_t n = static_cast<int64_t>(order.size());
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t slot, int64_t) {
-    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(order[i], slot);
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(order[i]);
   });
 }
 
@@ -111,7 +113,7 @@ std::vector<torch::Tensor> composite_forward(torch::Tensor means2d, torch::Tenso
   int32_t* last_p = last.data_ptr<int32_t>();
   const int64_t per_cam = tiles_x * tiles_y;
 
-  for_each_tile(off, n_cams * per_cam, [&](int64_t tile, int64_t) {
+  for_each_tile(off, n_cams * per_cam, [&](int64_t tile) {
     const int64_t cam = tile / per_cam, tl = tile % per_cam;
     const int64_t ox = (tl % tiles_x) * kTile, oy = (tl / tiles_x) * kTile;
     const int64_t tw = std::min<int64_t>(kTile, width - ox), th = std::min<int64_t>(kTile, height - oy);
@@ -184,10 +186,10 @@ std::vector<torch::Tensor> composite_backward(torch::Tensor means2d, torch::Tens
                                     int64_t geo_channels) {
   const int64_t D = colors.size(1), M = colors.size(0);
   const int64_t Dg = std::min(geo_channels, D);
-  const int64_t slots = at::get_num_threads();
   auto f32 = means2d.options();
-  auto v_geo = torch::zeros({slots, M, 6}, f32);  // one private accumulator per thread
-  auto v_col = torch::zeros({slots, M, D}, f32);
+  auto v_geo = torch::zeros({M, 6}, f32);
+  auto v_col = torch::zeros({M, D}, f32);
+  std::vector<std::mutex> locks(kLocks);  // striped by Gaussian: tiles sharing one add in turn
   const float* m2 = means2d.data_ptr<float>();
   const float* co = conics.data_ptr<float>();
   const float* op = opacities.data_ptr<float>();
@@ -203,13 +205,12 @@ std::vector<torch::Tensor> composite_backward(torch::Tensor means2d, torch::Tens
   float* vc_p = v_col.data_ptr<float>();
   const int64_t per_cam = tiles_x * tiles_y;
 
-  for_each_tile(off, n_cams * per_cam, [&](int64_t tile, int64_t slot) {
+  for_each_tile(off, n_cams * per_cam, [&](int64_t tile) {
     const int64_t cam = tile / per_cam, tl = tile % per_cam;
     const int64_t ox = (tl % tiles_x) * kTile, oy = (tl / tiles_x) * kTile;
     const int64_t tw = std::min<int64_t>(kTile, width - ox), th = std::min<int64_t>(kTile, height - oy);
     const int64_t start = off[tile];
-    float* vg_slot = vg_p + slot * M * 6;
-    float* vc_slot = vc_p + slot * M * D;
+    std::vector<float> vc_local(D);
     float T[kPix], behind[kPix];
     float t_final[kPix], v_a[kPix];
     int32_t stop_at[kPix];
@@ -235,7 +236,8 @@ std::vector<torch::Tensor> composite_backward(torch::Tensor means2d, torch::Tens
       const float a = co[3 * g], b = co[3 * g + 1], c = co[3 * g + 2], o = op[g];
       const Box bx = pixel_box(mx, my, rad[2 * g], rad[2 * g + 1], ox, oy, tw, th);
       const float* cg = col + g * D;
-      float* vc_g = vc_slot + g * D;
+      std::fill(vc_local.begin(), vc_local.end(), 0.0f);
+      float* vc_g = vc_local.data();
       float v_mx = 0, v_my = 0, v_ca = 0, v_cb = 0, v_cc = 0, v_op = 0;
       bool any = false;
       const Footprint fp = footprint(mx, my, a, b, c, o);
@@ -268,21 +270,24 @@ std::vector<torch::Tensor> composite_backward(torch::Tensor means2d, torch::Tens
             v_op += vis * v_alpha_i;
             v_mx += v_sigma * (a * dx + b * dy);
             v_my += v_sigma * (b * dx + c * dy);
-            v_ca += 0.5 * v_sigma * dx * dx;
+            v_ca += 0.5f * v_sigma * dx * dx;
             v_cb += v_sigma * dx * dy;
-            v_cc += 0.5 * v_sigma * dy * dy;
+            v_cc += 0.5f * v_sigma * dy * dy;
           }
         }
       }
       if (!any) continue;
-      float* vg = vg_slot + g * 6;
+      std::lock_guard<std::mutex> hold(locks[g % kLocks]);
+      float* vg = vg_p + g * 6;
       vg[0] += v_mx;
       vg[1] += v_my;
       vg[2] += v_ca;
       vg[3] += v_cb;
       vg[4] += v_cc;
       vg[5] += v_op;
+      float* vc = vc_p + g * D;
+      for (int64_t k = 0; k < D; ++k) vc[k] += vc_g[k];
     }
   });
-  return {v_geo.sum(0), v_col.sum(0)};
+  return {v_geo, v_col};
 }
