@@ -83,7 +83,7 @@ def _load_split(cfg: Config, split: str, backbones: dict, cache: Path) -> Split:
     return Split(ids, counts, feats, concat_labels(labels), len(classes) if classes else None)
 
 
-def _finetuned(cfg: Config, notes: list[str]) -> tuple[object | None, dict]:
+def _finetuned(cfg: Config, original, notes: list[str]) -> tuple[object | None, dict]:
     """The fine-tuned backbone (or None with a note saying why) and its stage-2 meta.json."""
     from fit3d.backbones import Backbone
 
@@ -103,11 +103,20 @@ def _finetuned(cfg: Config, notes: list[str]) -> tuple[object | None, dict]:
         return None, {}
     meta_path = path.parent / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if not meta and not ec.finetuned_weights:
+        notes.append(f"{path.parent} has no meta.json: stage 2 may not have finished")
     try:
-        return Backbone(cfg.backbone.name, weights=str(path)), meta
+        tuned = Backbone(cfg.backbone.name, weights=str(path))
     except UserError as e:
         notes.append(f"{e}: evaluating original and control only")
         return None, meta
+    base_sha = (meta.get("base_weights") or {}).get("sha256")
+    if base_sha and base_sha != original.weights_info.sha256:
+        notes.append(
+            f"{path} was fine-tuned from weights sha256 {base_sha[:12]}, but the original here is "
+            f"{original.weights_info.sha256[:12] or 'unhashed'}: the comparison mixes bases"
+        )
+    return tuned, meta
 
 
 def _val_split(counts: list[int], fraction: float) -> tuple[Tensor, Tensor]:
@@ -272,14 +281,14 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"unknown eval.feature_sets {unknown} (known: {list(FEATURE_SETS)})")
     if not ec.seeds or not ec.lrs:
         raise UserError("eval.seeds and eval.lrs must not be empty")
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     out_dir = Path(cfg.run.out) / "eval" / cfg.run.name
     save_config(cfg, out_dir / "config.yaml")
     torch.manual_seed(cfg.run.seed)
     notes: list[str] = []
 
     original = Backbone(cfg.backbone.name, weights=cfg.backbone.weights or None)
-    finetuned, ft_meta = _finetuned(cfg, notes)
+    finetuned, ft_meta = _finetuned(cfg, original, notes)
     backbones = {"original": original} | ({"finetuned": finetuned} if finetuned else {})
     sets = [s for s in ec.feature_sets if all(p in backbones for p in FEATURE_SETS[s])]
     for n in notes:
@@ -326,12 +335,14 @@ def main(argv: list[str] | None = None) -> int:
             "test_scenes": test.scene_ids,
             "views": {"train": sum(train.counts), "test": sum(test.counts)},
             "seconds": round(time.time() - t0, 1),
+            "cpu_seconds": round(time.process_time() - c0, 1),
         },
         "config": to_dict(cfg),
     }
     text = write_report(out_dir, results)
     print(text)
-    print(f"eval: report in {out_dir} ({results['provenance']['seconds']:.0f} s)")
+    prov = results["provenance"]
+    print(f"eval: report in {out_dir} ({prov['seconds']:.0f} s, {prov['cpu_seconds']:.0f} CPU s)")
     return 0
 
 
