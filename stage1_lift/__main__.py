@@ -175,6 +175,7 @@ def run(cfg: Config, on_step: Callable[[int], None] | None = None) -> dict[str, 
                 out_dir,
                 device,
                 root,
+                resolution,
                 on_step,
             )
         except LiftDiverged as e:

@@ -335,14 +335,15 @@ def lift_scene(
     out_dir: Path,
     device: torch.device,
     scenes_root: Path,
+    resolution: float,
     on_step: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Lift one scene into `out_dir` (resuming from its checkpoint) and return its meta.
 
-    `teacher_image(i)` is view i as the teacher sees it ([H,W,3] in [0,1], at scenes.resolution;
-    `views` may be smaller by lift.image_scale). `on_step(step)` is called after each finished
-    step (after any checkpoint); tests use it to interrupt a run. Raises LiftDiverged on a
-    non-finite loss.
+    `teacher_image(i)` is view i as the teacher sees it ([H,W,3] in [0,1]) at `resolution`, the
+    scenes' resolution recorded in meta.json (stage 2 reads images at it); `views` may be smaller
+    by lift.image_scale. `on_step(step)` is called after each finished step (after any
+    checkpoint); tests use it to interrupt a run. Raises LiftDiverged on a non-finite loss.
     """
     c = cfg.lift
     seed = scene_seed(cfg.run.seed, scene.scene_id)
@@ -419,8 +420,8 @@ def lift_scene(
     meta = {
         "scene_id": scene.scene_id,
         "scenes_root": str(scenes_root),
-        "resolution": scene.resolution,
-        "teacher_resolution": scene.resolution / c.image_scale,
+        "resolution": resolution,
+        "lift_resolution": scene.resolution,
         "backbone": backbone.alias,
         "timm_name": backbone.timm_name,
         "embed_dim": backbone.embed_dim,

@@ -185,11 +185,14 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 def test_no_points_falls_back_with_warning(tmp_path):
     root = make_root(tmp_path, {"s0": False})
-    cfg = _cfg(root, tmp_path / "out", "lift.steps=3", "lift.fallback_points=500")
+    extra = ("lift.steps=3", "lift.fallback_points=500", "lift.image_scale=0.5")
     with pytest.warns(UserWarning, match="no sparse points"):
-        summary = run(cfg)
+        summary = run(_cfg(root, tmp_path / "out", *extra))
     assert summary["scenes"]["s0"]["status"] == "done"
-    assert summary["scenes"]["s0"]["init"] == "random-frusta"
+    meta = load_lifted_scene(tmp_path / "out" / "lift" / "default" / "s0").meta
+    assert meta["init"] == "random-frusta" and meta["num_init_points"] == 500
+    # lifting at half size; stage 2 reads images at the scenes' resolution
+    assert meta["resolution"] == 1.0 and meta["lift_resolution"] == 0.5
 
 
 def test_bad_scenes_are_skipped_with_reason(tmp_path):
