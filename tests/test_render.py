@@ -288,30 +288,31 @@ def _strategy_setup(n: int = 300):
     return params, optimizers
 
 
-def _render_params(params, packed: bool):
+def _render_params(params, packed: bool, absgrad: bool = False):
     viewmats, Ks = _cams(1)
     colors = torch.cat([params["colors"], params["features"]], -1)
     return rasterization(
         params["means"], params["quats"], torch.exp(params["scales"]),
         torch.sigmoid(params["opacities"]), colors, viewmats, Ks, W, H, packed=packed,
-        geometry_grad_channels=3,
+        geometry_grad_channels=3, absgrad=absgrad,
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_default_strategy_densifies_cpu_renders(packed: bool) -> None:
+@pytest.mark.parametrize("packed,absgrad", [(False, False), (True, False), (False, True)])
+def test_default_strategy_densifies_cpu_renders(packed: bool, absgrad: bool) -> None:
     from gsplat.strategy import DefaultStrategy
 
     params, optimizers = _strategy_setup()
     strategy = DefaultStrategy(
         refine_start_iter=2, refine_every=2, reset_every=1000, grow_grad2d=1e-9, prune_opa=0.0,
+        absgrad=absgrad,
     )  # fmt: skip
     strategy.check_sanity(params, optimizers)
     state = strategy.initialize_state()
     n0 = params["means"].shape[0]
     target = torch.rand(1, H, W, 11)
     for step in range(5):
-        img, _, info = _render_params(params, packed)
+        img, _, info = _render_params(params, packed, absgrad)
         strategy.step_pre_backward(params, optimizers, state, step, info)
         (img - target).abs().mean().backward()
         strategy.step_post_backward(params, optimizers, state, step, info, packed=packed)
@@ -346,3 +347,27 @@ def test_cpp_kernels_build_where_a_compiler_exists() -> None:
     from fit3d.render import _cpp
 
     assert _cpp.usable(torch.zeros(1))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_absgrad_matches_per_pixel_sum(packed: bool) -> None:
+    """One Gaussian, loss = sum of alphas: each pixel adds |alpha_p (a dx + b dy)| (x) and
+    |alpha_p (b dx + c dy)| (y), dx = mean - pixel centre."""
+    s = _edge_scene()
+    one = [s[k][4:5].clone().requires_grad_(True) for k in PARAMS]  # partly off-screen
+    _, alpha, info = rasterization(*one, *_cams(1), W, H, packed=packed, absgrad=True)
+    alpha.sum().backward()
+    m2d = info["means2d"]
+    absgrad = m2d.absgrad.reshape(-1, 2)[0].double()
+    a, b, c = info["conics"].reshape(-1, 3)[0].double()
+    mx, my = m2d.reshape(-1, 2)[0].detach().double()
+    o = s["opacities"][4].double()
+    ys, xs = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
+    dx, dy = mx - xs.double(), my - ys.double()
+    al = o * torch.exp(-(0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy))
+    al = torch.where(al >= 1 / 255, al, 0.0)
+    expected = torch.stack(
+        [(al * (a * dx + b * dy)).abs().sum(), (al * (b * dx + c * dy)).abs().sum()]
+    )
+    assert torch.allclose(absgrad, expected, rtol=1e-4)
+    assert (absgrad >= m2d.grad.reshape(-1, 2)[0].abs().double() - 1e-6).all()

@@ -174,7 +174,8 @@ std::vector<torch::Tensor> composite_forward(torch::Tensor means2d, torch::Tenso
   return {out, trans, last};
 }
 
-// Returns gradients: geometry [M, 6] (means2d x, y, conic a, b, c, opacity) and colours [M, D].
+// Returns gradients: geometry [M, 8] (means2d x, y, conic a, b, c, opacity, then the per-pixel
+// absolute means2d gradients summed, gsplat's absgrad) and colours [M, D].
 // Only the first `geo_channels` channels of v_out feed the geometry gradient.
 std::vector<torch::Tensor> composite_backward(torch::Tensor means2d, torch::Tensor conics,
                                     torch::Tensor opacities, torch::Tensor colors,
@@ -187,7 +188,7 @@ std::vector<torch::Tensor> composite_backward(torch::Tensor means2d, torch::Tens
   const int64_t D = colors.size(1), M = colors.size(0);
   const int64_t Dg = std::min(geo_channels, D);
   auto f32 = means2d.options();
-  auto v_geo = torch::zeros({M, 6}, f32);
+  auto v_geo = torch::zeros({M, 8}, f32);
   auto v_col = torch::zeros({M, D}, f32);
   std::vector<std::mutex> locks(kLocks);  // striped by Gaussian: tiles sharing one add in turn
   const float* m2 = means2d.data_ptr<float>();
@@ -239,6 +240,7 @@ std::vector<torch::Tensor> composite_backward(torch::Tensor means2d, torch::Tens
       std::fill(vc_local.begin(), vc_local.end(), 0.0f);
       float* vc_g = vc_local.data();
       float v_mx = 0, v_my = 0, v_ca = 0, v_cb = 0, v_cc = 0, v_op = 0;
+      float abs_mx = 0, abs_my = 0;
       bool any = false;
       const Footprint fp = footprint(mx, my, a, b, c, o);
       for (int64_t y = bx.y0; y <= bx.y1; ++y) {
@@ -268,8 +270,11 @@ std::vector<torch::Tensor> composite_backward(torch::Tensor means2d, torch::Tens
           if (o * vis <= kAlphaMax) {
             const float v_sigma = -o * vis * v_alpha_i;
             v_op += vis * v_alpha_i;
-            v_mx += v_sigma * (a * dx + b * dy);
-            v_my += v_sigma * (b * dx + c * dy);
+            const float px_x = v_sigma * (a * dx + b * dy), px_y = v_sigma * (b * dx + c * dy);
+            v_mx += px_x;
+            v_my += px_y;
+            abs_mx += std::abs(px_x);
+            abs_my += std::abs(px_y);
             v_ca += 0.5f * v_sigma * dx * dx;
             v_cb += v_sigma * dx * dy;
             v_cc += 0.5f * v_sigma * dy * dy;
@@ -278,13 +283,15 @@ std::vector<torch::Tensor> composite_backward(torch::Tensor means2d, torch::Tens
       }
       if (!any) continue;
       std::lock_guard<std::mutex> hold(locks[g % kLocks]);
-      float* vg = vg_p + g * 6;
+      float* vg = vg_p + g * 8;
       vg[0] += v_mx;
       vg[1] += v_my;
       vg[2] += v_ca;
       vg[3] += v_cb;
       vg[4] += v_cc;
       vg[5] += v_op;
+      vg[6] += abs_mx;
+      vg[7] += abs_my;
       float* vc = vc_p + g * D;
       for (int64_t k = 0; k < D; ++k) vc[k] += vc_g[k];
     }

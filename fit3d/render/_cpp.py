@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -116,12 +117,12 @@ def intersect_tiles(proj: Projected, n_cams: int, width: int, height: int) -> In
 
 class _Composite(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, means2d, conics, opacities, colors, radii, isect, grid, geo_channels):
+    def forward(ctx, means2d, conics, opacities, colors, radii, isect, grid, geo_channels, absgrad):
         out, trans, last = _extension().composite_forward(
             means2d, conics, opacities, colors, radii, isect.flatten_ids, isect.offsets, *grid
         )
         ctx.save_for_backward(means2d, conics, opacities, colors, radii, trans, last)
-        ctx.isect, ctx.grid, ctx.geo_channels = isect, grid, geo_channels
+        ctx.isect, ctx.grid, ctx.geo_channels, ctx.absgrad = isect, grid, geo_channels, absgrad
         return out, (1.0 - trans)[..., None]
 
     @staticmethod
@@ -132,7 +133,9 @@ class _Composite(torch.autograd.Function):
             means2d, conics, opacities, colors, radii, isect.flatten_ids, isect.offsets, trans,
             last, v_out.contiguous(), v_alpha[..., 0].contiguous(), *ctx.grid, ctx.geo_channels,
         )  # fmt: skip
-        return v_geo[:, :2], v_geo[:, 2:5], v_geo[:, 5], v_col, None, None, None, None
+        if ctx.absgrad is not None:
+            ctx.absgrad(v_geo[:, 6:8])
+        return v_geo[:, :2], v_geo[:, 2:5], v_geo[:, 5], v_col, None, None, None, None, None
 
 
 def composite(
@@ -146,10 +149,14 @@ def composite(
     width: int,
     height: int,
     geo_channels: int,
+    absgrad: Callable[[Tensor], None] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Alpha-composite -> (colours [C, H, W, D], alphas [C, H, W, 1])."""
+    """Alpha-composite -> (colours [C, H, W, D], alphas [C, H, W, 1]).
+
+    absgrad: called in the backward with the summed per-pixel |d loss / d means2d| [M, 2].
+    """
     grid = (n_cams, width, height, isect.tiles_x, isect.tiles_y)
     return _Composite.apply(
         means2d.contiguous(), conics.contiguous(), opacities.contiguous(), colors.contiguous(),
-        radii.contiguous(), isect, grid, geo_channels,
+        radii.contiguous(), isect, grid, geo_channels, absgrad,
     )  # fmt: skip

@@ -1,4 +1,5 @@
-"""EWA projection of 3D Gaussians and 16-px tile binning, in differentiable pure torch.
+"""EWA projection of 3D Gaussians and 16-px tile binning in differentiable pure torch: the fallback
+and float64 path of the CPU renderer, and the statement of the rules `_project.cpp` implements.
 
 Rules follow gsplat's classic pinhole path: a Gaussian is culled when its camera depth is outside
 [near, far], its blurred 2D covariance is not positive, its opacity is below 1/255, or its pixel

@@ -67,7 +67,8 @@ def rasterization(
         render_mode: "RGB", "D" (accumulated depth), "ED" (expected depth = D / alpha), "RGB+D",
             "RGB+ED" (depth as the last channel).
         packed: info holds [nnz] rows with `camera_ids`/`gaussian_ids` instead of [C, N] arrays.
-        absgrad: also store |grad| of means2d as `info["means2d"].absgrad` (gsplat backend only).
+        absgrad: also store gsplat's absolute means2d gradient (per-pixel |grad| summed) as
+            `info["means2d"].absgrad` after backward (not with "torch-python").
         backend: "gsplat" (CUDA), "torch" (CPU: C++ kernels, pure torch if they cannot be built),
             "torch-python" (CPU, always pure torch), "auto" (gsplat on CUDA tensors, else torch).
         geometry_grad_channels: k -> only the first k colour channels send gradient to geometry
@@ -91,12 +92,10 @@ def rasterization(
         )  # fmt: skip
     if backend not in ("torch", "torch-python"):
         raise ValueError(f"unknown backend {backend!r}")
-    if absgrad:
-        raise NotImplementedError("absgrad is only available with the gsplat backend")
     return _rasterize_torch(
         means, quats, scales, opacities, colors, viewmats, Ks, width, height, near_plane,
-        far_plane, sh_degree, backgrounds, render_mode, packed, eps2d, geometry_grad_channels,
-        python_only=backend == "torch-python",
+        far_plane, sh_degree, backgrounds, render_mode, packed, absgrad, eps2d,
+        geometry_grad_channels, python_only=backend == "torch-python",
     )  # fmt: skip
 
 
@@ -120,10 +119,13 @@ def _entry_colors(
 
 def _rasterize_torch(
     means, quats, scales, opacities, colors, viewmats, Ks, width, height, near_plane, far_plane,
-    sh_degree, backgrounds, render_mode, packed, eps2d, geometry_grad_channels, python_only,
+    sh_degree, backgrounds, render_mode, packed, absgrad, eps2d, geometry_grad_channels,
+    python_only,
 ) -> tuple[Tensor, Tensor, dict]:  # fmt: skip
     n_cams, n = viewmats.shape[0], means.shape[0]
     fast = not python_only and _cpp.usable(means, quats, scales, opacities, viewmats, Ks)
+    if absgrad and not fast:
+        raise NotImplementedError("absgrad needs the C++ kernels (float32 CPU) or gsplat")
     kernels = _cpp if fast else _project
     proj = kernels.project(
         means, quats, scales, opacities, viewmats, Ks, width, height, near_plane, far_plane, eps2d
@@ -152,9 +154,14 @@ def _rasterize_torch(
 
     isect = kernels.intersect_tiles(proj, n_cams, width, height)
     if fast and entry_cols.dtype == torch.float32:
+
+        def store_absgrad(v_abs: Tensor) -> None:  # [M, 2], laid out like info["means2d"]
+            dense = v_abs if packed else v_abs.new_zeros(n_cams, n, 2).index_put((cam, gid), v_abs)
+            means2d.absgrad = dense
+
         img, alphas = _cpp.composite(
             m2d, proj.conics, proj.opacities, entry_cols, proj.radii, isect, n_cams, width,
-            height, n_geo,
+            height, n_geo, store_absgrad if absgrad else None,
         )  # fmt: skip
     else:
         img, alphas = composite_torch(
