@@ -2,11 +2,11 @@
 
 Ours = what `python -m stage2_finetune` runs per step: sample 2 (scene, view) pairs, render their
 features from the frozen Gaussians, decode at the token grid, forward, masked L1, backward,
-gradient clipping, AdamW step (seconds between consecutive `on_train_batch_end`, median after
-warm-up). Bare = `timm` `forward_features` + backward of the same architecture on the same
-preprocessed batch (no data, no optimiser). Both run in this process, alternating bare / ours /
-bare, so machine load affects them alike. `--bf16` uses bf16 autocast for both
-(`finetune.precision=bf16-mixed` for ours). Weights are random (speed does not depend on them).
+gradient clipping, AdamW step. Bare = timm `forward_features` + backward of the same
+architecture on the same preprocessed batch (no data, no optimiser). Both run in this process,
+alternating one step of each, so machine load affects them alike; medians after 2 warm-up steps.
+`--bf16` uses bf16 autocast for both (`finetune.precision=bf16-mixed` for ours). Weights are
+random (speed does not depend on them).
 
 Targets come from the stage-1 run `outputs/lift/<finetune.lift_run>` when it exists; otherwise
 from synthetic lifted scenes written to a temp folder: the config's train scenes with one
@@ -46,17 +46,27 @@ from stage2_finetune.module import FinetuneModule  # noqa: E402
 from stage2_finetune.train import lift_dir, make_trainer, token_grid  # noqa: E402
 
 
-class StepTimer(L.Callback):
-    """Wall-clock time between consecutive training-batch ends."""
+class Interleaved(L.Callback):
+    """Times our Lightning steps and, after each, one bare step on the same batch.
 
-    def __init__(self) -> None:
-        self.ends: list[float] = []
+    Ours = time from the end of the previous bare step to the end of this training batch (data,
+    render, forward, backward, clipping, optimiser, hooks); the bare step runs inside
+    `on_train_batch_end`, so the two alternate step by step under the same machine load.
+    """
+
+    def __init__(self, bare: torch.nn.Module, x: torch.Tensor, bf16: bool) -> None:
+        self.bare, self.x, self.bf16 = bare, x, bf16
+        self.ours: list[float] = []
+        self.bare_times: list[float] = []
+        self._resume = 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._resume = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.ends.append(time.perf_counter())
-
-    def steps(self, warmup: int) -> list[float]:
-        return [b - a for a, b in zip(self.ends[warmup:], self.ends[warmup + 1 :], strict=False)]
+        self.ours.append(time.perf_counter() - self._resume)
+        self.bare_times.append(bare_step_seconds(self.bare, self.x, self.bf16))
+        self._resume = time.perf_counter()
 
 
 def synthetic_lift_run(cfg: Config, out: Path, embed_dim: int, feature_dim: int = 64) -> Path:
@@ -83,17 +93,14 @@ def synthetic_lift_run(cfg: Config, out: Path, embed_dim: int, feature_dim: int 
     return out
 
 
-def bare_step_seconds(model: torch.nn.Module, x: torch.Tensor, bf16: bool, n: int) -> list[float]:
-    """timm forward_features + backward on a fixed preprocessed batch x [B, 3, H', W']."""
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
-            out = model.forward_features(x)
-        out.float().abs().mean().backward()
-        model.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t)
-    return times
+def bare_step_seconds(model: torch.nn.Module, x: torch.Tensor, bf16: bool) -> float:
+    """One timm forward_features + backward on a preprocessed batch x [B, 3, H', W']."""
+    t = time.perf_counter()
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
+        out = model.forward_features(x)
+    out.float().abs().mean().backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - t
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     n_gauss = [int(m.get("num_gaussians", 0)) for m in lift.metas]
     f = dataclasses.replace(
         cfg.finetune,
-        max_steps=warmup + args.steps + 1,
+        max_steps=warmup + args.steps,
         checkpoint_every=10**9,
         log_every=10**9,
         precision="bf16-mixed" if args.bf16 else cfg.finetune.precision,
@@ -129,14 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     batch = next(iter(data.train_dataloader()))
     bare = copy.deepcopy(backbone.model).train()
-    x = backbone.preprocess(batch["image"])
-    bare_times = bare_step_seconds(bare, x, args.bf16, warmup + args.steps)[warmup:]
-    timer = StepTimer()
+    timer = Interleaved(bare, backbone.preprocess(batch["image"]), args.bf16)
     trainer = make_trainer(cfg, tmp / "finetune", [timer])
     trainer.fit(FinetuneModule(backbone, f.lr, f.weight_decay), datamodule=data)
-    ours = timer.steps(warmup)
-    bare_times += bare_step_seconds(bare, x, args.bf16, warmup + args.steps)[warmup:]
+    ours, bare_times = timer.ours[warmup:], timer.bare_times[warmup:]
     med_bare, med_ours = statistics.median(bare_times), statistics.median(ours)
+    ratios = [o / b for o, b in zip(ours, bare_times, strict=True)]
     result = {
         "backbone": cfg.backbone.name,
         "batch": list(batch["image"].shape),
@@ -149,13 +154,16 @@ def main(argv: list[str] | None = None) -> int:
         "bare_seconds": med_bare,
         "ours_seconds": med_ours,
         "ratio": med_ours / med_bare,
+        "ratio_median_per_step": statistics.median(ratios),
         "bare_all": bare_times,
         "ours_all": ours,
     }
     print(f"{'':<28}{'s/step':>8}")
     print(f"{'bare timm fwd+bwd':<28}{med_bare:>8.3f}")
     print(f"{'ours (render+fwd+bwd+opt)':<28}{med_ours:>8.3f}")
-    print(f"ratio {result['ratio']:.2f}x  batch {result['batch']} tokens {result['tokens']}")
+    per_step = result["ratio_median_per_step"]
+    print(f"ratio {result['ratio']:.2f}x (per-step median {per_step:.2f}x)", end="  ")
+    print(f"batch {result['batch']} tokens {result['tokens']}")
     write_json(args.out, result)
     return 0
 

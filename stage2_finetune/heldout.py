@@ -6,7 +6,8 @@
   of the held-out scenes (scenes with depth only): a token centre of view i is lifted through its
   depth and reprojected into view j; if view j sees it (depth agrees within 5%), view j's token
   map is sampled there bilinearly. Features of one 3D point agreeing more across views is what
-  3D-aware fine-tuning should achieve;
+  3D-aware fine-tuning should achieve; the mean cosine over all token pairs of the two views is
+  reported beside it, so that features merely becoming more alike everywhere show up as such;
 - pca.png: image | target | original | fine-tuned tokens for a few validation items, all maps
   projected on one PCA basis fitted to original and fine-tuned tokens together.
 """
@@ -84,9 +85,12 @@ def _pair_cosines(
 @torch.no_grad()
 def correspondence_cosine(
     models: dict[str, Backbone], scenes: list[Scene], pairs_per_scene: int, seed: int = 0
-) -> dict[str, float] | None:
-    """Mean token cosine at ground-truth correspondences per model, or None without depth."""
-    cos: dict[str, list[Tensor]] = {k: [] for k in models}
+) -> dict[str, dict[str, float] | int] | None:
+    """Per model: mean token cosine at ground-truth correspondences (`match`) and, as the
+    reference a collapse towards one feature would also raise, between all token pairs of the
+    two views (`any`). None when no scene has depth."""
+    match: dict[str, list[Tensor]] = {k: [] for k in models}
+    anyp: dict[str, list[Tensor]] = {k: [] for k in models}
     for scene in scenes:
         views = list(range(len(scene)))
         depths = [scene.load_depth(v) for v in views]
@@ -98,11 +102,16 @@ def correspondence_cosine(
             ia, ib = scene.load_image(a).permute(2, 0, 1), scene.load_image(b).permute(2, 0, 1)
             for name, model in models.items():
                 fa, fb = tokens(model, ia), tokens(model, ib)
-                cos[name].append(_pair_cosines(fa, fb, scene, a, b, depths[a], depths[b]))
-    if not any(len(c) for c in cos.values()):
+                match[name].append(_pair_cosines(fa, fb, scene, a, b, depths[a], depths[b]))
+                ua, ub = (F.normalize(f.flatten(1).T, dim=1) for f in (fa, fb))
+                anyp[name].append((ua @ ub.T).flatten())
+    if not any(len(c) for c in match.values()):
         return None
-    out = {k: float(torch.cat(v).mean()) for k, v in cos.items()}
-    out["matches"] = int(sum(len(c) for c in next(iter(cos.values()))))
+    out: dict[str, dict[str, float] | int] = {
+        k: {"match": float(torch.cat(match[k]).mean()), "any": float(torch.cat(anyp[k]).mean())}
+        for k in models
+    }
+    out["matches"] = int(sum(len(c) for c in next(iter(match.values()))))
     return out
 
 
