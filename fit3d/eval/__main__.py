@@ -125,7 +125,7 @@ def _val_split(counts: list[int], fraction: float) -> tuple[Tensor, Tensor]:
     total = sum(counts)
     if len(counts) == 1:
         idx = torch.arange(total)
-        k = max(round(1 / max(fraction, 1e-6)), 2)
+        k = min(max(round(1 / max(fraction, 1e-6)), 2), max(total, 2))
         return idx[idx % k != k - 1], idx[idx % k == k - 1]
     n_val = min(max(round(fraction * len(counts)), 1), len(counts) - 1)
     start = sum(counts[: len(counts) - n_val])

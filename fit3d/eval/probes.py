@@ -229,8 +229,6 @@ def train_probe(
         order = torch.randperm(n, generator=gen)
         for b in range(steps_per_epoch):
             idx = order[b * batch_size : (b + 1) * batch_size]
-            if len(idx) < 2 and n >= 2:  # BatchNorm needs 2 samples: skip a lone remainder
-                continue
             target = y[idx][:, off::label_stride, off::label_stride]
             loss = task.loss(head(x[idx].float(), size, label_stride), target)
             opt.zero_grad(set_to_none=True)
