@@ -30,8 +30,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $@
 
-setup: $(STAMP) ## Create .venv, install fit3d[dev], prepare the offline DINOv2 weights (idempotent)
+setup: $(STAMP) ## Create .venv, install fit3d[dev], prepare offline DINOv2 weights, build CPU kernels
 	@$(PY) -m fit3d.weights --prepare
+	@$(PY) -c "import torch; from fit3d.render._cpp import usable; usable(torch.zeros(1))"
 
 test: setup ## Run the test suite (CPU, offline)
 	@HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \

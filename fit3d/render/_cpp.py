@@ -9,9 +9,11 @@ or non-CPU tensors, the renderer uses the pure-torch path instead (a one-time wa
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
 import os
+import platform
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +25,20 @@ from torch import Tensor
 from ._project import TILE, Intersections, Projected
 
 _SOURCES = ("_bindings.cpp", "_project.cpp", "_composite.cpp")
+
+
+def _cpu_tag() -> str:
+    """Short hash of this CPU's feature flags: the build uses -march=native, so a cache shared by
+    machines with different CPUs (a cluster home directory) must not hand one's build to another."""
+    try:
+        flags = next(
+            line
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("flags")
+        )
+    except (OSError, StopIteration):
+        flags = platform.processor() or platform.machine()
+    return hashlib.sha1(flags.encode()).hexdigest()[:8]
 
 
 @functools.cache
@@ -37,7 +53,7 @@ def _extension() -> ModuleType | None:
 
         here = Path(__file__).parent
         return load(
-            name="fit3d_render_cpu",
+            name=f"fit3d_render_cpu_{_cpu_tag()}",
             sources=[str(here / s) for s in _SOURCES],
             extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd"],
             verbose=False,
