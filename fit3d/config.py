@@ -267,6 +267,11 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads `1e-5` (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if (tp is int and isinstance(value, bool)) or not isinstance(value, tp):
         raise UserError(f"config key '{key}' expects {tp.__name__}, got {value!r}")
     return value

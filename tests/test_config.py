@@ -20,7 +20,10 @@ def test_defaults_match_the_paper() -> None:
 def test_preset_then_overrides_win(tmp_path) -> None:
     preset = tmp_path / "p.yaml"
     preset.write_text("lift:\n  steps: 7\nscenes:\n  name: scannetpp\n")
-    cfg = load_config([str(preset)], ["lift.steps=9", "finetune.lr=1"])
+    cfg = load_config(
+        [str(preset)], ["lift.steps=9", "finetune.lr=1", "finetune.weight_decay=1e-5"]
+    )
+    assert cfg.finetune.weight_decay == 1e-5  # YAML 1.1 reads 1e-5 as a string
     assert cfg.lift.steps == 9
     assert cfg.scenes.name == "scannetpp"
     assert cfg.finetune.lr == 1.0 and isinstance(cfg.finetune.lr, float)  # int accepted as float
@@ -41,6 +44,7 @@ def test_every_shipped_preset_loads() -> None:
         ("nosuch.key=1", "unknown config key 'nosuch'"),
         ("lift.steps=abc", "config key 'lift.steps' expects int"),
         ("lift.steps=1.5", "config key 'lift.steps' expects int"),
+        ("finetune.lr=fast", "config key 'finetune.lr' expects float"),
         ("lift.steps=true", "config key 'lift.steps' expects int"),
         ("lift=3", "config key 'lift' is a section"),
         ("lift.steps", "must look like key.sub=value"),
