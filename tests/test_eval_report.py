@@ -59,6 +59,7 @@ def test_markdown_changes_and_verdict():
     row = next(line for line in text.splitlines() if line.startswith("| assembled") and "±" in line)
     assert "34.00 ± 1.41 (+3.00)" in row  # mIoU % = mean, s.d. over 2 seeds, change vs original
     assert "Assembled vs original: better on 2 of 3 headline metrics" in text  # corr got worse
+    assert "Assembled vs control: better on 2 of 3 headline metrics" in text
     assert "| - |" in text or "| - " in text  # the empty rotation bin
 
 

@@ -145,9 +145,10 @@ def _probe_input(task: Task, feats: dict[str, dict[str, Tensor]], parts: tuple[s
 def _run_probe(
     task: Task, sets: list[str], train: Split, test: Split, cfg: Config, notes: list[str]
 ) -> tuple[dict, dict]:
-    """Sweep the learning rate on the validation split (on the first feature set, reused for the
-    others unless eval.sweep_each_set), then train one probe per seed on all train views and
-    score it on the test views. Returns ({set: {key: summary}}, {set: lr})."""
+    """Sweep the learning rate on the validation split (per feature set; with
+    eval.sweep_each_set=false only on the first, reused for the rest), then train one probe per
+    seed on all train views and score it on the test views.
+    Returns ({set: {key: summary}}, {set: lr})."""
     ec = cfg.eval
     y_tr, y_te = getattr(train.labels, task.name), getattr(test.labels, task.name)
     if y_tr is None or y_te is None:

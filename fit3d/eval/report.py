@@ -98,25 +98,30 @@ def markdown(results: dict) -> str:
 
 
 def verdict(results: dict) -> str:
-    """One line: on how many headline metrics the assembled features beat the original."""
+    """On how many headline metrics the assembled features beat the original, and the control
+    (original ++ original: a gain over the control is more than extra width)."""
     metrics = results["metrics"]
     if "assembled" not in metrics or "original" not in metrics:
         return "No fine-tuned features: the FiT3D comparison (assembled vs original) was not run."
-    parts, wins, total = [], 0, 0
-    for key in HEADLINE:
-        a, o = metrics["assembled"].get(key), metrics["original"].get(key)
-        if a is None or o is None or math.isnan(a["mean"]) or math.isnan(o["mean"]):
+    lines = []
+    for ref in ("original", "control"):
+        if ref not in metrics:
             continue
-        label, higher, scale = METRICS[key]
-        delta = (a["mean"] - o["mean"]) * scale
-        spread = max(a["std"], o["std"]) * scale
-        better = delta > 0 if higher else delta < 0
-        total += 1
-        wins += better
-        parts.append(f"{label} {delta:+.4g} (seed spread {spread:.2g})")
-    return f"Assembled vs original: better on {wins} of {total} headline metrics: " + "; ".join(
-        parts
-    )
+        parts, wins, total = [], 0, 0
+        for key in HEADLINE:
+            a, o = metrics["assembled"].get(key), metrics[ref].get(key)
+            if a is None or o is None or math.isnan(a["mean"]) or math.isnan(o["mean"]):
+                continue
+            label, higher, scale = METRICS[key]
+            delta = (a["mean"] - o["mean"]) * scale
+            spread = max(a["std"], o["std"]) * scale
+            total += 1
+            wins += delta > 0 if higher else delta < 0
+            parts.append(f"{label} {delta:+.4g} (seed spread {spread:.2g})")
+        lines.append(
+            f"Assembled vs {ref}: better on {wins} of {total} headline metrics: " + "; ".join(parts)
+        )
+    return "\n\n".join(lines)
 
 
 def protocol(results: dict) -> str:
