@@ -143,12 +143,14 @@ def run(cfg: Config, on_step: Callable[[int], None] | None = None) -> dict[str, 
     shard, n_shards = shard_from_env()
     mine = scene_ids[shard::n_shards]
     run_dir = Path(cfg.run.out) / "lift" / cfg.run.name
+    # build the backbone first: a bad alias or weights file must fail before the run folder exists
+    torch.manual_seed(cfg.run.seed)  # random-init backbones (tests) are reproducible
+    backbone = Backbone(cfg.backbone.name, cfg.backbone.weights or None).to(device).eval()
     _check_run_config(cfg, run_dir)
     print(
         f"stage1_lift: {len(mine)} of {len(scene_ids)} scenes (shard {shard}/{n_shards}) "
         f"-> {run_dir} on {device}"
     )
-    backbone = None
     for sid in mine:
         out_dir = run_dir / sid
         if (out_dir / "meta.json").is_file():
@@ -162,9 +164,6 @@ def run(cfg: Config, on_step: Callable[[int], None] | None = None) -> dict[str, 
             write_json(out_dir / STATUS, {"status": "skipped", "reason": str(e)})
             print(f"{sid}: skipped: {e}", file=sys.stderr)
             continue
-        if backbone is None:
-            torch.manual_seed(cfg.run.seed)  # random-init backbones (tests) are reproducible
-            backbone = Backbone(cfg.backbone.name, cfg.backbone.weights or None).to(device).eval()
         try:
             lift_scene(
                 scene,
