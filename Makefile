@@ -57,8 +57,12 @@ eval: setup ## Evaluate original / fine-tuned / assembled / control features wit
 
 demo: setup ## Whole pipeline on the embedded demo scenes: scenes -> lift -> finetune -> eval
 	@echo "[1/4] demo scenes" && $(PY) -m fit3d.scenes.demo --preset demo $(ARGS)
-	@echo "[2/4] lift" && $(RUN_ENV) $(PY) -m stage1_lift --preset demo backbone.name=$(BACKBONE) $(ARGS)
-	@echo "[3/4] finetune" && $(RUN_ENV) $(PY) -m stage2_finetune --preset demo backbone.name=$(BACKBONE) $(ARGS)
+	@echo "[2/4] lift (train rooms, then held-out rooms for stage 2's held-out target loss)"
+	@$(RUN_ENV) $(PY) -m stage1_lift --preset demo backbone.name=$(BACKBONE) $(ARGS)
+	@$(RUN_ENV) $(PY) -m stage1_lift --preset demo backbone.name=$(BACKBONE) $(ARGS) \
+	  run.name=heldout scenes.train_split=nvs_sem_val
+	@echo "[3/4] finetune" && $(RUN_ENV) $(PY) -m stage2_finetune --preset demo \
+	  backbone.name=$(BACKBONE) $(ARGS) finetune.val_lift_run=heldout
 	@echo "[4/4] eval" && $(RUN_ENV) $(PY) -m fit3d.eval --preset demo backbone.name=$(BACKBONE) $(ARGS)
 
 bench: setup ## Speed/memory benchmarks (renderer vs baseline, fine-tuning step overhead)

@@ -6,6 +6,7 @@ Outputs: `backbone.safetensors` (plain timm state dict), `meta.json` (written la
 
 from __future__ import annotations
 
+import json
 import netrc
 import os
 import time
@@ -19,7 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, Logger
 
 from fit3d.backbones import Backbone
-from fit3d.config import Config, save_config, to_dict
+from fit3d.config import Config, load_config, save_config, to_dict
 from fit3d.errors import UserError
 from fit3d.io import git_commit, sha256_file, write_json, write_safetensors
 from fit3d.scenes import Scene, list_scenes, open_scene
@@ -148,6 +149,17 @@ def run(cfg: Config, callbacks: list[Callback] | None = None) -> dict[str, Any]:
     ckpt_path = out / "checkpoints" / "last.ckpt"
     if f.resume and not ckpt_path.is_file():
         raise UserError(f"finetune.resume=true but {ckpt_path} does not exist")
+    resume = f.resume
+    if not f.resume and (out / "config.yaml").is_file():
+        saved = load_config([str(out / "config.yaml")])
+        if any(getattr(saved, k) != getattr(cfg, k) for k in ("scenes", "backbone", "finetune")):
+            raise UserError(
+                f"{out} holds a run with different settings; use another run.name or remove it"
+            )
+        if (out / "meta.json").is_file():
+            print(f"stage2_finetune: {out} is finished; skipped (another run.name trains again)")
+            return json.loads((out / "meta.json").read_text())
+        resume = ckpt_path.is_file()  # same settings, interrupted: carry on from the checkpoint
     data = FinetuneDataModule(
         lift,
         lambda h, w: token_grid(backbone, h, w),
@@ -165,7 +177,7 @@ def run(cfg: Config, callbacks: list[Callback] | None = None) -> dict[str, Any]:
     # mid-epoch resumption is exact (FinetuneDataModule.state_dict), unlike Lightning assumes
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
     start = time.perf_counter()
-    trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_path) if f.resume else None)
+    trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_path) if resume else None)
     seconds = time.perf_counter() - start
     if not trainer.is_global_zero:
         return {}

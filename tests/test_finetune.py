@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from fit3d.backbones import Backbone
 from fit3d.config import load_config
+from fit3d.errors import UserError
 from fit3d.finetune_data import decode_to_tokens, mask_to_tokens, masked_l1, resample_taps
 from fit3d.gaussians import save_lifted_scene
 from fit3d.render import rasterization
@@ -414,3 +415,14 @@ def test_wandb_never_prompts(fake, monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert _loggers(cfg, tmp_path)[1]._wandb_init["mode"] == "disabled"
     assert len(_loggers(load_config([], tiny_argv(fake)), tmp_path)) == 1  # csv only by default
+
+
+def test_rerun_skips_finished_run_and_refuses_other_settings(fake):
+    argv = ("run.name=rerun", "finetune.max_steps=2", "finetune.pca_views=0")
+    first = run(load_config([], tiny_argv(fake, *argv)))
+    stamp = (fake / "finetune" / "rerun" / "backbone.safetensors").stat().st_mtime_ns
+    again = run(load_config([], tiny_argv(fake, *argv)))
+    assert again == json.loads(json.dumps(first))  # the finished run's meta, nothing retrained
+    assert (fake / "finetune" / "rerun" / "backbone.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(UserError, match="different settings"):
+        run(load_config([], tiny_argv(fake, *argv, "finetune.lr=0.01")))
