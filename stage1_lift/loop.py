@@ -272,18 +272,8 @@ def evaluate(state: SceneState, views: Views, teacher, cfg: Config, device) -> d
         return {"psnr": None, "feat_l1": None, "feat_cos": None, "views": 0}
     rows = []
     for i in views.test:
-        w, h = views.sizes[i]
         image, mask, target = _target(views, teacher, i, device)
-        rgb, feat, _, _ = render(
-            state.params,
-            views.viewmats[i].to(device),
-            views.Ks[i].to(device),
-            w,
-            h,
-            cfg.lift.sh_degree,
-            backend_for(device),
-        )
-        decoded = state.decoder(feat[None])[0]  # [C, H, W]
+        rgb, decoded = _render_decoded(state, views, i, cfg, device)  # [3,H,W], [C,H,W]
         rows.append(
             (
                 psnr(rgb, image, mask),
@@ -301,12 +291,11 @@ def evaluate(state: SceneState, views: Views, teacher, cfg: Config, device) -> d
 
 
 @torch.no_grad()
-def write_pca(path: Path, state: SceneState, views: Views, teacher, cfg: Config, device) -> None:
-    """pca.png: image | rendered RGB | teacher PCA | decoded rendered-feature PCA (one basis)."""
-    pool = views.test or views.train
-    i = pool[min(cfg.lift.pca_view, len(pool) - 1)]
+def _render_decoded(
+    state: SceneState, views: Views, i: int, cfg: Config, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Render view i and decode its features: RGB [3, H, W] and decoded features [C, H, W]."""
     w, h = views.sizes[i]
-    image, _, target = _target(views, teacher, i, device)
     rgb, feat, _, _ = render(
         state.params,
         views.viewmats[i].to(device),
@@ -316,7 +305,16 @@ def write_pca(path: Path, state: SceneState, views: Views, teacher, cfg: Config,
         cfg.lift.sh_degree,
         backend_for(device),
     )
-    decoded = state.decoder(feat[None])[0]
+    return rgb, state.decoder(feat[None])[0]
+
+
+@torch.no_grad()
+def write_pca(path: Path, state: SceneState, views: Views, teacher, cfg: Config, device) -> None:
+    """pca.png: image | rendered RGB | teacher PCA | decoded rendered-feature PCA (one basis)."""
+    pool = views.test or views.train
+    i = pool[min(cfg.lift.pca_view, len(pool) - 1)]
+    image, _, target = _target(views, teacher, i, device)
+    rgb, decoded = _render_decoded(state, views, i, cfg, device)
     pcs = pca_rgb([target, decoded])
     panel = np.concatenate([to_uint8(image), to_uint8(rgb), *pcs], axis=1)
     ok, png = cv2.imencode(".png", cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))
