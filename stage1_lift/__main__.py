@@ -9,7 +9,6 @@ one writer and `summary.json` is rebuilt from the per-scene files by every shard
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,39 +21,13 @@ from fit3d.backbones import Backbone
 from fit3d.config import Config, parse_cli, save_config, to_dict
 from fit3d.errors import UserError, cli_entry
 from fit3d.io import write_json
+from fit3d.runs import resolve_device, shard_from_env
 from fit3d.scenes import open_scene, resolve_scenes
 from stage1_lift.loop import LiftDiverged, SceneUnreadable, lift_scene, read_views
 
 STATUS = "status.json"
 """Per-scene file recording why a scene was skipped or stopped (absent once it is done)."""
 _STATES = ("done", "skipped", "failed", "pending")
-
-
-def shard_from_env(env: dict[str, str] | None = None) -> tuple[int, int]:
-    """(index, count) from SHARD=i/n, else a SLURM array task, else (0, 1)."""
-    env = dict(os.environ) if env is None else env
-    if env.get("SHARD"):
-        try:
-            i, n = (int(x) for x in env["SHARD"].split("/"))
-        except ValueError:
-            raise UserError(f"SHARD={env['SHARD']!r} must look like i/n, e.g. 0/4") from None
-    elif env.get("SLURM_ARRAY_TASK_ID") and env.get("SLURM_ARRAY_TASK_COUNT"):
-        i = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-        n = int(env["SLURM_ARRAY_TASK_COUNT"])
-    else:
-        return 0, 1
-    if not 0 <= i < n:
-        raise UserError(f"shard {i}/{n} out of range: need 0 <= i < n")
-    return i, n
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("run.device=cuda but CUDA is not available")
-    return torch.device(name)
 
 
 def _check_run_config(cfg: Config, run_dir: Path) -> None:

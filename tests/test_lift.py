@@ -14,8 +14,9 @@ import torch
 import stage1_lift.loop
 from fit3d.config import load_config
 from fit3d.gaussians import load_lifted_scene
+from fit3d.runs import shard_from_env
 from fit3d.scenes.scannetpp import viewmat_to_nerfstudio
-from stage1_lift.__main__ import main, run, shard_from_env
+from stage1_lift.__main__ import main, run
 
 W, H, FOCAL = 48, 32, 40.0
 
