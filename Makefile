@@ -18,7 +18,7 @@ RUN_ENV := GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.tr
 STAGE_ARGS = --preset $(SCENES) backbone.name=$(BACKBONE) $(ARGS)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint format lift finetune eval demo bench clean
+.PHONY: help setup test lint format scenes lift finetune eval demo bench clean
 
 help: ## Show this help
 	@grep -hE '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
@@ -46,13 +46,22 @@ format: $(STAMP) ## Apply ruff format and safe fixes
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# The demo rooms are generated only when asked for (cached by their parameters).
+DEMO_SCENES = $(if $(filter demo,$(SCENES)),@$(PY) -m fit3d.scenes.demo --preset demo $(ARGS),)
+
+scenes: setup ## Generate the embedded demo rooms (cached; other targets do it when SCENES=demo)
+	@$(PY) -m fit3d.scenes.demo --preset demo $(ARGS)
+
 lift: setup ## Stage 1: lift backbone features into per-scene 3D Gaussians
+	$(DEMO_SCENES)
 	$(RUN_ENV) $(PY) -m stage1_lift $(STAGE_ARGS)
 
 finetune: setup ## Stage 2: fine-tune the backbone on features rendered from the lifted scenes
+	$(DEMO_SCENES)
 	$(RUN_ENV) $(PY) -m stage2_finetune $(STAGE_ARGS)
 
 eval: setup ## Evaluate original / fine-tuned / assembled / control features with all probes
+	$(DEMO_SCENES)
 	$(RUN_ENV) $(PY) -m fit3d.eval $(STAGE_ARGS)
 
 demo: setup ## Whole pipeline on the embedded demo scenes: scenes -> lift -> finetune -> eval
@@ -60,7 +69,7 @@ demo: setup ## Whole pipeline on the embedded demo scenes: scenes -> lift -> fin
 	@echo "[2/4] lift (train rooms, then held-out rooms for stage 2's held-out target loss)"
 	@$(RUN_ENV) $(PY) -m stage1_lift --preset demo backbone.name=$(BACKBONE) $(ARGS)
 	@$(RUN_ENV) $(PY) -m stage1_lift --preset demo backbone.name=$(BACKBONE) $(ARGS) \
-	  run.name=heldout scenes.train_split=nvs_sem_val
+	  run.name=heldout lift.split=val
 	@echo "[3/4] finetune" && $(RUN_ENV) $(PY) -m stage2_finetune --preset demo \
 	  backbone.name=$(BACKBONE) $(ARGS) finetune.val_lift_run=heldout
 	@echo "[4/4] eval" && $(RUN_ENV) $(PY) -m fit3d.eval --preset demo backbone.name=$(BACKBONE) $(ARGS)

@@ -40,10 +40,11 @@ from fit3d.backbones import Backbone  # noqa: E402
 from fit3d.config import Config, load_config  # noqa: E402
 from fit3d.gaussians import save_lifted_scene  # noqa: E402
 from fit3d.io import write_json  # noqa: E402
+from fit3d.runs import benchmark_output, run_dir  # noqa: E402
 from fit3d.scenes import open_scene, resolve_scenes  # noqa: E402
 from stage2_finetune.data import FinetuneDataModule, read_lift_run  # noqa: E402
 from stage2_finetune.module import FinetuneModule  # noqa: E402
-from stage2_finetune.train import lift_dir, make_trainer, token_grid  # noqa: E402
+from stage2_finetune.train import make_trainer  # noqa: E402
 
 
 class Interleaved(L.Callback):
@@ -71,7 +72,7 @@ class Interleaved(L.Callback):
 
 def synthetic_lift_run(cfg: Config, out: Path, embed_dim: int, feature_dim: int = 64) -> Path:
     """Lifted scenes at stage 1's initial state for the config's train scenes."""
-    root, ids, resolution = resolve_scenes(cfg.scenes, cfg.run.out, "train")
+    root, ids, resolution = resolve_scenes(cfg, "train")
     g = torch.Generator().manual_seed(0)
     for sid in ids:
         xyz, rgb = open_scene(root, sid, resolution).points()  # [N, 3] each
@@ -94,10 +95,10 @@ def synthetic_lift_run(cfg: Config, out: Path, embed_dim: int, feature_dim: int 
 
 
 def bare_step_seconds(model: torch.nn.Module, x: torch.Tensor, bf16: bool) -> float:
-    """One timm forward_features + backward on a preprocessed batch x [B, 3, H', W']."""
+    """One bare timm forward (pooled, no head) + backward on a preprocessed x [B, 3, H', W']."""
     t = time.perf_counter()
     with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
-        out = model.forward_features(x)
+        out = model(x)
     out.float().abs().mean().backward()
     model.zero_grad(set_to_none=True)
     return time.perf_counter() - t
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", action="append", default=[])
     parser.add_argument("--steps", type=int, default=8, help="timed steps (after 2 warm-up)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for both")
-    parser.add_argument("--out", default=str(ROOT / "outputs" / "bench" / "finetune.json"))
+    parser.add_argument("--out", default=str(benchmark_output("finetune")))
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     cfg = load_config(args.preset or ["demo"], args.overrides)
@@ -116,11 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     backbone = Backbone(cfg.backbone.name, "random")
     tmp = Path(tempfile.mkdtemp(prefix="fit3d-bench-"))
-    run_dir = lift_dir(cfg, cfg.finetune.lift_run)
+    lift_run = run_dir(cfg, "lift", cfg.finetune.lift_run)
     source = "stage-1 run"
-    if not run_dir.is_dir():
-        run_dir, source = synthetic_lift_run(cfg, tmp / "lift", backbone.embed_dim), "synthetic"
-    lift = read_lift_run(run_dir)
+    if not lift_run.is_dir():
+        lift_run, source = synthetic_lift_run(cfg, tmp / "lift", backbone.embed_dim), "synthetic"
+    lift = read_lift_run(lift_run)
     lift.check_width(backbone.embed_dim)
     n_gauss = [int(m.get("num_gaussians", 0)) for m in lift.metas]
     f = dataclasses.replace(
@@ -131,9 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         precision="bf16-mixed" if args.bf16 else cfg.finetune.precision,
     )
     cfg = dataclasses.replace(cfg, finetune=f)
-    data = FinetuneDataModule(
-        lift, lambda h, w: token_grid(backbone, h, w), f.batch_size, f.num_workers, f.scene_cache
-    )
+    data = FinetuneDataModule(lift, backbone.token_grid, f.batch_size, f.num_workers, f.scene_cache)
     batch = next(iter(data.train_dataloader()))
     bare = copy.deepcopy(backbone.model).train()
     timer = Interleaved(bare, backbone.preprocess(batch["image"]), args.bf16)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import timm
 import torch
@@ -24,20 +25,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from fit3d.errors import UserError
-from fit3d.weights import WeightsInfo, load_state_dict_file, resolve_weights
+from fit3d.weights import ALIASES, TEST_ALIAS, WeightsInfo, load_state_dict_file, resolve_weights
 
-TEST_ALIAS = "test_tiny"
-ALIASES: dict[str, str] = {
-    "dinov2": "vit_small_patch14_dinov2.lvd142m",
-    "dinov2_b": "vit_base_patch14_dinov2.lvd142m",
-    "dinov2_reg": "vit_small_patch14_reg4_dinov2.lvd142m",
-    "clip": "vit_base_patch16_clip_384.laion2b_ft_in12k_in1k",
-    "mae": "vit_base_patch16_224.mae",
-    "deit3": "deit3_base_patch16_224.fb_in1k",
-    TEST_ALIAS: "vit_small_patch14_dinov2",
-}
-"""Short name -> timm model name (REFERENCE.md section 2). `test_tiny` is a random-init ViT
-(patch 14, depth 2, width 48) for fast tests."""
 _TINY_KWARGS = dict(embed_dim=48, depth=2, num_heads=3, img_size=224)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -74,6 +63,19 @@ def _load_checked(model: nn.Module, sd: dict[str, Tensor], path: str, timm_name:
         )
         raise UserError(f"weights file {path} does not fit {timm_name}: {shown}")
     model.load_state_dict(sd, strict=True)
+
+
+@dataclass
+class Features:
+    """Dense features of one forward pass (`Backbone.features`); None where not asked for."""
+
+    blocks: list[Tensor]
+    """Outputs of the requested blocks, patch tokens only, [B, C, h, w] each (raw unless asked
+    for through the final norm)."""
+    final: Tensor | None
+    """Last block through the final norm, patch tokens [B, C, h, w] (FiT3D's teacher/student)."""
+    cls: Tensor | None
+    """CLS token of the last block before the final norm [B, C] (mean patch token without one)."""
 
 
 class Backbone(nn.Module):
@@ -118,45 +120,68 @@ class Backbone(nn.Module):
         """[B,3,H,W] in [0,1] -> [B,3,H',W'] resized (bilinear, no crop) down to multiples of the
         patch size (H' = floor(H/p)*p), ImageNet-normalised."""
         h, w = images.shape[-2:]
-        p = self.patch_size
-        if h < p or w < p:
-            raise UserError(f"image {h}x{w} is smaller than the {p}px patch of {self.alias}")
-        size = (h // p * p, w // p * p)
+        gh, gw = self.token_grid(h, w)
+        size = (gh * self.patch_size, gw * self.patch_size)
         if size != (h, w):
             images = F.interpolate(
                 images, size=size, mode="bilinear", align_corners=False, antialias=True
             )
         return (images - self.mean) / self.std
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Preprocessed [B,3,H',W'] -> [B,C,h,w]: last block, final norm, patch tokens."""
-        return self.features(x, blocks=(-1,), norm=True)[0]
+    def token_grid(self, height: int, width: int) -> tuple[int, int]:
+        """Token grid (h, w) of an H x W image after `preprocess` (floor(H / p), floor(W / p))."""
+        p = self.patch_size
+        if height < p or width < p:
+            raise UserError(
+                f"image {height}x{width} is smaller than the {p}px patch of {self.alias}"
+            )
+        return height // p, width // p
 
-    def features(self, x: Tensor, blocks: Sequence[int] = (-1,), norm: bool = True) -> list[Tensor]:
-        """Patch-token maps [B,C,h,w] after each of `blocks` (0-based, negatives count from the
-        end), optionally through the final LayerNorm; one forward pass for all of them."""
+    def forward(self, x: Tensor) -> Tensor:
+        """Preprocessed [B,3,H',W'] -> [B,C,h,w]: last block, final norm, patch tokens (the FiT3D
+        teacher and student output)."""
+        return self.features(x).final
+
+    def features(
+        self,
+        x: Tensor,
+        blocks: Sequence[int] = (),
+        norm: bool = False,
+        final: bool = True,
+        cls: bool = False,
+    ) -> Features:
+        """Every dense feature a consumer needs, from one forward pass of preprocessed x
+        [B,3,H',W'] (see `Features`). `blocks` are 0-based (negatives count from the end) and come
+        raw, or through the final norm with `norm` (Probe3D reads them raw); the pass stops after
+        the deepest block asked for."""
         n = self.num_blocks
         if any(not -n <= b < n for b in blocks):
             raise ValueError(f"blocks {tuple(blocks)} out of range for {n} blocks")
         idx = [b % n for b in blocks]
-        take = sorted(set(idx))
-        maps = self.model.forward_intermediates(
-            x, indices=take, norm=norm, output_fmt="NCHW", intermediates_only=True, stop_early=True
-        )
-        by_block = dict(zip(take, maps, strict=True))
-        return [by_block[i] for i in idx]
-
-    def cls_token(self, x: Tensor, norm: bool = True) -> Tensor:
-        """Preprocessed [B,3,H',W'] -> [B,C] CLS token of the last block (final norm optional)."""
+        take = sorted(set(idx) | ({n - 1} if final or cls else set()))
+        if not take:
+            return Features(blocks=[], final=None, cls=None)
         out = self.model.forward_intermediates(
             x,
-            indices=[self.num_blocks - 1],
-            norm=norm,
+            indices=take,
+            norm=False,
             return_prefix_tokens=True,
             intermediates_only=True,
+            stop_early=True,
         )
-        _, prefix = out[0]  # prefix [B, 1 + registers, C]
-        return prefix[:, 0]
+        raw = {i: m for i, (m, _) in zip(take, out, strict=True)}  # each [B, C, h, w]
+
+        def normed(m: Tensor) -> Tensor:  # the final LayerNorm acts per token
+            return self.model.norm(m.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
+
+        fin = normed(raw[n - 1]) if final else None
+        token = None
+        if cls:
+            prefix = out[-1][1]  # [B, P, C] CLS and register tokens of the last block
+            has_cls = prefix.shape[1] > 0 and getattr(self.model, "cls_token", None) is not None
+            token = prefix[:, 0] if has_cls else raw[n - 1].mean((2, 3))
+        maps = [normed(raw[i]) if norm else raw[i] for i in idx]
+        return Features(blocks=maps, final=fin, cls=token)
 
     def quarter_blocks(self) -> tuple[int, ...]:
         """The block after each quarter of the network (Probe3D): (2,5,8,11) for 12 blocks."""

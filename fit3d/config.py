@@ -8,7 +8,6 @@ raise `UserError` (one line, exit code 2). The resolved config is written into e
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import types
 import typing
@@ -83,8 +82,11 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class LiftConfig:
-    """Stage 1: lifting features into per-scene Gaussians (REFERENCE.md section 1)."""
+    """Stage 1: lifting features into per-scene Gaussians (docs/method.md, "Stage 1: lifting")."""
 
+    split: str = "train"
+    """Which split of `scenes` this lift run covers: `train` (`scenes.train_split`, what stage 2
+    fine-tunes on) or `val` (`scenes.val_split`, held-out scenes for stage 2's held-out loss)."""
     steps: int = 30000
     """Optimisation steps per scene, one view per step."""
     feature_dim: int = 64
@@ -146,7 +148,8 @@ class LiftConfig:
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """Stage 2: fine-tuning the backbone on rendered features (REFERENCE.md section 2)."""
+    """Stage 2: fine-tuning the backbone on rendered features (docs/method.md, "Stage 2:
+    fine-tuning")."""
 
     lift_run: str = "default"
     """Stage-1 run name whose scenes provide the targets."""
@@ -192,7 +195,8 @@ class FinetuneConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """The evaluator: linear probes and 3D-awareness probes (REFERENCE.md sections 3-4)."""
+    """The evaluator: linear probes and 3D-awareness probes (docs/method.md, the two
+    "Evaluation" sections)."""
 
     finetune_run: str = "default"
     """Stage-2 run whose `backbone.safetensors` is the fine-tuned model ('' = original only)."""
@@ -371,17 +375,3 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
     with atomic_path(path) as tmp:
         tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
-def parse_cli(argv: list[str] | None, prog: str, description: str) -> Config:
-    """Standard entry-point CLI: `[--preset NAME]... [key.sub=value]...`."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument(
-        "--preset",
-        action="append",
-        default=[],
-        help="YAML preset in configs/ (or a path); repeat to stack",
-    )
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. lift.steps=500")
-    args = parser.parse_args(argv)
-    return load_config(args.preset, args.overrides)

@@ -7,11 +7,20 @@ is its own; nothing else builds an output path.
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+import yaml
 
+from fit3d.config import Config, save_config, to_dict
 from fit3d.errors import UserError
+from fit3d.io import git_commit
+
+if TYPE_CHECKING:
+    from fit3d.backbones import Backbone
 
 
 def shard_from_env(env: dict[str, str] | None = None) -> tuple[int, int]:
@@ -41,3 +50,113 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
         raise UserError(f"run.device must be auto, cpu, cuda or cuda:N, got '{name}'")
     return torch.device(name)
+
+
+# --- output layout --------------------------------------------------------------------------
+STAGES = ("lift", "finetune", "eval", "labels")
+CONFIG_FILE = "config.yaml"
+"""The resolved config of a run, in its folder."""
+META_FILE = "meta.json"
+"""Metadata beside every artifact; written last, so a finished artifact is one with a meta.json."""
+SUMMARY_FILE = "summary.json"
+"""A lift run's merged per-scene summary."""
+STATUS_FILE = "status.json"
+"""Per lifted scene: why it was skipped or stopped (absent once it is done)."""
+BACKBONE_FILE = "backbone.safetensors"
+"""A fine-tune run's weights: a plain timm state dict."""
+CHECKPOINT_FILE = "checkpoint.pt"
+"""A lift scene's resumable checkpoint (deleted once the scene is done)."""
+
+
+def run_dir(cfg: Config, stage: str, name: str | None = None) -> Path:
+    """`<run.out>/<stage>/<name>` (default name: `run.name`)."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r} (known: {STAGES})")
+    return Path(cfg.run.out) / stage / (name if name is not None else cfg.run.name)
+
+
+def lift_scene_dir(lift_run: Path, scene_id: str) -> Path:
+    """One lifted scene's folder inside a lift run (format: `fit3d.gaussians`)."""
+    return Path(lift_run) / scene_id
+
+
+def finetune_checkpoint(finetune_run: Path) -> Path:
+    """The resumable Lightning checkpoint of a fine-tune run."""
+    return Path(finetune_run) / "checkpoints" / "last.ckpt"
+
+
+def demo_scenes_dir(cfg: Config) -> Path:
+    """Where the demo scene set of `cfg` lives: `scenes.root`, else `<run.out>/scenes/demo`."""
+    return Path(cfg.scenes.root) if cfg.scenes.root else Path(cfg.run.out) / "scenes" / "demo"
+
+
+def benchmark_output(name: str) -> Path:
+    """Where a benchmark script writes its figures (`outputs/bench/<name>.json`)."""
+    return Path("outputs") / "bench" / f"{name}.json"
+
+
+def scenes_picture(scene_id: str) -> Path:
+    """Default output of `python -m fit3d.scenes.show`."""
+    return Path("outputs") / "scenes" / "show" / f"{scene_id}.png"
+
+
+# --- settings and provenance ----------------------------------------------------------------
+def check_settings(cfg: Config, folder: Path, sections: tuple[str, ...]) -> bool:
+    """Refuse to mix results of different settings in one run folder.
+
+    Returns True when `folder` already holds a config.yaml whose `sections` equal `cfg`'s (a rerun
+    or resume of the same run), False when there is none; raises `UserError` naming the sections
+    that differ otherwise.
+    """
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        return False
+    try:
+        old = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    new = to_dict(cfg)
+    changed = [s for s in sections if old.get(s) != new.get(s)]
+    if changed:
+        raise UserError(
+            f"{path} was written with different settings ({', '.join(changed)}); "
+            "use another run.name or remove the folder"
+        )
+    return True
+
+
+def write_config(cfg: Config, folder: Path) -> None:
+    """Write the resolved config into a run folder (atomically)."""
+    save_config(cfg, Path(folder) / CONFIG_FILE)
+
+
+def build_backbone(cfg: Config, weights: str | None = None) -> Backbone:
+    """The configured backbone; `weights` (a file) overrides `backbone.weights`."""
+    from fit3d.backbones import Backbone
+
+    return Backbone(cfg.backbone.name, weights or cfg.backbone.weights or None)
+
+
+def provenance(backbone: Backbone, weights_key: str = "weights") -> dict[str, Any]:
+    """What produced an output: backbone alias, timm name, width, the weights it was built from
+    (source, path, sha256) under `weights_key`, and the source tree's git commit. Every
+    meta.json / results.json carries these keys (stage 2 names its starting weights
+    `base_weights`, the evaluator `original_weights`)."""
+    return {
+        "backbone": backbone.alias,
+        "timm_name": backbone.timm_name,
+        "embed_dim": backbone.embed_dim,
+        weights_key: backbone.weights_info.to_dict(),
+        "git_commit": git_commit(),
+    }
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """A meta.json (or any JSON metadata file); missing or malformed is a `UserError`."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"missing {path}") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not readable JSON: {e}") from None

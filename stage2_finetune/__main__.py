@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from fit3d.config import parse_cli
+from fit3d.cli import parse_cli
 from fit3d.errors import cli_entry
 
 
@@ -16,11 +16,12 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m stage2_finetune",
         description="Stage 2: fine-tune a 2D backbone on features rendered from a stage-1 run.",
     )
-    from stage2_finetune.train import run, run_dir
+    from fit3d.runs import run_dir
+    from stage2_finetune.train import run
 
     meta = run(cfg)
     if meta:
-        print(f"wrote {run_dir(cfg)}: " + json.dumps(meta["heldout"]))
+        print(f"wrote {run_dir(cfg, 'finetune')}: " + json.dumps(meta["heldout"]))
     return 0
 
 

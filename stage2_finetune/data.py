@@ -26,9 +26,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fit3d.errors import UserError
-from fit3d.finetune_data import mask_to_tokens, render_token_target
 from fit3d.gaussians import META_FILE, LiftedScene, list_lifted_scenes, load_lifted_scene
 from fit3d.scenes import Scene, open_scene
+from fit3d.targets import mask_to_tokens, render_token_target
 
 _META_KEYS = ("scenes_root", "resolution", "backbone", "embed_dim")
 GridFn = Callable[[int, int], tuple[int, int]]

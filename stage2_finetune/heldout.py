@@ -16,21 +16,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from torch import Tensor
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from fit3d.backbones import Backbone  # noqa: E402
-from fit3d.eval.correspondence import reproject, select_pairs  # noqa: E402
-from fit3d.finetune_data import masked_l1  # noqa: E402
-from fit3d.io import atomic_path  # noqa: E402
-from fit3d.scenes import Scene  # noqa: E402
-from stage2_finetune.data import FinetuneDataset  # noqa: E402
+from fit3d.backbones import Backbone
+from fit3d.geometry import grid_pixels, reproject, select_pairs, visible
+from fit3d.losses import masked_l1
+from fit3d.scenes import Scene
+from fit3d.viz import pca_rgb, save_figure
+from stage2_finetune.data import FinetuneDataset
 
 _PCA_TITLES = ("image", "target (rendered)", "original", "fine-tuned")
 
@@ -56,25 +52,24 @@ def dataset_l1(models: dict[str, Backbone], dataset: FinetuneDataset) -> dict[st
 
 
 def _pair_cosines(
-    fa: Tensor, fb: Tensor, scene: Scene, a: int, b: int, depth_a: Tensor, depth_b: Tensor
+    fa: Tensor,
+    fb: Tensor,
+    patch: int,
+    scene: Scene,
+    a: int,
+    b: int,
+    depth_a: Tensor,
+    depth_b: Tensor,
 ) -> Tensor:
-    """Cosines [M] between view-a tokens and view-b features at their reprojections."""
-    _, h, w = fa.shape
+    """Cosines [M] between view-a tokens fa [C, h, w] and view-b features fb at their
+    reprojections (`patch`: the backbone's patch size, so the token grid is the 1/patch grid)."""
     H, W = depth_a.shape
-    ys = ((torch.arange(h) + 0.5) * H / h - 0.5).round().long().clamp(0, H - 1)
-    xs = ((torch.arange(w) + 0.5) * W / w - 0.5).round().long().clamp(0, W - 1)
-    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-    xy = torch.stack([gx.flatten(), gy.flatten()], 1)  # token-centre pixels of view a [h*w, 2]
+    xy = grid_pixels(H, W, patch)  # token-centre pixels of view a [h*w, 2]
     d = depth_a[xy[:, 1], xy[:, 0]]
     ok = d > 0
     xy1, z1 = reproject(xy[ok], d[ok], scene.K(a), scene.K(b), scene.viewmat(a), scene.viewmat(b))
+    seen = visible(xy1, z1, depth_b)
     Hb, Wb = depth_b.shape
-    px = xy1.round().long()
-    inside = (z1 > 0) & (px[:, 0] >= 0) & (px[:, 0] < Wb) & (px[:, 1] >= 0) & (px[:, 1] < Hb)
-    seen = torch.zeros_like(inside)
-    p = px[inside]
-    db = depth_b[p[:, 1], p[:, 0]].double()
-    seen[inside] = (db > 0) & ((db - z1[inside]).abs() < 0.05 * z1[inside])
     src = fa.flatten(1).T[ok][seen]  # [M, C]
     uv = xy1[seen].float()
     grid = torch.stack([(uv[:, 0] + 0.5) / Wb * 2 - 1, (uv[:, 1] + 0.5) / Hb * 2 - 1], -1)
@@ -102,7 +97,9 @@ def correspondence_cosine(
             ia, ib = scene.load_image(a).permute(2, 0, 1), scene.load_image(b).permute(2, 0, 1)
             for name, model in models.items():
                 fa, fb = tokens(model, ia), tokens(model, ib)
-                match[name].append(_pair_cosines(fa, fb, scene, a, b, depths[a], depths[b]))
+                match[name].append(
+                    _pair_cosines(fa, fb, model.patch_size, scene, a, b, depths[a], depths[b])
+                )
                 ua, ub = (F.normalize(f.flatten(1).T, dim=1) for f in (fa, fb))
                 anyp[name].append((ua @ ub.T).flatten())
     if not any(len(c) for c in match.values()):
@@ -112,22 +109,6 @@ def correspondence_cosine(
         for k in models
     }
     out["matches"] = int(sum(len(c) for c in next(iter(match.values()))))
-    return out
-
-
-def _pca_rgb(maps: list[Tensor]) -> list[Tensor]:
-    """Project token maps [C, h, w] on the top-3 PCA basis of the given fit set -> RGB [h, w, 3]."""
-    flat = torch.cat([m.flatten(1).T for m in maps])  # [N, C]
-    mean = flat.mean(0)
-    _, _, V = torch.pca_lowrank(flat - mean, q=3, center=False)  # V [C, 3]
-    proj = (flat - mean) @ V  # [N, 3]
-    lo, hi = proj.quantile(0.01, dim=0), proj.quantile(0.99, dim=0)
-    out, start = [], 0
-    for m in maps:
-        n = m.shape[1] * m.shape[2]
-        rgb = ((proj[start : start + n] - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
-        out.append(rgb.view(m.shape[1], m.shape[2], 3))
-        start += n
     return out
 
 
@@ -144,9 +125,10 @@ def save_pca(
     items = [dataset[(i, False)] for i in picks]
     orig = [tokens(original, it["image"]) for it in items]
     tune = [tokens(tuned, it["image"]) for it in items]
-    shared = _pca_rgb(orig + tune)
-    targets = _pca_rgb([it["target"].float().cpu() for it in items])
-    fig, axes = plt.subplots(n, 4, figsize=(12, 2.8 * n + 0.4), squeeze=False)
+    shared = pca_rgb(orig + tune)
+    targets = pca_rgb([it["target"].float().cpu() for it in items])
+    fig = Figure(figsize=(12, 2.8 * n + 0.4))
+    axes = fig.subplots(n, 4, squeeze=False)
     for r, it in enumerate(items):
         cols = [it["image"].permute(1, 2, 0).cpu(), targets[r], shared[r], shared[n + r]]
         for ax, im, title in zip(axes[r], cols, _PCA_TITLES, strict=True):
@@ -155,6 +137,4 @@ def save_pca(
             if r == 0:
                 ax.set_title(title)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
+    save_figure(fig, path, dpi=80)

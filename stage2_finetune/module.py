@@ -9,14 +9,14 @@ import torch
 from torch import Tensor
 
 from fit3d.backbones import Backbone
-from fit3d.finetune_data import masked_l1
+from fit3d.losses import masked_l1
 
 
 class FinetuneModule(L.LightningModule):
     """Student = the backbone's last block, final norm, patch tokens; loss = masked L1 to targets.
 
-    AdamW over every backbone parameter (REFERENCE.md section 2: lr 1e-5, wd 1e-4); gradient
-    clipping (norm 0.1) is the Trainer's `gradient_clip_val`.
+    AdamW over every backbone parameter (lr 1e-5, wd 1e-4; docs/method.md, "Stage 2: fine-tuning");
+    gradient clipping (norm 0.1) is the Trainer's `gradient_clip_val`.
     """
 
     def __init__(self, backbone: Backbone, lr: float = 1e-5, weight_decay: float = 1e-4):

@@ -6,7 +6,6 @@ Outputs: `backbone.safetensors` (plain timm state dict), `meta.json` (written la
 
 from __future__ import annotations
 
-import json
 import netrc
 import os
 import time
@@ -15,41 +14,31 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, Logger
 
-from fit3d.backbones import Backbone
-from fit3d.config import Config, load_config, save_config, to_dict
+from fit3d.config import Config, to_dict
 from fit3d.errors import UserError
-from fit3d.io import git_commit, sha256_file, write_json, write_safetensors
+from fit3d.io import sha256_file, write_json, write_safetensors
+from fit3d.runs import (
+    BACKBONE_FILE,
+    META_FILE,
+    build_backbone,
+    check_settings,
+    finetune_checkpoint,
+    provenance,
+    read_meta,
+    run_dir,
+    write_config,
+)
 from fit3d.scenes import Scene, list_scenes, open_scene
 from stage2_finetune import heldout
 from stage2_finetune.data import FinetuneDataModule, LiftRun, read_lift_run
 from stage2_finetune.module import FinetuneModule
 
 _ACCELERATORS = {"auto": "auto", "cpu": "cpu", "cuda": "gpu"}
-
-
-def run_dir(cfg: Config) -> Path:
-    """`<run.out>/finetune/<run.name>`."""
-    return Path(cfg.run.out) / "finetune" / cfg.run.name
-
-
-def lift_dir(cfg: Config, name: str) -> Path:
-    """`<run.out>/lift/<name>`."""
-    return Path(cfg.run.out) / "lift" / name
-
-
-def make_backbone(cfg: Config) -> Backbone:
-    """The backbone to fine-tune (or its original weights, for comparisons)."""
-    return Backbone(cfg.backbone.name, cfg.backbone.weights or None)
-
-
-def token_grid(backbone: Backbone, height: int, width: int) -> tuple[int, int]:
-    """Token grid (h, w) the backbone produces for an H x W image."""
-    size = backbone.preprocess(torch.zeros(1, 3, height, width)).shape[-2:]
-    return size[0] // backbone.patch_size, size[1] // backbone.patch_size
+SETTINGS = ("scenes", "backbone", "finetune")
+"""Config sections a fine-tune run folder is tied to: a rerun with others is refused."""
 
 
 def _wandb_logger(cfg: Config, out: Path) -> Logger:
@@ -114,7 +103,7 @@ def make_trainer(cfg: Config, out: Path, callbacks: list[Callback]) -> L.Trainer
     f = cfg.finetune
     if cfg.run.device not in _ACCELERATORS:
         raise UserError(f"run.device must be auto, cpu or cuda, got '{cfg.run.device}'")
-    ckpt = LastCheckpoint(out / "checkpoints" / "last.ckpt", f.checkpoint_every)
+    ckpt = LastCheckpoint(finetune_checkpoint(out), f.checkpoint_every)
     return L.Trainer(
         accelerator=_ACCELERATORS[cfg.run.device],
         devices=f.devices,
@@ -138,31 +127,26 @@ def make_trainer(cfg: Config, out: Path, callbacks: list[Callback]) -> L.Trainer
 def run(cfg: Config, callbacks: list[Callback] | None = None) -> dict[str, Any]:
     """Fine-tune per `cfg`; returns the meta dict (rank 0) or {} (other DDP ranks)."""
     f = cfg.finetune
-    out = run_dir(cfg)
-    lift = read_lift_run(lift_dir(cfg, f.lift_run))  # fails before the model is built
-    val_lift = read_lift_run(lift_dir(cfg, f.val_lift_run)) if f.val_lift_run else None
+    out = run_dir(cfg, "finetune")
+    lift = read_lift_run(run_dir(cfg, "lift", f.lift_run))  # fails before the model is built
+    val_lift = read_lift_run(run_dir(cfg, "lift", f.val_lift_run)) if f.val_lift_run else None
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)  # random-init backbones too
-    backbone = make_backbone(cfg)
+    backbone = build_backbone(cfg)
     for r in (lift, val_lift):
         if r is not None:
             r.check_width(backbone.embed_dim)
-    ckpt_path = out / "checkpoints" / "last.ckpt"
+    ckpt_path = finetune_checkpoint(out)
     if f.resume and not ckpt_path.is_file():
         raise UserError(f"finetune.resume=true but {ckpt_path} does not exist")
     resume = f.resume
-    if not f.resume and (out / "config.yaml").is_file():
-        saved = load_config([str(out / "config.yaml")])
-        if any(getattr(saved, k) != getattr(cfg, k) for k in ("scenes", "backbone", "finetune")):
-            raise UserError(
-                f"{out} holds a run with different settings; use another run.name or remove it"
-            )
-        if (out / "meta.json").is_file():
+    if not f.resume and check_settings(cfg, out, SETTINGS):
+        if (out / META_FILE).is_file():
             print(f"stage2_finetune: {out} is finished; skipped (another run.name trains again)")
-            return json.loads((out / "meta.json").read_text())
+            return read_meta(out / META_FILE)
         resume = ckpt_path.is_file()  # same settings, interrupted: carry on from the checkpoint
     data = FinetuneDataModule(
         lift,
-        lambda h, w: token_grid(backbone, h, w),
+        backbone.token_grid,
         batch_size=f.batch_size,
         num_workers=f.num_workers,
         cache_size=f.scene_cache,
@@ -173,7 +157,7 @@ def run(cfg: Config, callbacks: list[Callback] | None = None) -> dict[str, Any]:
     module = FinetuneModule(backbone, lr=f.lr, weight_decay=f.weight_decay)
     trainer = make_trainer(cfg, out, list(callbacks or []))
     if trainer.is_global_zero:
-        save_config(cfg, out / "config.yaml")
+        write_config(cfg, out)
     # mid-epoch resumption is exact (FinetuneDataModule.state_dict), unlike Lightning assumes
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
     start = time.perf_counter()
@@ -196,14 +180,13 @@ def _finish(
 ) -> dict[str, Any]:
     """Rank 0 after training: weights, before/after checks, pca.png, meta.json (last)."""
     tuned = module.backbone.eval()
-    info = tuned.weights_info
-    weights_file = out / "backbone.safetensors"
+    weights_file = out / BACKBONE_FILE
     write_safetensors(
         weights_file,
         tuned.model.state_dict(),
-        {"timm_name": tuned.timm_name, "base_sha256": info.sha256, "format": "timm"},
+        {"timm_name": tuned.timm_name, "base_sha256": tuned.weights_info.sha256, "format": "timm"},
     )
-    original = make_backbone(cfg).to(trainer.strategy.root_device).eval()
+    original = build_backbone(cfg).to(trainer.strategy.root_device).eval()
     models = {"original": original, "finetuned": tuned}
     val_set = data.val_dataset()
     l1 = heldout.dataset_l1(models, val_set)
@@ -212,10 +195,7 @@ def _finish(
     heldout.save_pca(out / "pca.png", original, tuned, val_set, cfg.finetune.pca_views)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     meta = {
-        "backbone": tuned.alias,
-        "timm_name": tuned.timm_name,
-        "embed_dim": tuned.embed_dim,
-        "base_weights": {"source": info.source, "path": info.path, "sha256": info.sha256},
+        **provenance(tuned, weights_key="base_weights"),  # tuned keeps its starting weights' info
         "weights_sha256": sha256_file(weights_file),
         "lift_run": str(lift.path),
         "val_lift_run": str(val_lift.path) if val_lift else "",
@@ -233,8 +213,7 @@ def _finish(
             "masked_l1": {"views": len(val_set), **l1},
             "correspondence_cosine": corr if corr is not None else f"skipped: {why or 'no depth'}",
         },
-        "git_commit": git_commit(),
         "config": to_dict(cfg),
     }
-    write_json(out / "meta.json", meta)
+    write_json(out / META_FILE, meta)
     return meta

@@ -48,7 +48,7 @@ def test_test_tiny() -> None:
     assert bb.quarter_blocks() == (0, 0, 1, 1)
     x = bb.preprocess(torch.rand(2, 3, 100, 150))
     assert x.shape == (2, 3, 98, 140)
-    maps = bb.features(x, bb.quarter_blocks(), norm=False)
+    maps = bb.features(x, bb.quarter_blocks()).blocks
     assert [tuple(m.shape) for m in maps] == [(2, 48, 7, 10)] * 4
     assert torch.equal(maps[0], maps[1]) and torch.equal(maps[2], maps[3])
     assert not torch.equal(maps[0], maps[2])
@@ -62,7 +62,7 @@ def test_features_match_hook_reference(hw: tuple[int, int], norm: bool) -> None:
     h, w = hw[0] // 14, hw[1] // 14
     with torch.no_grad():
         ref = _block_tokens(bb, x)
-        maps = bb.features(x, blocks=(1, 0, -1), norm=norm)
+        maps = bb.features(x, blocks=(1, 0, -1), norm=norm).blocks
     for m, i in zip(maps, (1, 0, 1), strict=True):
         tokens = bb.model.norm(ref[i]) if norm else ref[i]
         assert m.shape == (2, 48, h, w)
@@ -75,7 +75,8 @@ def test_forward_and_cls_token() -> None:
     x = torch.randn(3, 3, 42, 70)
     with torch.no_grad():
         ref = _block_tokens(bb, x)
-        fmap, cls, cls_raw = bb(x), bb.cls_token(x), bb.cls_token(x, norm=False)
+        cls_raw = bb.features(x, cls=True).cls
+        fmap, cls = bb(x), bb.model.norm(cls_raw)
     torch.testing.assert_close(fmap, _to_map(bb.model.norm(ref[-1]), 1, 3, 5))
     torch.testing.assert_close(cls, bb.model.norm(ref[-1])[:, 0])
     torch.testing.assert_close(cls_raw, ref[-1][:, 0])
@@ -89,7 +90,7 @@ def test_registers_are_dropped() -> None:
     x = torch.randn(1, 3, 56, 42)
     with torch.no_grad():
         ref = _block_tokens(bb, x)
-        fmap, cls = bb(x), bb.cls_token(x)
+        fmap, cls = bb(x), bb.model.norm(bb.features(x, cls=True).cls)
     assert fmap.shape == (1, 384, 4, 3)
     torch.testing.assert_close(fmap, _to_map(bb.model.norm(ref[-1]), 5, 4, 3))
     torch.testing.assert_close(cls, bb.model.norm(ref[-1])[:, 0])
@@ -105,7 +106,7 @@ def test_full_size_architectures(alias: str, dim: int, patch: int, quarters: tup
     x = bb.preprocess(torch.rand(1, 3, 3 * patch + 5, 2 * patch + 1))
     assert x.shape == (1, 3, 3 * patch, 2 * patch)
     with torch.no_grad():
-        assert [m.shape for m in bb.features(x, quarters)] == [(1, dim, 3, 2)] * 4
+        assert [m.shape for m in bb.features(x, quarters).blocks] == [(1, dim, 3, 2)] * 4
 
 
 def test_preprocess_normalises_and_keeps_the_whole_image() -> None:

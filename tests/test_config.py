@@ -5,7 +5,8 @@ import dataclasses
 import pytest
 import yaml
 
-from fit3d.config import CONFIG_DIR, Config, load_config, parse_cli, save_config
+from fit3d.cli import parse_cli
+from fit3d.config import CONFIG_DIR, Config, load_config, save_config
 from fit3d.errors import UserError, cli_entry
 
 

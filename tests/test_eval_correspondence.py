@@ -4,8 +4,9 @@ import math
 
 import torch
 
-from fit3d.eval.correspondence import covisibility, grid_pixels, pair_errors, select_pairs
+from fit3d.eval.correspondence import pair_errors
 from fit3d.eval.metrics import correspondence_recall
+from fit3d.geometry import covisibility, grid_pixels, select_pairs
 
 H, W, F = 224, 336, 300.0
 K = torch.tensor([[F, 0, W / 2], [0, F, H / 2], [0, 0, 1]])  # pixel centres at +0.5

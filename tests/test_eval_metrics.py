@@ -11,9 +11,9 @@ from fit3d.eval.metrics import (
     correspondence_recall,
     depth_metrics,
     normal_metrics,
-    rotation_angle,
     seg_metrics,
 )
+from fit3d.geometry import rotation_angle
 
 
 def test_seg_metrics_hand_computed():

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from fit3d.eval.report import markdown, pca_rgb, summarize, write_report
+from fit3d.eval.report import markdown, summarize, write_report
+from fit3d.viz import pca_rgb
 
 
 def _results():

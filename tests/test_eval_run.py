@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from fit3d.backbones import Backbone
+from fit3d.cli import parse_cli
 from fit3d.eval.__main__ import main
 from fit3d.eval.features import extract
 from fit3d.io import write_safetensors
+from fit3d.scenes import generate_demo_set
 
 TINY = [
     "--preset",
@@ -35,6 +37,7 @@ def demo_out(tmp_path_factory):
     """A run.out folder holding the tiny demo set (generated once for the module)."""
     out = tmp_path_factory.mktemp("eval_out")
     torch.set_num_threads(1)  # tiny tensors: thread hand-off costs more than it saves
+    generate_demo_set(parse_cli([*TINY, f"run.out={out}"], "test", ""))
     assert main([*TINY, f"run.out={out}", "eval.probes=[corr]", "eval.finetune_run="]) == 0
     return out
 
@@ -110,5 +113,5 @@ def test_extract_matches_backbone_accessors():
     x = bb.preprocess(images.permute(0, 3, 1, 2))
     with torch.no_grad():
         torch.testing.assert_close(out["norm"], bb(x))
-        torch.testing.assert_close(out["raw"], bb.features(x, norm=False)[0])
-        torch.testing.assert_close(out["cls"], bb.cls_token(x, norm=False))
+        torch.testing.assert_close(out["raw"], bb.features(x, blocks=(-1,)).blocks[0])
+        torch.testing.assert_close(out["cls"], bb.features(x, cls=True).cls)

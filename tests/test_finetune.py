@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from fit3d.backbones import Backbone
 from fit3d.config import load_config
 from fit3d.errors import UserError
-from fit3d.finetune_data import decode_to_tokens, mask_to_tokens, masked_l1, resample_taps
 from fit3d.gaussians import save_lifted_scene
+from fit3d.losses import masked_l1
 from fit3d.render import rasterization
 from fit3d.scenes.scannetpp import viewmat_to_nerfstudio
+from fit3d.targets import decode_to_tokens, mask_to_tokens, resample_taps
 from stage2_finetune.__main__ import main
 from stage2_finetune.data import (
     EpochSampler,
@@ -27,7 +28,7 @@ from stage2_finetune.data import (
     read_lift_run,
 )
 from stage2_finetune.heldout import _pair_cosines
-from stage2_finetune.train import run, token_grid
+from stage2_finetune.train import run
 
 W, H, FOCAL = 70, 56, 60.0
 TINY = dict(embed_dim=48, depth=2, num_heads=3, img_size=224)  # test_tiny's timm kwargs
@@ -330,7 +331,7 @@ def test_run_writes_outputs_loadable_by_timm_and_backbone(fake, tmp_path):
     for k, v in sd.items():
         assert torch.equal(plain.state_dict()[k], v) and torch.equal(ours.model.state_dict()[k], v)
     x = torch.rand(1, 3, H, W)
-    assert ours(ours.preprocess(x)).shape == (1, 48, *token_grid(ours, H, W))
+    assert ours(ours.preprocess(x)).shape == (1, 48, *ours.token_grid(H, W))
 
 
 def test_resume_from_checkpoint_equals_uninterrupted_run(fake):
@@ -384,11 +385,11 @@ def test_pair_cosines_follow_ground_truth_reprojection(fake):
         f = torch.stack([angle.cos(), angle.sin()])  # [2, w]
         return f[:, None, :].expand(2, h, w).contiguous()
 
-    cos = _pair_cosines(feats(0), feats(1), scene, 0, 1, depth, depth)
+    cos = _pair_cosines(feats(0), feats(1), H // h, scene, 0, 1, depth, depth)
     assert len(cos) > 0.5 * h * w
     # exact except the first column, whose reprojection lies left of every token centre in view 1
     assert cos.median() > 0.999 and (cos > 0.99).float().mean() > 0.85 and cos.min() > 0.95
-    wrong = _pair_cosines(feats(0), feats(3), scene, 0, 1, depth, depth)
+    wrong = _pair_cosines(feats(0), feats(3), H // h, scene, 0, 1, depth, depth)
     assert wrong.mean() < 0.9
 
 

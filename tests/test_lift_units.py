@@ -9,7 +9,6 @@ import pytest
 import torch
 from skimage.metrics import structural_similarity
 
-from fit3d.lift.losses import feature_cosine, masked_l1, psnr, rgb_loss, ssim_map, upsample
 from fit3d.lift.model import (
     activated,
     camera_centres,
@@ -19,6 +18,7 @@ from fit3d.lift.model import (
     render,
     scene_extent,
 )
+from fit3d.losses import feature_cosine, masked_l1, psnr, rgb_loss, ssim_map, upsample
 from stage1_lift.loop import view_for_step
 
 
@@ -150,7 +150,8 @@ def _scene_params(n: int = 200, d: int = 6) -> torch.nn.ParameterDict:
 
 @pytest.mark.parametrize("backend", ["torch", "torch-python"])
 def test_feature_loss_puts_zero_gradient_on_geometry(backend):
-    """Decoupling (REFERENCE.md section 1): features/decoder only; RGB still drives geometry."""
+    """Decoupling (docs/method.md, "Stage 1: lifting"): features/decoder only; RGB still drives
+    geometry."""
     params = _scene_params()
     K = torch.tensor([[40.0, 0, 24], [0, 40.0, 16], [0, 0, 1]])
     decoder = torch.nn.Conv2d(6, 10, 3, padding=1, bias=False)

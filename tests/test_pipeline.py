@@ -8,8 +8,9 @@ import pytest
 
 import stage1_lift.__main__ as lift_main
 import stage2_finetune.__main__ as finetune_main
+from fit3d.cli import parse_cli
 from fit3d.eval.__main__ import main as eval_main
-from fit3d.scenes.demo import main as demo_main
+from fit3d.scenes import generate_demo_set
 
 
 @pytest.mark.slow
@@ -33,7 +34,7 @@ def test_tiny_pipeline_end_to_end(tmp_path) -> None:
         "eval.max_views=4",
         "eval.pairs_per_scene=2",
     ]
-    assert demo_main(["--preset", "demo", *common]) == 0
+    generate_demo_set(parse_cli(["--preset", "demo", *common], "test", ""))
     assert lift_main.main(["--preset", "demo", *common]) == 0
     assert finetune_main.main(["--preset", "demo", *common]) == 0
     assert eval_main(["--preset", "demo", *common]) == 0

@@ -3,6 +3,7 @@ point colours, laziness, resolution, bad input, and resolve_scenes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -12,9 +13,9 @@ import pycolmap
 import pytest
 import torch
 
-from fit3d.config import ScenesConfig
+from fit3d.config import Config, RunConfig, ScenesConfig
 from fit3d.errors import UserError
-from fit3d.scenes import list_scenes, open_scene, resolve_scenes
+from fit3d.scenes import generate_demo_set, list_scenes, open_scene, resolve_scenes
 from fit3d.scenes import scannetpp as spp
 from fit3d.scenes.demo import build_room, camera_path, generate_demo
 
@@ -44,7 +45,7 @@ def scene_copy(root, tmp_path) -> Path:
 
 
 def _fit3d_recipe(c2w: np.ndarray) -> np.ndarray:
-    """REFERENCE.md section 5, step by step as FiT3D writes it."""
+    """docs/method.md, "ScanNet++ layout and poses", step by step as FiT3D writes it."""
     c2w = c2w.copy()
     c2w[2, :] *= -1
     c2w = c2w[[1, 0, 2, 3]]
@@ -159,7 +160,7 @@ def test_resolution_scales_images_and_intrinsics(root):
 
 
 def test_list_and_resolve_demo(tmp_path):
-    cfg = ScenesConfig(
+    scenes = ScenesConfig(
         root=str(tmp_path / "d"),
         demo_train=2,
         demo_val=1,
@@ -168,26 +169,33 @@ def test_list_and_resolve_demo(tmp_path):
         demo_height=16,
         resolution=0.5,
     )
-    root, ids, res = resolve_scenes(cfg, "unused", "train")
+    cfg = Config(scenes=scenes)
+    with pytest.raises(UserError, match="make scenes"):  # resolving is pure: nothing generated yet
+        resolve_scenes(cfg, "train")
+    assert not (tmp_path / "d").exists()
+    generate_demo_set(cfg)
+    root, ids, res = resolve_scenes(cfg, "train")
     assert ids == ["demo_000", "demo_001"] and res == 0.5
-    assert (
-        resolve_scenes(cfg, "unused", "val")[1] == ["demo_002"] == list_scenes(root, "nvs_sem_val")
-    )
+    assert resolve_scenes(cfg, "val")[1] == ["demo_002"] == list_scenes(root, "nvs_sem_val")
     assert list_scenes(root, "val") == ["demo_002"] and list_scenes(root, "train") == ids
-    cfg2 = ScenesConfig(
+    with pytest.raises(UserError, match="other settings"):  # a set made with other parameters
+        resolve_scenes(Config(scenes=dataclasses.replace(scenes, demo_views=4)), "train")
+    scenes2 = ScenesConfig(
         demo_train=1, demo_val=1, demo_views=2, demo_width=16, demo_height=16, max_scenes=1
     )
-    root2, ids2, _ = resolve_scenes(cfg2, tmp_path / "out", "train")
+    cfg2 = Config(scenes=scenes2, run=RunConfig(out=str(tmp_path / "out")))
+    generate_demo_set(cfg2)
+    root2, ids2, _ = resolve_scenes(cfg2, "train")
     assert root2 == tmp_path / "out/scenes/demo" and ids2 == ["demo_000"]
 
 
 def test_resolve_scannetpp_without_root(monkeypatch, tmp_path):
     monkeypatch.delenv("SCANNETPP_ROOT", raising=False)
     with pytest.raises(UserError, match="undistort"):
-        resolve_scenes(ScenesConfig(name="scannetpp"), tmp_path, "train")
+        resolve_scenes(Config(scenes=ScenesConfig(name="scannetpp")), "train")
     monkeypatch.setenv("SCANNETPP_ROOT", str(tmp_path / "missing"))
     with pytest.raises(UserError, match="missing"):
-        resolve_scenes(ScenesConfig(name="scannetpp"), tmp_path, "val")
+        resolve_scenes(Config(scenes=ScenesConfig(name="scannetpp")), "val")
 
 
 def _one_line(excinfo, needle: str) -> None:

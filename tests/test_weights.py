@@ -95,7 +95,7 @@ def test_backbone_matches_onnxruntime_native_grid(offline: Path, ort_final_norm)
     ref = ort_final_norm(x)  # [1, 1370, 384]
     with torch.no_grad():
         fmap = bb(x)  # [1, 384, 37, 37]
-        cls = bb.cls_token(x)  # [1, 384]
+        cls = bb.model.norm(bb.features(x, cls=True).cls)  # [1, 384] through the final norm
     patches = torch.from_numpy(ref[:, 1:]).reshape(1, 37, 37, 384).permute(0, 3, 1, 2)
     assert (fmap - patches).abs().max() < 1e-4
     assert (cls - torch.from_numpy(ref[:, 0])).abs().max() < 1e-4
@@ -115,7 +115,8 @@ def _crop_match_rate(bb: Backbone, block: int = 8) -> float:
     crop = img[..., top : top + ch, left : left + cw]
     crop = F.interpolate(crop, size=size, mode="bilinear", align_corners=False, antialias=True)
     with torch.no_grad():
-        fa, fb = bb.features(bb.preprocess(torch.cat([crop, full])), blocks=(block,), norm=False)[0]
+        x = bb.preprocess(torch.cat([crop, full]))
+        fa, fb = bb.features(x, blocks=(block,), final=False).blocks[0]
     fa = F.normalize(fa.flatten(1).T, dim=1)  # [gh*gw, C] crop patches
     fb = F.normalize(fb.flatten(1).T, dim=1)  # [gh*gw, C] full-image patches
     nn_idx = (fa @ fb.T).argmax(dim=1)

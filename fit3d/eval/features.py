@@ -4,10 +4,10 @@ Per (backbone, scene) one safetensors file under `<eval run>/features/<tag>/<sce
 holds, for the scene's chosen views, fp16:
 - `norm [V, C, h, w]`: last block after the final norm, patch tokens (segmentation probe and
   correspondence; the FiT3D teacher/student output),
-- `raw [V, C, h, w]`: last block before the final norm (depth and normals probes, REFERENCE.md
-  section 3),
+- `raw [V, C, h, w]`: last block before the final norm (depth and normals probes; docs/method.md,
+  "Evaluation: linear probes (FiT3D)"),
 - `cls [V, C]`: the CLS token before the final norm (mean patch token for models without one).
-All three come from one `forward_intermediates` pass of the backbone's timm model. A cached file
+All three come from one pass of the backbone (`Backbone.features`). A cached file
 is reused only if its metadata (weights sha256, model, views, resolution) match; random-init
 backbones (no sha256) are never cached.
 Feature sets are channel concatenations of these per-backbone tensors (`FEATURE_SETS`).
@@ -37,21 +37,10 @@ FEATURE_SETS: dict[str, tuple[str, ...]] = {
 @torch.no_grad()
 def extract(backbone, images: Tensor) -> dict[str, Tensor]:
     """images [B, H, W, 3] in [0, 1] -> {"norm", "raw": [B, C, h, w], "cls": [B, C]} float32."""
-    x = backbone.preprocess(images.permute(0, 3, 1, 2))
-    model = backbone.model
-    out = model.forward_intermediates(
-        x, indices=[len(model.blocks) - 1], return_prefix_tokens=True, output_dict=True
+    out = backbone.features(
+        backbone.preprocess(images.permute(0, 3, 1, 2)), blocks=(-1,), final=True, cls=True
     )
-    raw = out["image_intermediates"][0]  # [B, C, h, w]
-    b, c, h, w = raw.shape
-    npt = model.num_prefix_tokens
-    tokens = out["image_features"][:, npt:]  # [B, h*w, C]
-    norm = tokens.reshape(b, h, w, c).permute(0, 3, 1, 2)
-    if npt > 0 and getattr(model, "cls_token", None) is not None:
-        cls = out["image_intermediates_prefix"][0][:, 0]
-    else:
-        cls = raw.mean((2, 3))
-    return {"norm": norm.contiguous(), "raw": raw.contiguous(), "cls": cls.contiguous()}
+    return {"norm": out.final, "raw": out.blocks[0].contiguous(), "cls": out.cls.contiguous()}
 
 
 def scene_features(

@@ -1,4 +1,4 @@
-"""Pure metric functions for the probes (REFERENCE.md sections 3-4).
+"""Pure metric functions for the probes (docs/method.md, "Evaluation").
 
 Conventions follow the evaluation code the papers used:
 - segmentation (mmseg): one confusion matrix accumulated over the whole test set; per-class IoU and
@@ -16,9 +16,9 @@ import math
 import torch
 from torch import Tensor
 
+from fit3d.geometry import ROTATION_BINS
+
 IGNORE_INDEX = 255
-ROTATION_BINS = ((0.0, 15.0), (15.0, 30.0), (30.0, 60.0), (60.0, 180.0))
-"""Relative-rotation bins (degrees) for correspondence recall@10px."""
 
 
 def confusion_matrix(
@@ -99,12 +99,6 @@ def normal_metrics(pred: Tensor, gt: Tensor, valid: Tensor | None = None) -> dic
     if not per_image[0]:
         return dict.fromkeys(keys, math.nan)
     return {k: float(torch.stack(v).mean()) for k, v in zip(keys, per_image, strict=True)}
-
-
-def rotation_angle(rel: Tensor) -> Tensor:
-    """Rotation angle in degrees of rotation matrices [..., 3, 3]."""
-    tr = rel[..., 0, 0] + rel[..., 1, 1] + rel[..., 2, 2]
-    return torch.rad2deg(torch.acos(((tr - 1) / 2).clamp(-1.0, 1.0)))
 
 
 def correspondence_recall(

@@ -16,14 +16,11 @@ import statistics
 from pathlib import Path
 
 import matplotlib
+from matplotlib.figure import Figure
+from torch import Tensor
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from fit3d.io import atomic_path, write_json  # noqa: E402
+from fit3d.io import atomic_path, write_json
+from fit3d.viz import pca_rgb, save_figure
 
 METRICS: dict[str, tuple[str, bool, float]] = {
     "eval/seg/miou": ("mIoU %", True, 100.0),
@@ -151,8 +148,9 @@ def bar_chart(path: Path, results: dict) -> None:
         return
     cols = min(4, len(keys))
     rows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
-    colors = plt.get_cmap("tab10").colors
+    fig = Figure(figsize=(3.2 * cols, 2.6 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    colors = matplotlib.colormaps["tab10"].colors
     for ax, key in zip(axes.flat, keys, strict=False):
         label, higher, scale = METRICS[key]
         vals = [metrics.get(s, {}).get(key, {"mean": math.nan, "std": 0.0}) for s in sets]
@@ -172,38 +170,15 @@ def bar_chart(path: Path, results: dict) -> None:
     for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-
-
-def pca_rgb(maps: list[Tensor]) -> list[Tensor]:
-    """Feature maps [C, h, w] -> RGB maps [h, w, 3] in [0, 1] through one shared 3-component PCA.
-
-    The basis and the colour range (1st-99th percentile per component) are fitted on the tokens of
-    all maps together, so colours are comparable across views.
-    """
-    tokens = torch.cat([m.float().flatten(1).T for m in maps])  # [N, C]
-    mean = tokens.mean(0)
-    _, _, v = torch.pca_lowrank(tokens - mean, q=min(3, tokens.shape[1]), center=False)
-    proj = (tokens - mean) @ v  # [N, 3]
-    if proj.shape[1] < 3:
-        proj = F.pad(proj, (0, 3 - proj.shape[1]))
-    lo, hi = torch.quantile(proj, 0.01, dim=0), torch.quantile(proj, 0.99, dim=0)
-    rgb = ((proj - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
-    out, start = [], 0
-    for m in maps:
-        n = m.shape[1] * m.shape[2]
-        out.append(rgb[start : start + n].reshape(m.shape[1], m.shape[2], 3))
-        start += n
-    return out
+    save_figure(fig, path, dpi=110)
 
 
 def pca_panel(path: Path, images: list[Tensor], maps: dict[str, list[Tensor]]) -> None:
     """pca.png: columns = held-out views, rows = the image then each feature set's PCA colours."""
     rows = 1 + len(maps)
     cols = len(images)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 1.9 * rows), squeeze=False)
+    fig = Figure(figsize=(2.6 * cols, 1.9 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for c, img in enumerate(images):
         axes[0, c].imshow(img.numpy())
     for r, (name, feats) in enumerate(maps.items(), start=1):
@@ -215,9 +190,7 @@ def pca_panel(path: Path, images: list[Tensor], maps: dict[str, list[Tensor]]) -
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def _json_safe(obj):

@@ -15,16 +15,11 @@ import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
+from fit3d.geometry import camera_centres
 from fit3d.render import rasterization, spherical_harmonics
 
 SH_C0 = 0.28209479177387814
 """Zeroth-order real SH basis constant: colour = SH_C0 * dc + 0.5."""
-
-
-def camera_centres(viewmats: torch.Tensor) -> torch.Tensor:
-    """World-space camera centres [C,3] of world-to-camera matrices [C,4,4]."""
-    rot, t = viewmats[:, :3, :3], viewmats[:, :3, 3]
-    return -(rot.transpose(1, 2) @ t[..., None])[..., 0]
 
 
 def scene_extent(viewmats: torch.Tensor) -> float:
@@ -76,7 +71,8 @@ def init_params(
     sh_degree: int,
     init_opacity: float,
 ) -> torch.nn.ParameterDict:
-    """Gaussians at points xyz [N,3] with colours rgb [N,3] in [0,1] (REFERENCE.md section 1).
+    """Gaussians at points xyz [N,3] with colours rgb [N,3] in [0,1] (docs/method.md, "Stage 1:
+    lifting").
 
     Identity rotations, log-scales from 3-NN distances, opacity logit(init_opacity), SH DC from the
     colour with higher orders 0, features 0.
@@ -156,7 +152,8 @@ def render(
     """Render one view in one pass: RGB from SH colours and the D feature channels.
 
     Only the RGB channels send gradient to geometry (`geometry_grad_channels=3`), so the feature
-    loss reaches features and decoder only (REFERENCE.md section 1). Uncovered pixels are 0.
+    loss reaches features and decoder only (docs/method.md, "Stage 1: lifting"). Uncovered
+    pixels are 0.
     Returns rgb [H,W,3], features [D,H,W], alpha [H,W,1], info.
     """
     means = params["means"]

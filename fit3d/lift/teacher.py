@@ -1,7 +1,7 @@
 """Teacher features for stage 1, computed once per view and cached in half precision.
 
 FiT3D re-runs the frozen teacher every step; the teacher is deterministic, so one forward per view
-gives the same targets for a fraction of the cost (REFERENCE.md section 1).
+gives the same targets for a fraction of the cost (docs/method.md, "Stage 1: lifting").
 """
 
 from __future__ import annotations

@@ -1,11 +1,14 @@
 """Scenes: posed views with lazy images, sparse points and optional ground truth.
 
 One reader (`open_scene`) serves ScanNet++ DSLR data and the generated demo rooms, which are
-written in the same layout (see `fit3d.scenes.scannetpp` and `fit3d.scenes.demo`).
+written in the same layout (see `fit3d.scenes.scannetpp` and `fit3d.scenes.demo`). Resolving the
+scenes of a config is pure: the demo set is generated only when asked for (`generate_demo_set`,
+`python -m fit3d.scenes.demo`, `make scenes`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,45 +17,60 @@ from fit3d.errors import UserError
 from fit3d.scenes.scannetpp import GET_SCANNETPP, Scene, list_scenes, open_scene
 
 if TYPE_CHECKING:
-    from fit3d.config import ScenesConfig
+    from fit3d.config import Config
 
-__all__ = ["Scene", "open_scene", "list_scenes", "resolve_scenes", "generate_demo"]
+__all__ = ["Scene", "open_scene", "list_scenes", "resolve_scenes", "generate_demo_set"]
 
-
-def generate_demo(out: str | Path, seed: int = 0, **kwargs) -> Path:
-    """Generate (or reuse) the demo scene set under `out`; see `fit3d.scenes.demo`."""
-    from fit3d.scenes.demo import generate_demo as _generate
-
-    return _generate(out, seed=seed, **kwargs)
+SPLITS = ("train", "val")
+"""Split names of a config: `train` -> `scenes.train_split`, `val` -> `scenes.val_split`."""
 
 
-def demo_root(cfg: ScenesConfig, out_root: str | Path) -> Path:
-    """Where the demo set of `cfg` lives: `cfg.root`, else `<out_root>/scenes/demo`."""
-    return Path(cfg.root) if cfg.root else Path(out_root) / "scenes" / "demo"
+def _demo_kwargs(cfg: Config) -> dict:
+    """`generate_demo` keyword arguments of the config's demo set."""
+    sc = cfg.scenes
+    return {
+        "seed": sc.demo_seed,
+        "n_train": sc.demo_train,
+        "n_val": sc.demo_val,
+        "n_views": sc.demo_views,
+        "width": sc.demo_width,
+        "height": sc.demo_height,
+    }
 
 
-def resolve_scenes(
-    cfg: ScenesConfig, out_root: str | Path, split: str
-) -> tuple[Path, list[str], float]:
-    """(root, scene ids, resolution) of `split` ("train" or "val") for a scenes config.
+def generate_demo_set(cfg: Config, verbose: bool = False) -> Path:
+    """Generate (or reuse, when its parameters match) the config's demo set; returns its root."""
+    from fit3d.runs import demo_scenes_dir
+    from fit3d.scenes.demo import generate_demo
 
-    `name=demo` generates the demo set on first use (cached); `name=scannetpp` reads `cfg.root`
-    or $SCANNETPP_ROOT.
-    """
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    if cfg.name == "demo":
-        root = generate_demo(
-            demo_root(cfg, out_root),
-            seed=cfg.demo_seed,
-            n_train=cfg.demo_train,
-            n_val=cfg.demo_val,
-            n_views=cfg.demo_views,
-            width=cfg.demo_width,
-            height=cfg.demo_height,
-        )
-    elif cfg.name == "scannetpp":
-        root_str = cfg.root or os.environ.get("SCANNETPP_ROOT", "")
+    return generate_demo(demo_scenes_dir(cfg), verbose=verbose, **_demo_kwargs(cfg))
+
+
+def _check_demo_set(cfg: Config, root: Path) -> None:
+    """UserError unless `root` holds the demo set the config describes (its `demo.json` marker)."""
+    from fit3d.scenes.demo import GENERATOR_VERSION
+
+    want = {"version": GENERATOR_VERSION, **_demo_kwargs(cfg)}
+    make = "run `make scenes` (or `python -m fit3d.scenes.demo` with the same settings)"
+    try:
+        have = json.loads((root / "demo.json").read_text()).get("params")
+    except (OSError, ValueError, AttributeError):
+        raise UserError(f"no demo scenes in {root}: {make}") from None
+    if have != want:
+        raise UserError(f"the demo scenes in {root} were made with other settings ({have}): {make}")
+
+
+def scenes_root(cfg: Config) -> Path:
+    """The dataset root of `cfg.scenes` (checked: it exists and holds the expected layout)."""
+    from fit3d.runs import demo_scenes_dir
+
+    sc = cfg.scenes
+    if sc.name == "demo":
+        root = demo_scenes_dir(cfg)
+        _check_demo_set(cfg, root)
+        return root
+    if sc.name == "scannetpp":
+        root_str = sc.root or os.environ.get("SCANNETPP_ROOT", "")
         if not root_str:
             raise UserError(
                 f"no ScanNet++ root (scenes.root and SCANNETPP_ROOT empty): {GET_SCANNETPP}"
@@ -60,11 +78,22 @@ def resolve_scenes(
         root = Path(root_str)
         if not (root / "data").is_dir():
             raise UserError(f"ScanNet++ root {root} has no data/ folder: {GET_SCANNETPP}")
-    else:
-        raise UserError(f"unknown scenes.name '{cfg.name}' (known: demo, scannetpp)")
-    ids = list_scenes(root, cfg.train_split if split == "train" else cfg.val_split)
-    if cfg.max_scenes > 0:
-        ids = ids[: cfg.max_scenes]
+        return root
+    raise UserError(f"unknown scenes.name '{sc.name}' (known: demo, scannetpp)")
+
+
+def resolve_scenes(cfg: Config, split: str) -> tuple[Path, list[str], float]:
+    """(root, scene ids, resolution) of `split` ("train" or "val") of a config's scene set.
+
+    Pure: reads the split file; the demo set must have been generated (`generate_demo_set`).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    root = scenes_root(cfg)
+    sc = cfg.scenes
+    ids = list_scenes(root, sc.train_split if split == "train" else sc.val_split)
+    if sc.max_scenes > 0:
+        ids = ids[: sc.max_scenes]
     if not ids:
         raise UserError(f"split '{split}' of {root} lists no scenes")
-    return root, ids, cfg.resolution
+    return root, ids, sc.resolution

@@ -1156,23 +1156,12 @@ def _generate(out: Path, params: dict, workers: int, verbose: bool) -> None:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     """Generate the demo scenes of a config (default preset: demo)."""
-    from fit3d.config import parse_cli
-    from fit3d.scenes import demo_root
+    from fit3d.cli import parse_cli
+    from fit3d.scenes import generate_demo_set
 
     cfg = parse_cli(argv, "python -m fit3d.scenes.demo", "Generate the embedded demo scenes.")
-    sc = cfg.scenes
-    root = demo_root(sc, cfg.run.out)
     t0 = time.perf_counter()
-    generate_demo(
-        root,
-        seed=sc.demo_seed,
-        n_train=sc.demo_train,
-        n_val=sc.demo_val,
-        n_views=sc.demo_views,
-        width=sc.demo_width,
-        height=sc.demo_height,
-        verbose=True,
-    )
+    root = generate_demo_set(cfg, verbose=True)
     print(f"demo scenes ready in {root} ({time.perf_counter() - t0:.1f} s)")
     return 0
 

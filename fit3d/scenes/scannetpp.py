@@ -14,7 +14,8 @@ Layout (official toolkit, after its undistort step)::
 
 Poses: nerfstudio `transform_matrix` is camera-to-world with OpenGL camera axes in a world frame
 whose axes are permuted relative to COLMAP's. `nerfstudio_to_viewmat` turns it into an OpenCV
-world-to-camera matrix in the COLMAP frame of `points3D.txt` (REFERENCE.md section 5).
+world-to-camera matrix in the COLMAP frame of `points3D.txt` (docs/method.md, "ScanNet++ layout
+and poses").
 """
 
 from __future__ import annotations

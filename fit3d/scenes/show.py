@@ -2,27 +2,29 @@
 sparse points and the camera path.
 
 Run: `python -m fit3d.scenes.show SCENE_ID [--root ROOT] [--views 4] [--out PNG]`; without
-`--root` the demo set (generated on first use) is used.
+`--root` the demo set (`make scenes`) is used.
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 
 from fit3d.errors import cli_entry
+from fit3d.geometry import camera_centres
 from fit3d.scenes.scannetpp import Scene, open_scene
+from fit3d.viz import save_figure
 
 
 def _top_down(scene: Scene) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """2D map coordinates in the plane orthogonal to the average camera up vector: camera
     centres [N, 2], forward directions [N, 2], points [P, 2] and point colours [P, 3]."""
     viewmats, _ = scene.cameras()
-    R, t = viewmats[:, :3, :3].double(), viewmats[:, :3, 3].double()
-    centres = -(R.transpose(1, 2) @ t[..., None])[..., 0]  # [N, 3]
+    R = viewmats[:, :3, :3].double()
+    centres = camera_centres(viewmats.double())  # [N, 3]
     forward = R[:, 2, :]  # camera z axis in world
     up = -R[:, 1, :].mean(0)  # cameras' -y axes point up on average
     up = up / up.norm()
@@ -38,13 +40,8 @@ def _top_down(scene: Scene) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
 
 def show_scene(scene: Scene, out: Path, n_views: int = 4) -> Path:
     """Write the mosaic PNG for `scene` to `out`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     idx = np.linspace(0, len(scene) - 1, min(n_views, len(scene))).round().astype(int)
-    fig = plt.figure(figsize=(4 * 2.6 + 4.5, len(idx) * 1.9 + 0.4), dpi=100)
+    fig = Figure(figsize=(4 * 2.6 + 4.5, len(idx) * 1.9 + 0.4), dpi=100)
     grid = fig.add_gridspec(len(idx), 5, width_ratios=[1, 1, 1, 1, 1.7])
     n_cls = max(len(scene.classes or []), 20)
     for row, i in enumerate(idx):
@@ -78,30 +75,21 @@ def show_scene(scene: Scene, out: Path, n_views: int = 4) -> Path:
     ax.set_title(f"{scene.scene_id}: top-down, {len(scene)} views (red = test)", fontsize=8)
     ax.tick_params(labelsize=6)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
+    save_figure(fig, out)
     return out
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fit3d.scenes.show", description=__doc__)
-    parser.add_argument("scene", help="scene id, e.g. demo_000")
-    parser.add_argument("--root", default="", help="dataset root (default: the demo set)")
-    parser.add_argument("--views", type=int, default=4, help="number of views shown")
-    parser.add_argument("--resolution", type=float, default=1.0, help="image scale factor")
-    parser.add_argument("--out", default="", help="output PNG (default outputs/scenes/show/)")
-    args = parser.parse_args(argv)
-    root = args.root
-    if not root:
-        from fit3d.config import load_config
-        from fit3d.scenes import resolve_scenes
+    from fit3d.cli import show_args
+    from fit3d.config import load_config
+    from fit3d.runs import scenes_picture
+    from fit3d.scenes import scenes_root
 
-        cfg = load_config(["demo"])
-        root = resolve_scenes(cfg.scenes, cfg.run.out, "train")[0]
+    args = show_args(argv, __doc__)
+    root = args.root or scenes_root(load_config(["demo"]))
     scene = open_scene(root, args.scene, args.resolution)
-    out = Path(args.out or f"outputs/scenes/show/{args.scene}.png")
+    out = Path(args.out) if args.out else scenes_picture(args.scene)
     print(show_scene(scene, out, args.views))
     return 0
 

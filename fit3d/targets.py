@@ -1,9 +1,9 @@
 """Stage-2 targets: decoded features rendered from a lifted scene, at the backbone's token grid.
 
-REFERENCE.md section 2: render the scene's D-channel features for a view (no grad), decode them
-with the scene's `Conv2d(D, C, 3, padding=1)` at image resolution, then bilinearly downsample
-(align_corners=False, no antialias) to the h x w token grid; the anonymisation mask is resized the
-same way (a soft mask, as FiT3D does) and weights a masked L1.
+docs/method.md, "Stage 2: fine-tuning": render the scene's D-channel features for a view (no grad),
+decode them with the scene's `Conv2d(D, C, 3, padding=1)` at image resolution, then bilinearly
+downsample (align_corners=False, no antialias) to the h x w token grid; the anonymisation mask is
+resized the same way (a soft mask, as FiT3D does) and weights `fit3d.losses.masked_l1`.
 
 Downsampling without antialias reads only 2 x 2 pixels per token, so `decode_to_tokens` evaluates
 `downsample(conv(render))` exactly without running the convolution over the whole image: per
@@ -72,15 +72,6 @@ def mask_to_tokens(mask: Tensor, grid: tuple[int, int]) -> Tensor:
     """Valid-pixel mask [B, H, W] (bool or float) -> soft mask [B, h, w] in [0, 1], bilinear."""
     m = mask.float()[:, None]  # [B, 1, H, W]
     return F.interpolate(m, size=grid, mode="bilinear", align_corners=False, antialias=False)[:, 0]
-
-
-def masked_l1(out: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-    """FiT3D's loss `sum(|out - target| * m) / (sum(m) * C)`.
-
-    out, target: [B, C, h, w]; mask: [B, h, w] weights in [0, 1]. Returns a scalar.
-    """
-    m = mask[:, None].to(out.dtype)  # [B, 1, h, w]
-    return ((out - target).abs() * m).sum() / (m.sum() * out.shape[1]).clamp_min(1e-12)
 
 
 @torch.no_grad()

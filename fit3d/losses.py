@@ -1,4 +1,7 @@
-"""Stage-1 losses and held-out metrics, all honouring a validity mask (True = pixel counts).
+"""Losses and image metrics, all honouring a validity mask (True / weight 1 = pixel counts).
+
+`masked_l1` is the one feature/colour L1 of both stages (FiT3D's stage-2 loss; stage 1's colour
+and feature terms); the rest are stage 1's RGB loss and held-out metrics.
 
 SSIM is torchmetrics' (11x11 Gaussian window, sigma 1.5, data range 1, reflect padding), taken as
 a per-pixel map so masked pixels can be left out of its mean.
@@ -19,9 +22,17 @@ def _weights(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 
 def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean |pred - target| over valid pixels and all channels; pred/target [C,H,W]."""
-    w = _weights(mask, pred)  # [H, W]
-    return ((pred - target).abs() * w).sum() / (w.sum().clamp_min(1.0) * pred.shape[0])
+    """`sum(|pred - target| * m) / (sum(m) * C)`: mean absolute error over valid pixels and all
+    channels (docs/method.md, "Stage 2: fine-tuning").
+
+    pred, target: [..., C, H, W] (e.g. [C, H, W] in stage 1, [B, C, h, w] in stage 2); mask:
+    [..., H, W] bool or soft weights in [0, 1] (stage 2 resizes the pixel mask to the token grid),
+    or None = every pixel. An empty mask gives 0.
+    """
+    if mask is None:
+        mask = torch.ones(pred.shape[:-3] + pred.shape[-2:], device=pred.device)
+    m = mask.to(device=pred.device, dtype=pred.dtype).unsqueeze(-3)  # [..., 1, H, W]
+    return ((pred - target).abs() * m).sum() / (m.sum() * pred.shape[-3]).clamp_min(1e-12)
 
 
 def ssim_map(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
