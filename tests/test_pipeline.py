@@ -9,7 +9,7 @@ import pytest
 import stage1_lift.__main__ as lift_main
 import stage2_finetune.__main__ as finetune_main
 from fit3d.eval.__main__ import main as eval_main
-from fit3d.scenes.demo import main as demo_main
+from fit3d.scenes.demo.__main__ import main as demo_main
 
 
 @pytest.mark.slow
