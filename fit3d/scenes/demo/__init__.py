@@ -3,9 +3,10 @@
 Each room (`layout`) is an axis-aligned shell furnished with analytic solids in 17 classes
 (`CLASSES`), textured from scikit-image's photographs (`materials`), filmed along a hand-held-like
 loop (`camera`) by a vectorised ray caster that also gives exact depth, normals and labels
-(`raycast`), and written as a ScanNet++ scene (`write`). `generate_demo` makes a whole set:
+(`raycast`), and written as a ScanNet++ scene (`write`): its DSLR capture with exact ground truth
+and its scan, a triangle mesh with segment annotations (`mesh`). `generate_demo` makes a set:
 
-    <out>/data/demo_NNN/dslr/...       one folder per room (see `write`)
+    <out>/data/demo_NNN/{dslr,scans}/  one folder per room (see `write`)
     <out>/splits/nvs_sem_{train,val}.txt
     <out>/classes.json                 {"classes": CLASSES}
     <out>/demo.json                    the parameters; written last, so it marks a finished set
@@ -46,8 +47,9 @@ __all__ = [
     "render_view",
 ]
 
-GENERATOR_VERSION = 3
-"""Bump when the generator's output changes, so cached sets are regenerated."""
+GENERATOR_VERSION = 4
+"""Bump when the generator's output changes, so cached sets are regenerated (4: adds `scans/`;
+the views are byte-identical to 3's)."""
 
 
 def _room_job(job: tuple) -> float:

@@ -6,19 +6,35 @@ Under `<scene>/dslr/` (see `fit3d.scenes.scannetpp` for the layout and docs/meth
 applies unchanged), `train_test_lists.json` (every 8th view held out), a complete COLMAP text
 model whose sparse points are back-projected from the train views' exact depth (like SfM, on
 surfaces only), and the exact ground truth in `gt_{depth,normals,semantics,instances}/`.
+
+Under `<scene>/scans/`, the room as a laser scan in the release's formats, in the COLMAP world
+frame of the poses (as the release aligns its DSLR poses to its scans):
+
+- `mesh_aligned_0.05.ply`: binary little-endian PLY, vertices `float x, y, z` and
+  `uchar red, green, blue`, faces `list uchar int vertex_indices` (see `mesh` for the geometry).
+- `segments.json`: `{"sceneId", "segIndices"}` with one segment per vertex, `segIndices[v] = v`:
+  the current release annotates vertices directly and ships exactly this identity over-segmentation
+  (github.com/scannetpp/scannetpp issue 48), so readers that look vertices up through
+  `segIndices` and readers that take `segments` as vertex ids agree.
+- `segments_anno.json`: `{"sceneId": "scannetpp.<id>", "appId", "annId", "segGroups"}`, one group
+  per instance: `id` = `objectId` = the instance id of `gt_instances/`, `label` = its class name
+  in `CLASSES`, `segments` = its vertices, `obb` = its axis-aligned bounding box as `centroid`,
+  `axesLengths`, `normalizedAxes` (identity, row-major), `min`, `max`.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import cv2
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from fit3d.io import write_json
+from fit3d.io import atomic_path, write_json
 from fit3d.scenes.demo.camera import camera_path, demo_K
-from fit3d.scenes.demo.layout import build_room
+from fit3d.scenes.demo.layout import CLASSES, build_room
+from fit3d.scenes.demo.mesh import RoomMesh, room_mesh
 from fit3d.scenes.demo.raycast import RoomTensors, render_view
 from fit3d.scenes.scannetpp import (
     COLMAP_DIR,
@@ -31,6 +47,11 @@ from fit3d.scenes.scannetpp import (
     TRANSFORMS,
     viewmat_to_nerfstudio,
 )
+
+SCAN_DIR = "scans"
+MESH_FILE = "mesh_aligned_0.05.ply"
+SEGMENTS_FILE = "segments.json"
+ANNOTATION_FILE = "segments_anno.json"
 
 
 def write_colmap(dst: Path, names, viewmats, K, width, height, xyz, rgb) -> None:
@@ -67,7 +88,8 @@ def generate_room(
     test_every: int = 8,
     points_per_view: int = 600,
 ) -> None:
-    """Generate one room (all its random draws come from `seed`) under `scene_dir`."""
+    """Generate one room (all its random draws come from `seed`) under `scene_dir`: its DSLR
+    capture in `dslr/`, then its scan in `scans/`."""
     rng = np.random.default_rng(seed)
     K = demo_K(width, height)
     room = build_room(rng, footprint=1.8 / K[0, 0])  # pixel size at 1.8 m
@@ -138,3 +160,61 @@ def generate_room(
             "test": [names[i] for i in sorted(test)],
         },
     )
+    write_scan(scene_dir / SCAN_DIR, room_mesh(room, T), scene_dir.name)
+
+
+def write_ply(path: Path, vertices: np.ndarray, colors: np.ndarray, faces: np.ndarray) -> None:
+    """Binary little-endian PLY of a triangle mesh: vertices [V, 3], uint8 colors [V, 3],
+    faces [F, 3] (written atomically)."""
+    header = (
+        "ply\nformat binary_little_endian 1.0\n"
+        f"element vertex {len(vertices)}\n"
+        "property float x\nproperty float y\nproperty float z\n"
+        "property uchar red\nproperty uchar green\nproperty uchar blue\n"
+        f"element face {len(faces)}\n"
+        "property list uchar int vertex_indices\nend_header\n"
+    )
+    vert = np.empty(len(vertices), np.dtype([("xyz", "<f4", 3), ("rgb", "u1", 3)]))
+    vert["xyz"], vert["rgb"] = vertices, colors
+    face = np.empty(len(faces), np.dtype([("n", "u1"), ("idx", "<i4", 3)]))
+    face["n"], face["idx"] = 3, faces
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(header.encode("ascii") + vert.tobytes() + face.tobytes())
+
+
+def _write_compact_json(path: Path, obj) -> None:
+    with atomic_path(path) as tmp:  # one line, like the release (these lists are long)
+        tmp.write_text(json.dumps(obj))
+
+
+def write_scan(scan_dir: Path, mesh: RoomMesh, scene_id: str) -> None:
+    """The mesh, its per-vertex segments and their annotation (formats: module docstring)."""
+    order = np.argsort(mesh.inst, kind="stable")
+    ids, starts = np.unique(mesh.inst[order], return_index=True)
+    groups = []
+    for inst, vids in zip(ids.tolist(), np.split(order, starts[1:]), strict=True):
+        labels = np.unique(mesh.cls[vids])
+        if len(labels) != 1:  # the layout gives every instance one class
+            raise ValueError(f"instance {inst} has classes {labels.tolist()}")
+        xyz = mesh.vertices[vids].astype(np.float64)
+        lo, hi = xyz.min(0), xyz.max(0)
+        obb = {
+            "centroid": ((lo + hi) / 2).round(6).tolist(),
+            "axesLengths": (hi - lo).round(6).tolist(),
+            "normalizedAxes": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0],
+            "min": lo.round(6).tolist(),
+            "max": hi.round(6).tolist(),
+        }
+        label = CLASSES[int(labels[0])]
+        segs = np.sort(vids).tolist()
+        groups.append({"id": inst, "objectId": inst, "label": label, "segments": segs, "obb": obb})
+    write_ply(scan_dir / MESH_FILE, mesh.vertices, mesh.colors, mesh.faces)
+    segments = {"sceneId": scene_id, "segIndices": list(range(len(mesh.vertices)))}
+    _write_compact_json(scan_dir / SEGMENTS_FILE, segments)
+    anno = {
+        "sceneId": f"scannetpp.{scene_id}",
+        "appId": "fit3d.scenes.demo",
+        "annId": "generated",
+        "segGroups": groups,
+    }
+    _write_compact_json(scan_dir / ANNOTATION_FILE, anno)
