@@ -1,17 +1,17 @@
-"""Demo scene generator: ground truth checked against geometry (not against itself), capture
-path properties, determinism and caching."""
+"""Demo scene sets: the ray caster's ground truth checked against geometry (not against itself),
+textured images, determinism, caching, concurrent callers and the command line."""
 
 from __future__ import annotations
 
 import itertools
 import json
 
-import numpy as np
 import pytest
 import torch
 
 from fit3d.scenes import open_scene
-from fit3d.scenes.demo import CLASSES, build_room, camera_path, generate_demo
+from fit3d.scenes.demo import CLASSES, generate_demo
+from fit3d.scenes.demo.__main__ import main as demo_main
 
 W, H, N_VIEWS = 128, 96, 10
 
@@ -171,33 +171,6 @@ def test_room_shell_is_planar_across_views(scene):
         assert (n @ normal).abs().min() > 0.9999
 
 
-def test_camera_path_is_hand_held_like():
-    rng = np.random.default_rng(0)
-    room = build_room(rng)
-    vms = np.stack(camera_path(room, 40, rng))
-    R = vms[:, :3, :3]
-    centres = -np.einsum("nji,nj->ni", R, vms[:, :3, 3])
-    rel = np.einsum("aij,bkj->abik", R, R)
-    ang = np.degrees(np.arccos(np.clip((np.trace(rel, axis1=2, axis2=3) - 1) / 2, -1, 1)))
-    consecutive = np.array([ang[i, i + 1] for i in range(39)])
-    assert consecutive.max() < 35  # neighbours overlap
-    assert (ang[np.triu_indices(40, 1)] < 10).any() and (ang > 60).any()
-    assert np.ptp(centres[:, 2]) > 0.2  # height varies
-    pitch = np.degrees(np.arcsin(R[:, 2, 2]))  # camera z axis, world z component
-    assert np.ptp(pitch) > 10
-    half = room.size[:2] / 2
-    assert (np.abs(centres[:, :2]) < half - 0.9).all()  # inside the room, away from the walls
-
-
-def test_rooms_have_many_classes_and_differ():
-    rooms = [build_room(np.random.default_rng(s)) for s in range(3)]
-    for room in rooms:
-        classes = {p[-2] for p in room.boxes + room.cyls + room.spheres}
-        assert len(classes | {0, 1, 2}) >= 10
-    assert rooms[0].textures[0].shape == rooms[1].textures[0].shape
-    assert not np.allclose(rooms[0].textures[0], rooms[1].textures[0])
-
-
 def test_images_look_textured_and_rooms_differ(demo_root):
     a, b = open_scene(demo_root, "demo_000"), open_scene(demo_root, "demo_001")
     img_a, img_b = a.load_image(0), b.load_image(0)
@@ -260,3 +233,10 @@ def test_concurrent_callers_generate_once(tmp_path):
     assert roots == [tmp_path, tmp_path]
     assert json.loads((tmp_path / "demo.json").read_text())["scenes"] == ["demo_000", "demo_001"]
     assert len(open_scene(tmp_path, "demo_001")) == 2
+
+
+def test_command_line_rejects_bad_settings_in_one_line(tmp_path, capsys):
+    assert demo_main([f"run.out={tmp_path}", "scenes.demo_views=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: demo needs >= 2 views") and "\n" not in err
+    assert not (tmp_path / "scenes" / "demo").exists()  # nothing half-written

@@ -1,0 +1,147 @@
+"""Demo scenes: procedurally furnished rooms with exact ground truth, in the ScanNet++ layout.
+
+Each room (`layout`) is an axis-aligned shell furnished with analytic solids in 17 classes
+(`CLASSES`), textured from scikit-image's photographs (`materials`), filmed along a hand-held-like
+loop (`camera`) by a vectorised ray caster that also gives exact depth, normals and labels
+(`raycast`), and written as a ScanNet++ scene (`write`): its DSLR capture with exact ground truth
+and its scan, a triangle mesh with segment annotations (`mesh`). `generate_demo` makes a set:
+
+    <out>/data/demo_NNN/{dslr,scans}/  one folder per room (see `write`)
+    <out>/splits/nvs_sem_{train,val}.txt
+    <out>/classes.json                 {"classes": CLASSES}
+    <out>/demo.json                    the parameters; written last, so it marks a finished set
+
+A second call with the same parameters does nothing. Command line: `python -m fit3d.scenes.demo`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import multiprocessing
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+from fit3d.errors import UserError
+from fit3d.io import write_json
+from fit3d.scenes.demo.camera import camera_path
+from fit3d.scenes.demo.layout import CLASSES, Room, build_room
+from fit3d.scenes.demo.raycast import RoomTensors, render_view
+from fit3d.scenes.demo.write import generate_room
+
+__all__ = [
+    "CLASSES",
+    "GENERATOR_VERSION",
+    "Room",
+    "RoomTensors",
+    "build_room",
+    "camera_path",
+    "generate_demo",
+    "generate_room",
+    "render_view",
+]
+
+GENERATOR_VERSION = 4
+"""Bump when the generator's output changes, so cached sets are regenerated (4: adds `scans/`;
+the views are byte-identical to 3's)."""
+
+
+def _room_job(job: tuple) -> float:
+    """Generate one room with single-threaded torch; returns seconds taken."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t0 = time.perf_counter()
+        generate_room(*job)
+        return time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads)
+
+
+def generate_demo(
+    out: str | Path,
+    seed: int = 0,
+    n_train: int = 6,
+    n_val: int = 3,
+    n_views: int = 40,
+    width: int = 336,
+    height: int = 224,
+    workers: int = 0,
+    verbose: bool = False,
+) -> Path:
+    """Generate the demo set under `out` (cached: a matching `demo.json` marker -> no work).
+
+    Train rooms are listed in `splits/nvs_sem_train.txt`, held-out rooms in `nvs_sem_val.txt`.
+    Rooms are generated in `workers` processes (0 = one per CPU core), each single-threaded:
+    torch's thread pool spends most of its time waiting on these small per-tile operations.
+    Returns `out`.
+    """
+    out = Path(out)
+    params = {
+        "version": GENERATOR_VERSION,
+        "seed": seed,
+        "n_train": n_train,
+        "n_val": n_val,
+        "n_views": n_views,
+        "width": width,
+        "height": height,
+    }
+    if n_views < 2 or n_train + n_val < 1 or width < 8 or height < 8:
+        raise UserError(f"demo needs >= 2 views, >= 1 room and >= 8x8 pixels, got {params}")
+    marker = out / "demo.json"
+    if _cached(marker, params):
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".demo.lock", "w") as lock:  # concurrent callers (e.g. DDP ranks) wait here
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _cached(marker, params):
+            _generate(out, params, workers, verbose)
+    return out
+
+
+def _cached(marker: Path, params: dict) -> bool:
+    try:
+        return json.loads(marker.read_text()).get("params") == params
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def _generate(out: Path, params: dict, workers: int, verbose: bool) -> None:
+    """Generate every room (room i draws from seed 1000 * seed + i), then the set's files."""
+    seed, n_train, n_val = params["seed"], params["n_train"], params["n_val"]
+    n_views, width, height = params["n_views"], params["width"], params["height"]
+    marker = out / "demo.json"
+    marker.unlink(missing_ok=True)
+    start = time.perf_counter()
+    ids = [f"demo_{i:03d}" for i in range(n_train + n_val)]
+    for sid in ids:  # only our own folders: `out` may hold other data
+        shutil.rmtree(out / "data" / sid, ignore_errors=True)
+    jobs = [
+        (out / "data" / sid, seed * 1000 + i, n_views, width, height) for i, sid in enumerate(ids)
+    ]
+    if not workers:  # processes pay off only for real work (spawn costs seconds)
+        big = len(jobs) * n_views * width * height > 4_000_000
+        workers = (os.cpu_count() or 1) if big else 1
+    workers = min(len(jobs), workers)
+    with contextlib.ExitStack() as stack:
+        if workers > 1:
+            ctx = multiprocessing.get_context("spawn")
+            pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=ctx))
+            timings = pool.map(_room_job, jobs)
+        else:
+            timings = map(_room_job, jobs)
+        for sid, secs in zip(ids, timings, strict=True):  # lazy: one line as each room ends
+            if verbose:
+                print(f"{sid}: {n_views} views {width}x{height} in {secs:.1f} s", flush=True)
+    (out / "splits").mkdir(parents=True, exist_ok=True)
+    (out / "splits" / "nvs_sem_train.txt").write_text("".join(s + "\n" for s in ids[:n_train]))
+    (out / "splits" / "nvs_sem_val.txt").write_text("".join(s + "\n" for s in ids[n_train:]))
+    write_json(out / "classes.json", {"classes": CLASSES})
+    seconds = time.perf_counter() - start
+    write_json(marker, {"params": params, "scenes": ids, "seconds": round(seconds, 2)})
