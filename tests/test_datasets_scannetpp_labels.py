@@ -244,6 +244,10 @@ def test_render_matches_analytic_room(tmp_path):
         ang.append(np.degrees(np.arccos(cos))[inner])
         agree_sem.append((maps["semantics"] == cls)[inner])
         agree_inst.append((maps["instances"] == obj)[inner])
+        figures = spl.agreement(maps, depth, normals, cls, edges_of=obj)
+        assert figures["pixels"] == inner.sum()
+        assert figures["semantic_agreement"] == 1.0
+        assert figures["depth_rel_median"] == pytest.approx(np.median(rel[-1]), abs=1e-12)
     rel, ang = np.concatenate(rel), np.concatenate(ang)
     sem, inst = np.concatenate(agree_sem), np.concatenate(agree_inst)
     print(

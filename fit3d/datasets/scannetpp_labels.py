@@ -276,6 +276,44 @@ class Caster:
         }
 
 
+def interior(ids: np.ndarray) -> np.ndarray:
+    """[H, W] bool: pixels whose 3x3 neighbourhood holds one id (away from object edges)."""
+    h, w = ids.shape
+    pad = np.pad(ids, 1, mode="edge")
+    same = np.ones((h, w), bool)
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            same &= pad[dy : dy + h, dx : dx + w] == ids
+    return same
+
+
+def agreement(
+    maps: dict[str, np.ndarray],
+    depth: np.ndarray,
+    normals: np.ndarray,
+    semantics: np.ndarray,
+    edges_of: np.ndarray | None = None,
+) -> dict[str, float]:
+    """How well rendered `maps` match reference maps of the same view, away from object edges
+    (`edges_of`: the id map whose edges are excluded, default `semantics`) and where both have
+    depth: median relative depth error, fraction of equal semantic ids, median normal angle
+    (degrees), and the number of pixels compared."""
+    keep = interior(semantics if edges_of is None else edges_of)
+    keep &= (maps["depth"] > 0) & (depth > 0)
+    rel = np.abs(maps["depth"][keep] - depth[keep]) / depth[keep]
+    cos = np.clip((maps["normals"][keep] * normals[keep]).sum(-1), -1.0, 1.0)
+    return {
+        "depth_rel_median": float(np.median(rel)) if rel.size else float("nan"),
+        "semantic_agreement": float((maps["semantics"][keep] == semantics[keep]).mean())
+        if rel.size
+        else float("nan"),
+        "normals_median_deg": float(np.median(np.degrees(np.arccos(cos))))
+        if rel.size
+        else float("nan"),
+        "pixels": int(keep.sum()),
+    }
+
+
 # --------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------
