@@ -16,6 +16,7 @@ import torch
 from fit3d.datasets import open_dataset
 from fit3d.datasets import scannetpp_labels as spl
 from fit3d.datasets.scenes import SCANNETPP_CLASSES
+from fit3d.errors import UserError
 from fit3d.scenes.scannetpp import viewmat_to_nerfstudio
 
 W, H = 64, 48
@@ -292,6 +293,9 @@ def test_encode_round_trips_through_scene_reader(tmp_path):
     assert ds.tasks == {"seg", "depth", "normals", "corr"} and ds.classes == SCANNETPP_CLASSES
     inst = cv2.imread(str(scene_dir / "dslr" / "gt_instances" / "DSC00001.png"), -1)
     assert inst.dtype == np.uint16 and np.array_equal(inst, maps["instances"])
+    (scene_dir / "dslr" / "gt_normals" / "DSC00002.png").unlink()  # an unfinished labelling
+    with pytest.raises(UserError, match="DSC00002.png.*normals.*scannetpp_labels"):
+        ds[2]
 
 
 def test_cli_resumes_relabels_and_shards(tmp_path, monkeypatch, capsys):
@@ -332,5 +336,5 @@ def test_bad_roots_are_one_line(tmp_path, capsys):
 
 def test_scene_set_without_labels_names_the_command(tmp_path):
     root = write_root(tmp_path / "spp")
-    with pytest.raises(Exception, match="scannetpp_labels"):
+    with pytest.raises(UserError, match="gt_depth.*scannetpp_labels"):
         open_dataset("scannetpp", root, "train")

@@ -59,6 +59,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from fit3d.config import Config, parse_cli
@@ -240,34 +241,35 @@ class Caster:
         K [3, 3] has pixel centres at +0.5; viewmat [4, 4] is world-to-camera, OpenCV axes.
         """
         K = np.asarray(K, dtype=np.float64)
-        R, t = np.asarray(viewmat, dtype=np.float64)[:3, :3], np.asarray(viewmat)[:3, 3]
-        v, u = np.meshgrid(np.arange(height) + 0.5, np.arange(width) + 0.5, indexing="ij")
-        cam = np.stack(
-            [(u - K[0, 2]) / K[0, 0], (v - K[1, 2]) / K[1, 1], np.ones_like(u)], -1
-        ).reshape(-1, 3)  # [N, 3], z = 1: the ray parameter is the depth along the axis
-        dirs = cam @ R  # world directions, R^T d
-        centre = -R.T @ t
+        vm = np.asarray(viewmat, dtype=np.float64)
+        R, centre = vm[:3, :3], -vm[:3, :3].T @ vm[:3, 3]
+        x = (np.arange(width) + 0.5 - K[0, 2]) / K[0, 0]  # [W] camera ray at z = 1
+        y = (np.arange(height) + 0.5 - K[1, 2]) / K[1, 1]  # [H]
+        # world direction R^T (x, y, 1); its ray parameter is the depth along the optical axis
+        dirs = (y[:, None, None] * R[1] + x[None, :, None] * R[0] + R[2]).reshape(-1, 3)
         tri = self.first_hit(np.broadcast_to(centre, dirs.shape), dirs)
-        hit = tri >= 0
-        f = tri[hit]
+        idx = np.flatnonzero(tri >= 0)
+        f = tri[idx]
         n_w = self.scan.face_normals[f]  # [M, 3]
         p0 = self.scan.vertices[self.scan.faces[f, 0]]
-        denom = np.einsum("ij,ij->i", dirs[hit], n_w)
-        ok = np.abs(denom) > 1e-9 * np.linalg.norm(dirs[hit], axis=1)
-        depth_hit = np.zeros(len(f))
-        depth_hit[ok] = np.einsum("ij,ij->i", p0[ok] - centre, n_w[ok]) / denom[ok]
-        ok &= depth_hit > 0
-        n_c = n_w @ R.T  # camera frame
-        n_c *= np.where(np.einsum("ij,ij->i", n_c, cam[hit]) > 0, -1.0, 1.0)[:, None]
-        idx = np.flatnonzero(hit)[ok]
-        depth = np.zeros(len(dirs), np.float32)
-        normals = np.zeros((len(dirs), 3), np.float32)
-        sem = np.full(len(dirs), IGNORE, np.uint8)
-        inst = np.zeros(len(dirs), np.uint16)
-        depth[idx] = depth_hit[ok]
-        normals[idx] = n_c[ok]
-        sem[idx] = self.scan.face_semantic[f[ok]]
-        inst[idx] = self.scan.face_instance[f[ok]]
+        denom = (dirs[idx] * n_w).sum(1)
+        num = ((p0 - centre) * n_w).sum(1)
+        ok = np.abs(denom) > 1e-9
+        z = np.divide(num, denom, out=np.zeros_like(num), where=ok)
+        ok &= z > 0
+        idx, f, z, n_w = idx[ok], f[ok], z[ok], n_w[ok]
+        n_c = (torch.from_numpy(n_w) @ torch.from_numpy(R.T)).numpy()  # camera frame
+        facing = n_c[:, 0] * x[idx % width] + n_c[:, 1] * y[idx // width] + n_c[:, 2]
+        n_c *= np.where(facing > 0, -1.0, 1.0)[:, None]  # turn towards the camera
+        n = height * width
+        depth = np.zeros(n, np.float32)
+        normals = np.zeros((n, 3), np.float32)
+        sem = np.full(n, IGNORE, np.uint8)
+        inst = np.zeros(n, np.uint16)
+        depth[idx] = z
+        normals[idx] = n_c
+        sem[idx] = self.scan.face_semantic[f]
+        inst[idx] = self.scan.face_instance[f]
         return {
             "depth": depth.reshape(height, width),
             "normals": normals.reshape(height, width, 3),

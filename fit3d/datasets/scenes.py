@@ -167,12 +167,24 @@ class ScenesSet(EvalSet):
     def _load(self, i: int) -> Sample:
         si, vi = self._index[i]
         scene = self.scenes[si]
+        gt = {
+            task: getattr(scene, f"load_{kind}")(vi)
+            for task, kind in _GT_TASKS.items()
+            if task in self.tasks
+        }
+        for task, value in gt.items():
+            if value is None:  # e.g. an interrupted labelling run
+                path = scene.dslr_dir / GT_DIRS[_GT_TASKS[task]]
+                raise UserError(
+                    f"{path / (Path(scene.image_name(vi)).stem + '.png')}: expected the {task} "
+                    f"label of this view; finish `{LABEL_COMMAND}`"
+                )
         return Sample(
             key=f"{scene.scene_id}/{scene.image_name(vi)}",
             image=scene.load_image(vi),
-            seg=scene.load_semantics(vi) if "seg" in self.tasks else None,
-            depth=scene.load_depth(vi) if "depth" in self.tasks else None,
-            normals=scene.load_normals(vi) if "normals" in self.tasks else None,
+            seg=gt.get("seg"),
+            depth=gt.get("depth"),
+            normals=gt.get("normals"),
             eval_mask=scene.load_mask(vi),
             K=scene.K(vi),
             viewmat=scene.viewmat(vi),
