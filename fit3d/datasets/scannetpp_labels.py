@@ -20,6 +20,13 @@ is skipped, so a killed run resumes; every file is written atomically. Each scen
 run's (another class mapping), the scene is relabelled from scratch. Every scene of the shard is
 validated (mesh, segments, annotation, cameras) before the first ray is cast.
 
+`agreement(maps, depth, normals, semantics)` scores rendered maps against reference maps of the
+same view (median relative depth error, semantic agreement away from object edges, median normal
+angle): the check against rooms whose exact maps are known.
+
+Speed (1752x1168 views, 1.9M-face mesh, 2 cores): 1.8 CPU-s per view for casting + encoding
+(0.22 views/s wall measured on a machine shared 5x over; ~0.5-1 view/s expected idle).
+
 Ray casting: trimesh's Embree intersector (`embreex`, a 14 MB wheel; Open3D's RaycastingScene
 would do the same from a 400 MB wheel), falling back to trimesh's numpy intersector where Embree
 has no wheel.
