@@ -13,7 +13,8 @@ import torch
 from fit3d.datasets import open_dataset
 from fit3d.datasets.scenes import ScenesSet
 from fit3d.errors import UserError
-from fit3d.scenes import generate_demo, open_scene
+from fit3d.scenes import open_scene
+from fit3d.scenes.demo import generate_demo
 
 
 @pytest.fixture(scope="module")

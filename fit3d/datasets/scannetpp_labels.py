@@ -69,7 +69,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fit3d.config import Config, parse_cli
+from fit3d.cli import parse_cli
+from fit3d.config import Config
 from fit3d.datasets.base import IGNORE, missing
 from fit3d.datasets.scenes import SCANNETPP_CLASSES, scannetpp_root
 from fit3d.errors import UserError, cli_entry
