@@ -180,6 +180,17 @@ def test_viewer_colours_query_and_selected_view(wall, tmp_path):
         viewer.stop()
 
 
+def test_large_scene_is_subsampled_and_says_so(wall):
+    from fit3d.view.server import Viewer
+
+    viewer = Viewer(wall, port=free_port(), max_gaussians=1000)
+    try:
+        assert (viewer.shown, viewer.total, len(viewer.splats.centers)) == (1000, 3000, 1000)
+        assert "showing 1,000 of 3,000 Gaussians" in viewer.summary_text.content
+    finally:
+        viewer.stop()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(bool(browser_missing()), reason=browser_missing() or "browser available")
 def test_viewer_in_headless_chromium(wall):

@@ -8,6 +8,7 @@ networking, so nothing here reaches the internet. WebGL runs on SwiftShader (CPU
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
 import time
@@ -155,9 +156,16 @@ def wait_for_picture(page, min_std: float, timeout: float = 90.0) -> np.ndarray:
     return shot[0]
 
 
-def save_viewer_picture(viewer, path: str | Path, width: int = 1280, height: int = 800) -> Path:
+def save_viewer_picture(
+    viewer, path: str | Path, width: int = 1280, height: int = 800, out_width: int = 960
+) -> Path:
     """The README picture: open `viewer` in headless Chromium, select its first training view,
-    wait until the splats are drawn and save a full-page PNG (about 100-300 kB)."""
+    wait until the splats are drawn and save the page as a PNG `out_width` pixels wide with a
+    256-colour palette (about 200 kB)."""
+    from PIL import Image
+
+    from fit3d.io import atomic_path
+
     path = Path(path)
     with chromium_page(width, height) as (page, _):
         open_viewer(page, viewer.url)
@@ -166,8 +174,12 @@ def save_viewer_picture(viewer, path: str | Path, width: int = 1280, height: int
             viewer.select_view(0)
             page.wait_for_selector("img", timeout=60000)
             time.sleep(2.0)
-        from fit3d.io import atomic_path
-
-        with atomic_path(path) as tmp:
-            page.screenshot(path=str(tmp), type="png")
+        png = page.screenshot(type="png")
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    if image.width > out_width:
+        size = (out_width, round(image.height * out_width / image.width))
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    small = image.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    with atomic_path(path) as tmp:
+        small.save(tmp, format="PNG", optimize=True)
     return path

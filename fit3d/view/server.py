@@ -59,13 +59,21 @@ class Cameras:
     Ks: torch.Tensor  # [V, 3, 3]
 
 
-def open_cameras(meta: dict) -> tuple[Cameras | None, str]:
-    """The training cameras of the scene dataset named by a lift's meta.json, or (None, why)."""
+def open_cameras(meta: dict, scene_dir: Path) -> tuple[Cameras | None, str]:
+    """The training cameras of the scene dataset named by a lift's meta.json, or (None, why).
+
+    A relative `scenes_root` is relative to where stage 1 ran: the working directory, else the
+    folder holding `<run.out>` (three levels above `<run.out>/lift/<run>/<scene>`).
+    """
     from fit3d.scenes import open_scene
 
     root, sid = meta.get("scenes_root"), meta.get("scene_id")
     if not root or not sid:
         return None, "meta.json names no scenes_root/scene_id: no cameras shown"
+    parents = scene_dir.resolve().parents
+    if not Path(root).is_absolute() and not Path(root).is_dir() and len(parents) > 3:
+        if (parents[3] / root).is_dir():
+            root = parents[3] / root
     try:
         scene = open_scene(root, sid, float(meta.get("resolution", 1.0)))
     except UserError as e:
@@ -117,7 +125,7 @@ class Viewer:
         self.notes: list[str] = []
         self._prepare_gaussians(lifted, max_gaussians)
         del lifted
-        self.cameras, why = open_cameras(self.meta)
+        self.cameras, why = open_cameras(self.meta, scene_dir)
         if why:
             self.notes.append(why)
         self._backbones: dict[str, object] = {}
@@ -132,7 +140,8 @@ class Viewer:
 
     # --- data ------------------------------------------------------------------------------------
     def _prepare_gaussians(self, lifted: LiftedScene, max_gaussians: int) -> None:
-        """Subsample for display, then precompute geometry, RGB and PCA colours, feature index."""
+        """Subsample for display, then precompute geometry, RGB and PCA colours and the feature
+        index. Empties `lifted.gaussians` on the way, so a large scene is freed before the PCA."""
         g = lifted.gaussians
         self.total = len(g["means"])
         keep = data.display_subset(g["opacities"], g["scales"], max_gaussians)
@@ -141,11 +150,14 @@ class Viewer:
         self.means = g["means"][keep].contiguous()  # [M, 3]
         self.scales = g["scales"][keep].contiguous()  # [M, 3]
         self.opacities = g["opacities"][keep].contiguous()  # [M]
-        self.covariances = data.covariances(g["quats"][keep], self.scales).numpy()  # [M, 3, 3]
-        weight = lifted.decoder.weight.detach()  # [C, D, 3, 3]
+        quats = g["quats"][keep]  # [M, 4]
+        sh_dc = g["sh"][keep, :1]  # [M, 1, 3]
         features = g["features"][keep].contiguous()  # [M, D]
+        g.clear()  # the whole scene's tensors are not needed any more: free them before PCA
+        self.covariances = data.covariances(quats, self.scales).numpy()  # [M, 3, 3]
+        weight = lifted.decoder.weight.detach()  # [C, D, 3, 3]
         self.colours = {
-            COLOURINGS[0]: data.rgb_colours(g["sh"][keep]),
+            COLOURINGS[0]: data.rgb_colours(sh_dc),
             COLOURINGS[1]: data.pca_colours(features, weight),
         }
         self.index = data.FeatureIndex.build(features, weight)
@@ -184,6 +196,8 @@ class Viewer:
                 fov=data.vertical_fov(cams.Ks[k], h),
                 aspect=w / h,
                 scale=size,
+                thickness=1.5,
+                thickness_units="screen",
                 color=(40, 40, 200),
                 image=image,
                 wxyz=wxyz,
@@ -191,14 +205,14 @@ class Viewer:
             )
             frustum.on_click(lambda _event, k=k: self.select_view(k))
             self.frustums.append(frustum)
-        # Start a little behind and above the first training camera, looking where it looked,
-        # so its frustum and its neighbours' are in view.
+        # Start above the middle of the camera path, looking where the first camera looked, so
+        # the scene and the frustums are in view.
         _, pos = data.camera_pose(cams.viewmats[0])
         forward = torch.linalg.inv(cams.viewmats[0].double())[:3, 2].numpy()
         depth = float(np.median((self.means.numpy() - pos) @ forward)) if self.shown else 1.0
         up = data.up_direction(cams.viewmats)
         init = self.server.initial_camera
-        init.position = pos - forward * 4 * size + up * 2 * size
+        init.position = centres.mean(0).numpy() + up * 0.3 * spread - forward * 0.3 * spread
         init.look_at = pos + forward * max(depth, 0.1)
         init.up = up
         init.fov = data.vertical_fov(cams.Ks[0], cams.scene.height(cams.views[0]))
@@ -212,7 +226,7 @@ class Viewer:
     # --- GUI -------------------------------------------------------------------------------------
     def _add_gui(self) -> None:
         gui = self.server.gui
-        gui.add_markdown(f"**fit3d lifted scene** {self.summary}")
+        self.summary_text = gui.add_markdown(f"**fit3d lifted scene** {self.summary}")
         for note in self.notes:
             gui.add_markdown(f"_{note}_")
         self.colouring = gui.add_dropdown("Colour", COLOURINGS, initial_value=COLOURINGS[0])
@@ -236,9 +250,11 @@ class Viewer:
             self.view_choice.on_update(self._view_chosen)
             blank = np.full((2, 3, 3), 255, np.uint8)
             self.view_image = gui.add_image(blank, label="image", visible=False)
-            self.original_map = gui.add_image(blank, label="original PCA", visible=False)
+            self.original_map = gui.add_image(
+                blank, label="original PCA", format="png", visible=False
+            )
             label = "fine-tuned PCA (same basis)"
-            self.finetuned_map = gui.add_image(blank, label=label, visible=False)
+            self.finetuned_map = gui.add_image(blank, label=label, format="png", visible=False)
 
     def _view_chosen(self, _event) -> None:
         value = self.view_choice.value
