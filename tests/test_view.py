@@ -197,6 +197,7 @@ def test_viewer_in_headless_chromium(wall):
     """Serve the scene, open it in headless Chromium, check the picture is not blank and that
     switching to PCA colouring changes it; the server stops at the end."""
     from fit3d.view.browser import (
+        canvas_box,
         chromium_page,
         open_viewer,
         scene_pixels,
@@ -221,7 +222,23 @@ def test_viewer_in_headless_chromium(wall):
 
             assert wait_for(differs, timeout=60), "PCA colouring did not change the picture"
             assert changed[0].std() > 15.0
-            outside = [u for u in requests if not u.startswith((viewer.url, "blob:", "data:"))]
+            # Shift+click a point: that Gaussian becomes the query, on the ray through the pixel.
+            box = canvas_box(page)
+            u, v = 0.25 * box["width"], 0.5 * box["height"]
+            page.keyboard.down("Shift")
+            page.mouse.click(box["x"] + u, box["y"] + v)
+            page.keyboard.up("Shift")
+            assert wait_for(lambda: viewer.query_index is not None, timeout=30)
+            assert viewer.colouring.value == COLOURINGS[2]
+            cam = next(iter(viewer.server.get_clients().values())).camera
+            rot = Rotation.from_quat(np.r_[cam.wxyz[1:], cam.wxyz[0]]).as_matrix()  # OpenCV axes
+            t = math.tan(cam.fov / 2)
+            ray = rot @ np.array([(2 * u / box["width"] - 1) * t * cam.aspect, 0.0, 1.0])
+            ray /= np.linalg.norm(ray)
+            rel = viewer.means[viewer.query_index].numpy() - cam.position
+            off_ray = np.linalg.norm(rel - (rel @ ray) * ray)
+            assert off_ray <= 2 * float(viewer.scales[viewer.query_index].max()) + 0.02
+            outside = [r for r in requests if not r.startswith((viewer.url, "blob:", "data:"))]
             assert not outside, f"the viewer fetched {outside[:3]}"
     finally:
         viewer.stop()

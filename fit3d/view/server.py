@@ -296,7 +296,7 @@ class Viewer:
             return
         self.query_index = int(index)
         pos = self.means[self.query_index].numpy()
-        radius = max(float(self.scales[self.query_index].max()) * 2, 1e-3)
+        radius = max(float(self.scales[self.query_index].max()), 1e-3)
         self._query_marker = self.server.scene.add_icosphere(
             "/query", radius=radius, color=(255, 0, 255), position=pos
         )
