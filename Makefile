@@ -18,7 +18,7 @@ RUN_ENV := GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.tr
 STAGE_ARGS = --preset $(SCENES) backbone.name=$(BACKBONE) $(ARGS)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint format scenes lift finetune eval demo bench clean
+.PHONY: help setup test lint format scenes lift finetune eval demo view bench clean
 
 help: ## Show this help
 	@grep -hE '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
@@ -73,6 +73,14 @@ demo: setup ## Whole pipeline on the embedded demo scenes: scenes -> lift -> fin
 	@echo "[3/4] finetune" && $(RUN_ENV) $(PY) -m stage2_finetune --preset demo \
 	  backbone.name=$(BACKBONE) $(ARGS) finetune.val_lift_run=heldout
 	@echo "[4/4] eval" && $(RUN_ENV) $(PY) -m fit3d.eval --preset demo backbone.name=$(BACKBONE) $(ARGS)
+	@echo "report: outputs/eval/default/results.html (make view SCENE=demo_000 to look at a lifted room)"
+
+SCENE ?= demo_000
+RUN ?= default
+PORT ?= 8080
+view: setup ## 3D viewer of a lifted scene (+ fine-tuned feature maps once stage 2 ran): make view SCENE=demo_000
+	$(PY) -m fit3d.view outputs/lift/$(RUN)/$(SCENE) --port $(PORT) \
+	  $(if $(wildcard outputs/finetune/$(RUN)/backbone.safetensors),--finetune outputs/finetune/$(RUN))
 
 bench: setup ## Speed/memory benchmarks (renderer vs baseline, fine-tuning step overhead)
 	$(PY) benchmarks/raster.py
