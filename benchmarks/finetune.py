@@ -2,7 +2,7 @@
 
 Ours = what `python -m stage2_finetune` runs per step: sample 2 (scene, view) pairs, render their
 features from the frozen Gaussians, decode at the token grid, forward, masked L1, backward,
-gradient clipping, AdamW step. Bare = timm `forward_features` + backward of the same
+gradient clipping, AdamW step. Bare = a plain timm forward + backward of the same
 architecture on the same preprocessed batch (no data, no optimiser). Both run in this process,
 alternating one step of each, so machine load affects them alike; medians after 2 warm-up steps.
 `--bf16` uses bf16 autocast for both (`finetune.precision=bf16-mixed` for ours). Weights are

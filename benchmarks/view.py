@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fit3d.io import write_json  # noqa: E402
+from fit3d.runs import benchmark_output  # noqa: E402
 
 CHILD = """
 import json, resource, sys, time
@@ -91,7 +92,7 @@ def main() -> int:
             rows.append(row)
             what = "imports only" if cap < 0 else f"cap {cap or 'none'}: {row['shown']:,} shown"
             print(f"{what:32s} peak RSS {row['peak_rss_gib']:.2f} GiB, {row['seconds']} s")
-    write_json(ROOT / "outputs" / "bench" / "view.json", {"n": args.n, "runs": rows})
+    write_json(benchmark_output("view"), {"n": args.n, "runs": rows})
     return 0
 
 

@@ -122,10 +122,7 @@ def data_uri(png: bytes) -> str:
 
 def rotation_plot(results: dict) -> bytes | None:
     """PNG of recall@10px per rotation bin, one line per feature set (None without values)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     sets = results["feature_sets"]
     series = {
@@ -135,7 +132,8 @@ def rotation_plot(results: dict) -> bytes | None:
     if all(math.isnan(v) for vals in series.values() for v in vals):
         return None
     bins = [k.split("rot")[-1] + "°" for k in ROTATION_KEYS]
-    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    fig = Figure(figsize=(5.5, 3.2))
+    ax = fig.subplots()
     for s, vals in series.items():
         ax.plot(bins, vals, marker="o", label=s)
     ax.set_xlabel("relative rotation of the view pair")
@@ -146,7 +144,6 @@ def rotation_plot(results: dict) -> bytes | None:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
     return buf.getvalue()
 
 

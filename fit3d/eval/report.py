@@ -1,5 +1,5 @@
-"""The evaluation report: results.json, results.md (markdown tables), results.png, pca.png and
-results.html (one self-contained page, `fit3d.eval.html`).
+"""The evaluation report: results.json, results.md (markdown tables), results.png, pca.png (the
+evaluator also writes results.html from the same dict, `fit3d.eval.html`).
 
 `results` (what `fit3d.eval` builds and results.json stores)::
 
@@ -215,7 +215,4 @@ def write_report(out_dir: Path, results: dict) -> str:
         body = header + text + "\n\n" + protocol(results)
         tmp.write_text(body + ("\nNotes:\n" + notes if notes else ""))
     bar_chart(out_dir / "results.png", results)
-    from fit3d.eval.html import write_html  # html imports this module
-
-    write_html(out_dir, results, [p for p in ("results.png", "pca.png") if (out_dir / p).is_file()])
     return text

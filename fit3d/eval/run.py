@@ -35,6 +35,7 @@ from fit3d.eval.features import (
     load_labels,
     scene_features,
 )
+from fit3d.eval.html import write_html
 from fit3d.eval.metrics import correspondence_recall
 from fit3d.eval.probes import TASKS, Task, evaluate_probe, train_probe
 from fit3d.eval.report import pca_panel, summarize, write_report
@@ -339,6 +340,7 @@ def run(cfg: Config) -> dict:
         "config": to_dict(cfg),
     }
     text = write_report(out_dir, results)
+    write_html(out_dir, results, [p for p in ("results.png", "pca.png") if (out_dir / p).is_file()])
     print(text)
     prov = results["provenance"]
     print(f"eval: report in {out_dir} ({prov['seconds']:.0f} s, {prov['cpu_seconds']:.0f} CPU s)")

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from fit3d.errors import UserError
 from fit3d.gaussians import DECODER_FILE, GAUSSIANS_FILE, META_FILE, LiftedScene
+from fit3d.runs import BACKBONE_FILE
 from fit3d.view import data
 
 COLOURINGS = ("RGB", "PCA of decoded features", "Feature query (cosine similarity)")
@@ -43,7 +44,7 @@ def check_scene_folder(path: Path) -> None:
 
 def finetuned_weights(run_dir: Path) -> Path:
     """The fine-tuned backbone file of a stage-2 run folder (`outputs/finetune/<run>`)."""
-    path = run_dir / "backbone.safetensors" if run_dir.is_dir() else run_dir
+    path = run_dir / BACKBONE_FILE if run_dir.is_dir() else run_dir
     if not path.is_file():
         raise UserError(f"no fine-tuned backbone at {path} (expected outputs/finetune/<run>/)")
     return path
