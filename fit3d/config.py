@@ -236,6 +236,17 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class LabelsConfig:
+    """Ground truth rendered from the scan meshes (`python -m fit3d.datasets.scannetpp_labels`)."""
+
+    out: str = ""
+    """Where the `gt_*` maps go. Empty: beside the images in the dataset tree (where the scene
+    readers look). A folder: a labelled copy of the scene root, the maps written there and every
+    other file a link into the dataset, so `scenes.root=<out>` reads the labelled scenes without
+    writing into the dataset (a read-only release, or the demo, whose exact maps stay untouched)."""
+
+
+@dataclass(frozen=True)
 class Config:
     """Root of every run's configuration."""
 
@@ -245,6 +256,7 @@ class Config:
     lift: LiftConfig = field(default_factory=LiftConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
 
 
 def _check_type(value: Any, tp: Any, key: str) -> Any:

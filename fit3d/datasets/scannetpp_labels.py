@@ -1,31 +1,44 @@
 """ScanNet++ ground truth rendered from the scan meshes: depth, normals, semantics, instances.
 
-`python -m fit3d.datasets.scannetpp_labels [--preset scannetpp] [key=value ...]` labels every
+`python -m fit3d.datasets.scannetpp_labels --preset scannetpp [key=value ...]` labels every
 undistorted DSLR view (`nerfstudio/transforms_undistorted.json`, frames and test frames) of every
-scene listed in the train and val split files (`scenes.train_split`, `scenes.val_split`) under
-`scenes.root` (or $SCANNETPP_ROOT). Per view it casts one ray through every pixel centre of the
-pinhole camera (the view's intrinsics and pose at file resolution) into
-`<scene>/scans/mesh_aligned_0.05.ply` and writes, beside the images, the four `gt_*` PNGs that
+scene listed in the train and val split files (`scenes.train_split`, `scenes.val_split`) of the
+config's scene root (`fit3d.scenes.scenes_root`: `scenes.root` or $SCANNETPP_ROOT; without the
+preset, the configured demo set, which the generator also writes as scans). Per view it casts one
+ray through every pixel centre of the pinhole camera (the view's intrinsics and pose at file
+resolution) into `<scene>/scans/mesh_aligned_0.05.ply` and writes the four `gt_*` PNGs that
 `fit3d.scenes.scannetpp` reads (GT_DIRS; encodings there):
 
 - `gt_depth`: distance along the optical axis of the first hit, uint16 millimetres, 0 = no hit;
 - `gt_normals`: the hit triangle's plane normal in the camera frame (OpenCV), turned to face the
   camera, uint16 `(n + 1) * 32767` with x, y, z in the R, G, B channels, 0 = no hit;
-- `gt_semantics`: uint8 id into the 100 benchmark classes (`SCANNETPP_CLASSES`), 255 = ignore;
+- `gt_semantics`: uint8 class id, 255 = ignore; classes from `<root>/classes.json` when the root
+  has one (the demo rooms), else the 100 benchmark classes (`SCANNETPP_CLASSES`);
 - `gt_instances`: uint16 `objectId` of `segments_anno.json`, 0 = none.
+
+Where: beside the images (`<root>/data/<scene>/dslr/gt_*/`, where the readers look), or with
+`labels.out=<folder>` into a labelled copy of the root: the same layout with real folders down to
+each `dslr/`, the maps written there and every other entry a link into the dataset, so
+`scenes.root=<folder>` evaluates on it while the dataset tree stays untouched. `gt_*` files that
+no run of this labeller wrote (no marker beside them, e.g. the demo generator's exact maps) are
+never overwritten: the run stops before any work and names `labels.out`.
 
 `SHARD=i/n` (or a SLURM array) takes every n-th scene, like stage 1. A view whose four files exist
 is skipped, so a killed run resumes; every file is written atomically. Each scene gets
 `dslr/gt_labels.json` (settings, view counts); when the settings it records differ from this
-run's (another class mapping), the scene is relabelled from scratch. Every scene of the shard is
-validated (mesh, segments, annotation, cameras) before the first ray is cast.
+run's (another class list or mapping), the scene is relabelled from scratch. Every scene of the
+shard is validated (mesh, segments, annotation, cameras, no foreign labels) before the first ray.
 
 `agreement(maps, depth, normals, semantics)` scores rendered maps against reference maps of the
 same view (median relative depth error, semantic agreement away from object edges, median normal
-angle): the check against rooms whose exact maps are known.
+angle). Against a generated demo room (its scan vs the generator's exact maps, 96x64, 6 views;
+tests/test_datasets_scannetpp_labels.py): depth 0 on the files (9.6e-5 before millimetre
+rounding), semantic and instance agreement 1.0, normals median 0.000 deg.
 
-Speed (1752x1168 views, 1.9M-face mesh, 2 cores): 1.8 CPU-s per view for casting + encoding
-(0.22 views/s wall measured on a machine shared 5x over; ~0.5-1 view/s expected idle).
+Speed, 2 shared cores (load ~10, i.e. shared 5x over), measured side by side in one run:
+default demo room (336x224, 40 views, 53k faces) 4.1 views/s wall, 0.09 CPU-s per view;
+1752x1168 views: 1.65 CPU-s per view on the 53k-face mesh, 2.2 on an 853k-face one (0.2-0.3
+views/s wall under that load; ~0.5 view/s per idle core). The Embree calls run on one thread.
 
 Ray casting: trimesh's Embree intersector (`embreex`, a 14 MB wheel; Open3D's RaycastingScene
 would do the same from a 400 MB wheel), falling back to trimesh's numpy intersector where Embree
@@ -59,6 +72,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -72,10 +86,11 @@ from tqdm import tqdm
 from fit3d.cli import parse_cli
 from fit3d.config import Config
 from fit3d.datasets.base import IGNORE, missing
-from fit3d.datasets.scenes import SCANNETPP_CLASSES, scannetpp_root
+from fit3d.datasets.scenes import SCANNETPP_CLASSES
 from fit3d.errors import UserError, cli_entry
 from fit3d.io import atomic_path, write_json
 from fit3d.runs import shard_from_env
+from fit3d.scenes import scenes_root
 from fit3d.scenes.scannetpp import (
     DEPTH_SCALE,
     GET_SCANNETPP,
@@ -342,9 +357,17 @@ def encode(maps: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-def gt_paths(scene: Scene, i: int) -> dict[str, Path]:
+def scene_classes(scene: Scene) -> tuple[str, ...]:
+    """Class list of a scene's root: its `classes.json` (the demo rooms), else the 100 ScanNet++
+    benchmark classes."""
+    return tuple(scene.classes) if scene.classes else SCANNETPP_CLASSES
+
+
+def gt_paths(scene: Scene, i: int, dslr_dir: Path | None = None) -> dict[str, Path]:
+    """The four label files of view i, under `dslr_dir` (default: the scene's own dslr/)."""
     stem = Path(scene.image_name(i)).stem + ".png"
-    return {kind: scene.dslr_dir / sub / stem for kind, sub in GT_DIRS.items()}
+    dslr = scene.dslr_dir if dslr_dir is None else dslr_dir
+    return {kind: dslr / sub / stem for kind, sub in GT_DIRS.items()}
 
 
 def write_png(path: Path, arr: np.ndarray) -> None:
@@ -356,21 +379,29 @@ def write_png(path: Path, arr: np.ndarray) -> None:
         tmp.write_bytes(buf.tobytes())
 
 
-def settings(root: Path) -> dict:
+def settings(root: Path, classes: tuple[str, ...]) -> dict:
     """What the labels depend on (recorded in each scene's marker)."""
     mapping = root / MAPPING
     digest = hashlib.sha256(mapping.read_bytes()).hexdigest() if mapping.is_file() else None
     return {
         "version": VERSION,
-        "classes_sha256": hashlib.sha256("\n".join(SCANNETPP_CLASSES).encode()).hexdigest(),
+        "classes_sha256": hashlib.sha256("\n".join(classes).encode()).hexdigest(),
         "mapping_sha256": digest,
         "mesh": MESH,
     }
 
 
-def label_scene(root: Path, scene: Scene, setting: dict, bar: tqdm | None = None) -> dict:
-    """Label every view of one scene (skipping finished ones); returns the scene's counts."""
-    marker = scene.dslr_dir / MARKER
+def label_scene(
+    root: Path,
+    scene: Scene,
+    setting: dict,
+    bar: tqdm | None = None,
+    dslr_dir: Path | None = None,
+) -> dict:
+    """Label every view of one scene into `dslr_dir` (default: the scene's dslr/), skipping
+    finished views; returns the scene's counts."""
+    dslr = scene.dslr_dir if dslr_dir is None else dslr_dir
+    marker = dslr / MARKER
     old = json.loads(marker.read_text()) if marker.is_file() else None
     redo = old is not None and old.get("settings") != setting
     write_json(marker, {"settings": setting, "complete": False, "views": len(scene)})
@@ -378,19 +409,20 @@ def label_scene(root: Path, scene: Scene, setting: dict, bar: tqdm | None = None
     todo = [
         i
         for i in range(len(scene))
-        if redo or not all(p.is_file() for p in gt_paths(scene, i).values())
+        if redo or not all(p.is_file() for p in gt_paths(scene, i, dslr).values())
     ]
     stats = {"views": len(scene), "labelled": len(todo), "seconds": 0.0, "hit_fraction": None}
     if todo:
         t0 = time.perf_counter()
-        caster = Caster(read_scan(root / "data" / scene.scene_id, SCANNETPP_CLASSES, mapping))
+        scan = read_scan(root / "data" / scene.scene_id, scene_classes(scene), mapping)
+        caster = Caster(scan)
         hits = []
         for i in todo:
             K, vm = scene.K(i).double().numpy(), scene.viewmat(i).double().numpy()
             maps = caster.render(K, vm, scene.width(i), scene.height(i))
             hits.append(float((maps["depth"] > 0).mean()))
             for kind, arr in encode(maps).items():
-                write_png(gt_paths(scene, i)[kind], arr)
+                write_png(gt_paths(scene, i, dslr)[kind], arr)
             if bar is not None:
                 bar.update(1)
         stats["seconds"] = time.perf_counter() - t0
@@ -402,25 +434,90 @@ def label_scene(root: Path, scene: Scene, setting: dict, bar: tqdm | None = None
     return stats
 
 
-def validate(root: Path, scene_ids: list[str]) -> list[Scene]:
-    """Open every scene and check its scan files before any work (UserError on the first gap)."""
+def foreign_labels(dslr: Path) -> Path | None:
+    """A non-empty gt_* folder of `dslr` that no run of this labeller wrote (no marker beside
+    it), e.g. the demo generator's exact maps; None when there is none."""
+    if (dslr / MARKER).is_file():
+        return None
+    for sub in GT_DIRS.values():
+        if (dslr / sub).is_dir() and any((dslr / sub).iterdir()):
+            return dslr / sub
+    return None
+
+
+def labels_root(cfg: Config, root: Path) -> Path | None:
+    """The folder `labels.out` names, or None to label in the dataset tree."""
+    if not cfg.labels.out:
+        return None
+    out = Path(cfg.labels.out)
+    if out.resolve() == root.resolve():
+        return None
+    if out.resolve().is_relative_to((root / "data").resolve()):
+        raise UserError(f"labels.out={out} lies inside {root / 'data'}; choose a folder outside")
+    return out
+
+
+def validate(root: Path, scene_ids: list[str], out: Path | None = None) -> list[Scene]:
+    """Open every scene and check its scan files, and that no labels of unknown origin would be
+    overwritten, before any work (UserError on the first problem)."""
     scenes = []
     for sid in scene_ids:
         scenes.append(open_scene(root, sid, 1.0))
         for what, path in scan_paths(root / "data" / sid).items():
             if not path.is_file():
                 raise missing(path, f"the scan {what} of scene {sid}", GET_SCANNETPP)
+        dslr = scenes[-1].dslr_dir if out is None else out / "data" / sid / "dslr"
+        foreign = foreign_labels(dslr)
+        if foreign is not None:
+            raise UserError(
+                f"{foreign} holds ground truth this labeller did not write (the demo "
+                "generator's exact maps?); set labels.out=<folder> to label into a copy instead"
+            )
     mapping = root / MAPPING
     if mapping.is_file():
         read_mapping(mapping)
     return scenes
 
 
+def _link_all(src_dir: Path, dst_dir: Path, skip: set[str]) -> None:
+    """Link every entry of `src_dir` but `skip` (and dot files) into `dst_dir`; an entry that
+    already links there is kept, anything else in the way is a UserError."""
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    here = dst_dir.resolve()
+    for src in sorted(src_dir.iterdir()):
+        target = src.resolve()
+        if src.name in skip or src.name.startswith(".") or here.is_relative_to(target):
+            continue  # (the last: the copy itself lies inside this entry)
+        dst = dst_dir / src.name
+        if dst.is_symlink():
+            if Path(os.readlink(dst)) != target:
+                raise UserError(
+                    f"{dst} links to {os.readlink(dst)}, not {target}: labels.out holds a "
+                    "copy of another dataset; choose another folder"
+                )
+        elif dst.exists():
+            raise UserError(
+                f"{dst} exists and is no link into {src_dir}: labels.out must be a new folder "
+                "or one this labeller made"
+            )
+        else:
+            os.symlink(target, dst, target_is_directory=target.is_dir())
+
+
+def make_copy(root: Path, out: Path, scene_ids: list[str]) -> None:
+    """Make `out` a labelled copy of `root`: real folders down to each scene's dslr/ (where the
+    labels go), links into `root` for everything else (images, cameras, scans, splits,
+    classes.json, demo.json, metadata)."""
+    _link_all(root, out, {"data"})
+    for sid in scene_ids:
+        _link_all(root / "data" / sid, out / "data" / sid, {"dslr"})
+        dslr = root / "data" / sid / "dslr"
+        _link_all(dslr, out / "data" / sid / "dslr", {*GT_DIRS.values(), MARKER})
+
+
 def run(cfg: Config) -> dict:
     """Label this shard's scenes of the train and val split files; returns a summary."""
-    root = scannetpp_root(cfg.scenes.root)
-    if not (root / "data").is_dir():
-        raise missing(root / "data", "a folder data/<scene_id>/ per scene", GET_SCANNETPP)
+    root = scenes_root(cfg)
     ids: list[str] = []
     for split in (cfg.scenes.train_split, cfg.scenes.val_split):
         path = root / "splits" / f"{split}.txt"
@@ -431,24 +528,32 @@ def run(cfg: Config) -> dict:
         ids = ids[: cfg.scenes.max_scenes]
     shard, n_shards = shard_from_env()
     mine = ids[shard::n_shards]
-    scenes = validate(root, mine)
-    setting = settings(root)
+    out = labels_root(cfg, root)
+    scenes = validate(root, mine, out)
+    classes = scene_classes(scenes[0]) if scenes else SCANNETPP_CLASSES
+    setting = settings(root, classes)
+    if out is not None:
+        make_copy(root, out, mine)
     total = sum(len(s) for s in scenes)
     print(
         f"scannetpp_labels: {len(mine)} of {len(ids)} scenes (shard {shard}/{n_shards}), "
-        f"{total} views, mapping {'map_benchmark.csv' if setting['mapping_sha256'] else 'none'}"
+        f"{total} views, {len(classes)} classes "
+        f"({'classes.json' if classes != SCANNETPP_CLASSES else 'ScanNet++ benchmark'}), "
+        f"mapping {'map_benchmark.csv' if setting['mapping_sha256'] else 'none'}, "
+        f"into {out if out is not None else 'the dataset tree'}"
     )
     per_scene = {}
     with tqdm(total=total, desc="labels", unit="view", file=sys.stdout) as bar:
         for scene in scenes:
-            per_scene[scene.scene_id] = label_scene(root, scene, setting, bar)
+            dslr = None if out is None else out / "data" / scene.scene_id / "dslr"
+            per_scene[scene.scene_id] = label_scene(root, scene, setting, bar, dslr)
     done = sum(s["labelled"] for s in per_scene.values())
     secs = sum(s["seconds"] for s in per_scene.values())
     rate = done / secs if secs > 0 else None
     print(
         f"labelled {done} views, skipped {total - done}" + (f", {rate:.2f} views/s" if rate else "")
     )
-    return {"scenes": per_scene, "labelled": done, "views_per_second": rate}
+    return {"scenes": per_scene, "labelled": done, "views_per_second": rate, "root": out or root}
 
 
 @cli_entry

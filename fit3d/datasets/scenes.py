@@ -15,7 +15,6 @@ demo 10 m (the demo preset's `eval.max_depth`).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from fit3d.datasets.base import (
@@ -190,13 +189,3 @@ class ScenesSet(EvalSet):
             viewmat=scene.viewmat(vi),
             group=scene.scene_id,
         )
-
-
-def scannetpp_root(root: str | Path | None) -> Path:
-    """`root`, else $SCANNETPP_ROOT; neither is a UserError."""
-    text = str(root) if root else os.environ.get("SCANNETPP_ROOT", "")
-    if not text:
-        raise UserError(
-            f"no ScanNet++ root (scenes.root and SCANNETPP_ROOT empty): {GET_SCANNETPP}"
-        )
-    return Path(text)
