@@ -10,7 +10,10 @@ Layout (official toolkit, after its undistort step)::
         nerfstudio/transforms_undistorted.json                pinhole intrinsics + poses
         colmap/{cameras,images,points3D}.txt                  sparse model (COLMAP world frame)
         train_test_lists.json                                 {"train": [names], "test": [names]}
-        gt_{depth,normals,semantics,instances}/<stem>.png     optional ground truth (demo only)
+        gt_{depth,normals,semantics,instances}/<stem>.png     optional ground truth: written by
+                                                              the demo generator, or rendered
+                                                              from the scan mesh by
+                                                              fit3d.datasets.scannetpp_labels
 
 Poses: nerfstudio `transform_matrix` is camera-to-world with OpenGL camera axes in a world frame
 whose axes are permuted relative to COLMAP's. `nerfstudio_to_viewmat` turns it into an OpenCV
