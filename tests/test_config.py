@@ -5,9 +5,8 @@ import dataclasses
 import pytest
 import yaml
 
-from fit3d.cli import parse_cli
 from fit3d.config import CONFIG_DIR, Config, load_config, save_config
-from fit3d.errors import UserError, cli_entry
+from fit3d.errors import UserError
 
 
 def test_defaults_match_the_paper() -> None:
@@ -72,15 +71,3 @@ def test_saved_config_reloads_identically(tmp_path) -> None:
 def test_config_is_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         load_config().lift.steps = 3  # type: ignore[misc]
-
-
-def test_cli_entry_turns_user_error_into_one_line_exit_2(capsys) -> None:
-    @cli_entry
-    def main(argv: list[str] | None = None) -> int:
-        parse_cli(argv, "prog", "test")
-        return 0
-
-    assert main(["lift.stepz=1"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: unknown config key 'lift.stepz'")
-    assert main(["lift.steps=1"]) == 0
