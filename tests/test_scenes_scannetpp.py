@@ -1,9 +1,8 @@
-"""ScanNet++ DSLR reader: pose conversion, round trip against the generator's cameras, sparse
-point colours, laziness, resolution, bad input, and resolve_scenes."""
+"""fit3d.scenes.scannetpp, the ScanNet++ DSLR reader: pose conversion, round trip against the
+generator's cameras, sparse point colours, laziness, resolution and bad input."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -13,9 +12,8 @@ import pycolmap
 import pytest
 import torch
 
-from fit3d.config import Config, RunConfig, ScenesConfig
 from fit3d.errors import UserError
-from fit3d.scenes import generate_demo_set, list_scenes, open_scene, resolve_scenes
+from fit3d.scenes import list_scenes, open_scene
 from fit3d.scenes import scannetpp as spp
 from fit3d.scenes.demo import build_room, camera_path, generate_demo
 
@@ -159,45 +157,6 @@ def test_resolution_scales_images_and_intrinsics(root):
     assert torch.allclose(n.norm(dim=-1), torch.ones(()), atol=1e-4)
 
 
-def test_list_and_resolve_demo(tmp_path):
-    scenes = ScenesConfig(
-        root=str(tmp_path / "d"),
-        demo_train=2,
-        demo_val=1,
-        demo_views=3,
-        demo_width=24,
-        demo_height=16,
-        resolution=0.5,
-    )
-    cfg = Config(scenes=scenes)
-    with pytest.raises(UserError, match="make scenes"):  # resolving is pure: nothing generated yet
-        resolve_scenes(cfg, "train")
-    assert not (tmp_path / "d").exists()
-    generate_demo_set(cfg)
-    root, ids, res = resolve_scenes(cfg, "train")
-    assert ids == ["demo_000", "demo_001"] and res == 0.5
-    assert resolve_scenes(cfg, "val")[1] == ["demo_002"] == list_scenes(root, "nvs_sem_val")
-    assert list_scenes(root, "val") == ["demo_002"] and list_scenes(root, "train") == ids
-    with pytest.raises(UserError, match="other settings"):  # a set made with other parameters
-        resolve_scenes(Config(scenes=dataclasses.replace(scenes, demo_views=4)), "train")
-    scenes2 = ScenesConfig(
-        demo_train=1, demo_val=1, demo_views=2, demo_width=16, demo_height=16, max_scenes=1
-    )
-    cfg2 = Config(scenes=scenes2, run=RunConfig(out=str(tmp_path / "out")))
-    generate_demo_set(cfg2)
-    root2, ids2, _ = resolve_scenes(cfg2, "train")
-    assert root2 == tmp_path / "out/scenes/demo" and ids2 == ["demo_000"]
-
-
-def test_resolve_scannetpp_without_root(monkeypatch, tmp_path):
-    monkeypatch.delenv("SCANNETPP_ROOT", raising=False)
-    with pytest.raises(UserError, match="undistort"):
-        resolve_scenes(Config(scenes=ScenesConfig(name="scannetpp")), "train")
-    monkeypatch.setenv("SCANNETPP_ROOT", str(tmp_path / "missing"))
-    with pytest.raises(UserError, match="missing"):
-        resolve_scenes(Config(scenes=ScenesConfig(name="scannetpp")), "val")
-
-
 def _one_line(excinfo, needle: str) -> None:
     msg = str(excinfo.value)
     assert "\n" not in msg and needle in msg, msg
@@ -263,12 +222,3 @@ def test_bad_too_few_views(scene_copy):
     with pytest.raises(UserError) as e:
         open_scene(scene_copy, "demo_000")
     _one_line(e, "need >= 2")
-
-
-def test_bad_input_cli_is_one_line(scene_copy, capsys):
-    from fit3d.scenes.show import main
-
-    (scene_copy / DSLR / "undistorted_images/DSC00001.JPG").unlink()
-    assert main(["demo_000", "--root", str(scene_copy), "--out", str(scene_copy / "x.png")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "DSC00001.JPG" in err and "Traceback" not in err
