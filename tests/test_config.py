@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import yaml
 
-from fit3d.config import CONFIG_DIR, Config, load_config, save_config
+from fit3d.config import CONFIG_DIR, load_config, save_config
 from fit3d.errors import UserError
 
 
@@ -34,7 +34,17 @@ def test_every_shipped_preset_loads() -> None:
     names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
     assert {"demo", "scannetpp"} <= set(names)
     for name in names:
-        assert isinstance(load_config([name]), Config)
+        cfg = load_config([name])
+        preset = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text()) or {}
+        for section, values in preset.items():
+            for key, value in values.items():  # every key of the file reached the config
+                got = getattr(getattr(cfg, section), key)
+                if isinstance(got, tuple):
+                    assert list(got) == list(value), (name, section, key)
+                elif isinstance(got, float):
+                    assert got == pytest.approx(float(value)), (name, section, key)
+                else:
+                    assert got == value, (name, section, key)
 
 
 @pytest.mark.parametrize(
