@@ -32,15 +32,6 @@ def _to_map(tokens: torch.Tensor, n_prefix: int, h: int, w: int) -> torch.Tensor
     return tokens[:, n_prefix:].reshape(b, h, w, c).permute(0, 3, 1, 2)
 
 
-def test_aliases_follow_reference() -> None:
-    assert ALIASES["dinov2"] == "vit_small_patch14_dinov2.lvd142m"
-    assert ALIASES["dinov2_b"] == "vit_base_patch14_dinov2.lvd142m"
-    assert ALIASES["dinov2_reg"] == "vit_small_patch14_reg4_dinov2.lvd142m"
-    assert ALIASES["clip"] == "vit_base_patch16_clip_384.laion2b_ft_in12k_in1k"
-    assert ALIASES["mae"] == "vit_base_patch16_224.mae"
-    assert ALIASES["deit3"] == "deit3_base_patch16_224.fb_in1k"
-
-
 def test_test_tiny() -> None:
     bb = Backbone("test_tiny")
     assert bb.weights_info.source == "random"

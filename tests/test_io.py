@@ -1,7 +1,10 @@
-"""fit3d.io: atomic writes (all or nothing, normal permissions) and safetensors files whose bytes
-depend only on their content."""
+"""fit3d.io: atomic writes (all or nothing, normal permissions), safetensors files whose bytes
+depend only on their content, and provenance (file sha256, the source tree's git commit)."""
 
+import hashlib
+import importlib.util
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -12,7 +15,8 @@ import safetensors
 import safetensors.torch
 import torch
 
-from fit3d.io import atomic_path, safetensors_dtypes, write_json, write_safetensors
+import fit3d.io
+from fit3d.io import atomic_path, safetensors_dtypes, sha256_file, write_json, write_safetensors
 
 
 def test_failed_write_leaves_old_file_and_no_temp(tmp_path) -> None:
@@ -121,3 +125,48 @@ def test_write_safetensors_refuses_unknown_dtype_and_leaves_nothing(tmp_path: Pa
     with pytest.raises(TypeError, match="complex64"):
         write_safetensors(tmp_path / "x.safetensors", {"z": torch.zeros(2, dtype=torch.complex64)})
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- provenance ----------------------------------------------------------------------------
+
+
+def test_sha256_file_reads_in_chunks(tmp_path: Path) -> None:
+    data = bytes(range(256)) * 41 + b"tail"  # 10,500 bytes
+    (tmp_path / "f.bin").write_bytes(data)
+    want = hashlib.sha256(data).hexdigest()
+    assert sha256_file(tmp_path / "f.bin") == want
+    assert sha256_file(tmp_path / "f.bin", chunk=7) == want  # many reads, the last one short
+    (tmp_path / "empty").write_bytes(b"")
+    assert sha256_file(tmp_path / "empty") == hashlib.sha256(b"").hexdigest()
+
+
+def _git(repo: Path, *args: str) -> str:
+    cmd = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args]
+    return subprocess.run(cmd, cwd=repo, check=True, capture_output=True, text=True).stdout
+
+
+def test_git_commit_names_the_tree_of_the_module(tmp_path: Path) -> None:
+    """A copy of fit3d/io.py in a fresh folder reports "unknown"; once the folder is a git repo,
+    the commit made there, with "-dirty" while a tracked file is modified (untracked files do
+    not count)."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    repo = tmp_path / "src"
+    repo.mkdir()
+    shutil.copy(fit3d.io.__file__, repo / "io_copy.py")
+    spec = importlib.util.spec_from_file_location("io_copy", repo / "io_copy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    inside = subprocess.run(["git", "rev-parse"], cwd=repo, capture_output=True).returncode == 0
+    if not inside:  # tmp_path may itself lie inside some repository
+        assert module.git_commit() == "unknown"
+    _git(repo, "init", "-q")
+    _git(repo, "add", "io_copy.py")
+    _git(repo, "commit", "-qm", "first")
+    head = _git(repo, "rev-parse", "HEAD").strip()
+    assert module.git_commit() == head
+    (repo / "notes.txt").write_text("untracked")
+    assert module.git_commit() == head
+    with open(repo / "io_copy.py", "a") as f:
+        f.write("# edited\n")
+    assert module.git_commit() == head + "-dirty"

@@ -2,7 +2,9 @@
 eval. Proves the stages join up (file formats, config keys, provenance); quality is measured by the
 demo, not here."""
 
+import hashlib
 import json
+import math
 
 import pytest
 
@@ -11,6 +13,14 @@ import stage2_finetune.__main__ as finetune_main
 from fit3d.cli import parse_cli
 from fit3d.eval.__main__ import main as eval_main
 from fit3d.scenes import generate_demo_set
+
+HEADLINE = {
+    "eval/seg/miou": (0.0, 1.0),
+    "eval/depth/rmse": (0.0, 100.0),
+    "eval/normals/ang_rmse": (0.0, 180.0),
+    "eval/corr/recall_10px": (0.0, 1.0),
+}
+"""Headline metric of each probe and the range its value must lie in (one probe seed here)."""
 
 
 @pytest.mark.slow
@@ -43,16 +53,25 @@ def test_tiny_pipeline_end_to_end(tmp_path) -> None:
     summary = json.loads((lift_dir / "summary.json").read_text())
     scene_metas = [json.loads(p.read_text()) for p in lift_dir.glob("*/meta.json")]
     assert len(scene_metas) == 1 and scene_metas[0]["backbone"] == "test_tiny"
-    assert summary and scene_metas[0]["steps"] == 30
+    assert summary["done"] == 1 and scene_metas[0]["steps"] == 30
 
-    ft_meta = json.loads((tmp_path / "finetune" / "default" / "meta.json").read_text())
-    assert (tmp_path / "finetune" / "default" / "backbone.safetensors").is_file()
+    ft_dir = tmp_path / "finetune" / "default"
+    ft_meta = json.loads((ft_dir / "meta.json").read_text())
+    assert (ft_dir / "backbone.safetensors").is_file()
     assert ft_meta["steps"] == 3
 
     results = json.loads((tmp_path / "eval" / "default" / "results.json").read_text())
-    text = json.dumps(results)
-    for feature_set in ("original", "fine-tuned", "assembled", "control"):
-        assert feature_set in text
-    for metric in ("miou", "rmse", "recall"):
-        assert metric in text.lower()
+    # the evaluator read the fine-tuned weights stage 2 wrote (checked by content, not name)
+    used = results["provenance"]["finetuned_weights"]
+    sha = hashlib.sha256((ft_dir / "backbone.safetensors").read_bytes()).hexdigest()
+    assert used["source"] == "file" and used["sha256"] == sha
+    # every feature set was evaluated (none dropped for a missing backbone) by every probe
+    sets = ["original", "fine-tuned", "assembled", "control"]
+    assert results["feature_sets"] == sets and sorted(results["metrics"]) == sorted(sets)
+    for s in sets:
+        for key, (lo, hi) in HEADLINE.items():
+            stat = results["metrics"][s].get(key)
+            assert stat is not None, (s, key)
+            assert len(stat["values"]) == 1 and math.isfinite(stat["mean"]), (s, key, stat)
+            assert lo <= stat["mean"] <= hi, (s, key, stat)
     assert (tmp_path / "eval" / "default" / "results.md").is_file()

@@ -192,6 +192,38 @@ def test_prepare_is_idempotent_and_fast(offline: Path) -> None:
     assert not list(W.cache_dir().glob("*.whl"))
 
 
+# ---- aliases -------------------------------------------------------------------------------
+
+PAPER_BACKBONES = {
+    "dinov2": (384, 14, 0),
+    "dinov2_b": (768, 14, 0),
+    "dinov2_reg": (384, 14, 4),
+    "clip": (768, 16, 0),
+    "mae": (768, 16, 0),
+    "deit3": (768, 16, 0),
+}
+"""The backbones FiT3D fine-tunes (docs/method.md, "Stage 2: fine-tuning"): width (ViT-S 384,
+ViT-B 768), patch size and register tokens of each."""
+
+
+@pytest.mark.parametrize("alias", sorted(PAPER_BACKBONES))
+def test_each_alias_is_a_pretrained_timm_vit_of_the_paper_architecture(alias: str) -> None:
+    """The alias names a timm model with released weights, and that model (built on the meta
+    device: no memory, no weights) has the paper's width, patch size, 12 blocks and registers."""
+    name = W.ALIASES[alias]
+    assert name in timm.list_pretrained(name)
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, num_classes=0)
+    dim, patch, registers = PAPER_BACKBONES[alias]
+    assert (model.embed_dim, model.patch_embed.patch_size, len(model.blocks)) == (
+        dim,
+        (patch, patch),
+        12,
+    )
+    assert model.num_prefix_tokens == 1 + registers  # CLS + registers
+    assert set(W.ALIASES) == set(PAPER_BACKBONES) | {W.TEST_ALIAS}
+
+
 # ---- reproducible conversion ----------------------------------------------------------------
 
 

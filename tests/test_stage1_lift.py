@@ -1,4 +1,5 @@
-"""Stage 1 end to end on tiny generated scenes in the ScanNet++ layout (CPU, seconds)."""
+"""stage1_lift (loop.py, run.py, __main__): the per-step view order and means schedule, and stage 1
+end to end on tiny analytic scenes in the ScanNet++ layout (CPU, seconds)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,30 @@ import torch
 import stage1_lift.loop
 from fit3d.config import load_config
 from fit3d.gaussians import load_lifted_scene
-from fit3d.runs import shard_from_env
 from fit3d.scenes.scannetpp import viewmat_to_nerfstudio
 from stage1_lift.__main__ import main, run
+from stage1_lift.loop import means_lr, view_for_step
 
 W, H, FOCAL = 48, 32, 40.0
+
+
+def test_every_epoch_visits_each_train_view_once():
+    train = [0, 2, 3, 5, 8]
+    for epoch in range(3):
+        seen = [view_for_step(epoch * 5 + k, train, seed=4) for k in range(5)]
+        assert sorted(seen) == train
+    assert [view_for_step(k, train, 4) for k in range(10)] != [
+        view_for_step(k, train, 5) for k in range(10)
+    ]
+
+
+def test_means_lr_decays_exponentially_from_first_to_final_times_extent():
+    cfg = load_config([], ["lift.steps=100", "lift.lr_means=0.01", "lift.lr_means_final=0.0001"])
+    assert means_lr(0, cfg, 2.0) == pytest.approx(0.02)
+    assert means_lr(50, cfg, 2.0) == pytest.approx(2.0 * 0.001)  # geometric midpoint
+    assert means_lr(25, cfg, 2.0) == pytest.approx(2.0 * 0.01 * 0.01**0.25)
+    assert means_lr(100, cfg, 2.0) == pytest.approx(0.0002)
+    assert means_lr(150, cfg, 2.0) == pytest.approx(0.0002)  # held after the schedule
 
 
 def _texture(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -232,10 +252,6 @@ def test_nonfinite_loss_stops_scene_and_keeps_checkpoint(tmp_path, monkeypatch):
 
 
 def test_shards_split_scenes_and_share_the_run_folder(tmp_path, monkeypatch):
-    assert shard_from_env({}) == (0, 1)
-    assert shard_from_env({"SHARD": "1/3"}) == (1, 3)
-    slurm = {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "3"}
-    assert shard_from_env(slurm) == (2, 4)
     root = make_root(tmp_path, {"s0": True, "s1": True, "s2": True})
     cfg = _cfg(root, tmp_path / "out", "lift.steps=2")
     monkeypatch.setenv("SHARD", "1/2")

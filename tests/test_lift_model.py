@@ -1,25 +1,23 @@
-"""Stage-1 building blocks against independent references (brute force, skimage, hand values)."""
+"""fit3d.lift.model, the per-scene Gaussian model of stage 1, against independent references
+(brute force, hand values, which parameters each loss reaches)."""
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
-from skimage.metrics import structural_similarity
 
 from fit3d.lift.model import (
     activated,
-    camera_centres,
     frustum_points,
     init_params,
+    initial_points,
     knn_log_scales,
     render,
     scene_extent,
 )
-from fit3d.losses import feature_cosine, masked_l1, psnr, rgb_loss, ssim_map, upsample
-from stage1_lift.loop import view_for_step
+from fit3d.losses import masked_l1, rgb_loss
 
 
 def _look(centre: list[float]) -> torch.Tensor:
@@ -27,55 +25,6 @@ def _look(centre: list[float]) -> torch.Tensor:
     vm = torch.eye(4)
     vm[:3, 3] = -torch.tensor(centre)
     return vm
-
-
-def test_ssim_map_matches_skimage_inside_the_border():
-    gen = torch.Generator().manual_seed(1)
-    a = torch.rand(3, 40, 50, generator=gen)
-    b = (a + 0.2 * torch.rand(3, 40, 50, generator=gen)).clamp(0, 1)
-    ours = ssim_map(a, b).numpy()
-    _, ref = structural_similarity(
-        a.permute(1, 2, 0).double().numpy(),
-        b.permute(1, 2, 0).double().numpy(),
-        gaussian_weights=True,
-        sigma=1.5,
-        use_sample_covariance=False,
-        data_range=1.0,
-        channel_axis=-1,
-        full=True,
-    )
-    ref = ref.mean(-1)
-    # both use an 11x11 window; they differ only in border padding (5 px)
-    assert np.allclose(ours[5:-5, 5:-5], ref[5:-5, 5:-5], atol=1e-4)
-
-
-def test_masked_losses_and_metrics_by_hand():
-    pred = torch.zeros(2, 2, 3)
-    target = torch.zeros(2, 2, 3)
-    target[0, 0] = 1.0  # one wrong pixel, masked out below
-    target[1, 1] = 0.1
-    mask = torch.tensor([[False, True], [True, True]])
-    # MSE over valid pixels: (3 * 0.01) / (3 valid px * 3 channels)
-    assert psnr(pred, target, mask) == pytest.approx(-10 * math.log10(0.01 / 3), rel=1e-5)
-    p, t = pred.permute(2, 0, 1), target.permute(2, 0, 1)
-    assert float(masked_l1(p, t, mask)) == pytest.approx(0.3 / 9, rel=1e-5)
-    assert float(masked_l1(p, t, None)) == pytest.approx(3.3 / 12, rel=1e-5)
-    # identical images: the loss is exactly zero whatever the mask
-    image = torch.rand(16, 16, 3)
-    assert float(rgb_loss(image, image, torch.rand(16, 16) > 0.5, 0.2)) == pytest.approx(
-        0, abs=1e-6
-    )
-    f = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])  # [C=2, H=1, W=2]: vectors (1,0), (0,1)
-    g = torch.tensor([[[1.0, 1.0]], [[0.0, 1.0]]])  # (1,0), (1,1)
-    assert feature_cosine(f, g, None) == pytest.approx((1 + 1 / math.sqrt(2)) / 2, rel=1e-5)
-    assert feature_cosine(f, g, torch.tensor([[False, True]])) == pytest.approx(1 / math.sqrt(2))
-
-
-def test_upsample_is_align_corners_false_bilinear():
-    tokens = torch.tensor([[[0.0, 1.0]]])  # [1, 1, 2]
-    up = upsample(tokens, 1, 4)[0, 0]
-    # output pixel centres at (j + 0.5) / 2 - 0.5 in token units: -0.25, 0.25, 0.75, 1.25
-    assert torch.allclose(up, torch.tensor([0.0, 0.25, 0.75, 1.0]))
 
 
 def test_knn_log_scales_brute_force():
@@ -89,11 +38,18 @@ def test_knn_log_scales_brute_force():
     assert torch.allclose(got, ref[:, None].expand(60, 3), atol=1e-5)
 
 
-def test_scene_extent_and_camera_centres():
+def test_knn_log_scales_with_too_few_neighbours():
+    """Two points: the one neighbour's distance; a lone point: the documented 0.01."""
+    two = knn_log_scales(torch.tensor([[0.0, 0, 0], [0, 3, 4]]))
+    assert torch.allclose(two, torch.full((2, 3), math.log(5.0)))
+    assert torch.allclose(knn_log_scales(torch.zeros(1, 3)), torch.full((1, 3), math.log(0.01)))
+
+
+def test_scene_extent():
     vms = torch.stack([_look([0.0, 0.0, 0.0]), _look([2.0, 0.0, 0.0]), _look([1.0, 3.0, 0.0])])
-    assert torch.allclose(camera_centres(vms), torch.tensor([[0.0, 0, 0], [2, 0, 0], [1, 3, 0]]))
     # mean centre (1, 1, 0); farthest camera (1, 3, 0) at distance 2
     assert scene_extent(vms) == pytest.approx(2.2)
+    assert scene_extent(vms[:1]) == pytest.approx(1e-3)  # one camera: the floor
 
 
 def test_frustum_points_project_inside_an_image():
@@ -126,14 +82,59 @@ def test_init_params_follow_the_reference():
     assert torch.allclose(act["scales"][0], torch.ones(3))
 
 
-def test_every_epoch_visits_each_train_view_once():
-    train = [0, 2, 3, 5, 8]
-    for epoch in range(3):
-        seen = [view_for_step(epoch * 5 + k, train, seed=4) for k in range(5)]
-        assert sorted(seen) == train
-    assert [view_for_step(k, train, 4) for k in range(10)] != [
-        view_for_step(k, train, 5) for k in range(10)
-    ]
+def test_initial_points_caps_sparse_points_and_falls_back_to_grey_frusta():
+    gen = torch.Generator().manual_seed(0)
+    xyz = torch.arange(30.0).reshape(10, 3)
+    rgb = torch.arange(30.0).reshape(10, 3) / 30
+    vms = torch.stack([_look([0.0, 0.0, 0.0]), _look([1.0, 0.0, 0.0])])
+    K = torch.tensor([[50.0, 0, 32], [0, 50.0, 24], [0, 0, 1]])
+    Ks, sizes = torch.stack([K, K]), [(64, 48), (64, 48)]
+    kept, kept_rgb, how = initial_points((xyz, rgb), vms, Ks, sizes, 4, 99, gen)
+    assert how == "sparse" and kept.shape == (4, 3)
+    rows = (kept[:, None] == xyz[None]).all(-1).float().argmax(1)  # [4] source row of each point
+    assert len(set(rows.tolist())) == 4 and torch.equal(kept_rgb, rgb[rows])  # colours follow
+    assert torch.equal(initial_points((xyz, rgb), vms, Ks, sizes, 0, 99, gen)[0], xyz)
+    empty = (torch.zeros(0, 3), torch.zeros(0, 3))
+    with pytest.warns(UserWarning, match="scene s9: no sparse points"):
+        pts, cols, how = initial_points(empty, vms, Ks, sizes, 4, 50, gen, "s9")
+    assert (
+        how == "random-frusta"
+        and pts.shape == (50, 3)
+        and torch.equal(cols, torch.full_like(pts, 0.5))
+    )
+    # every fallback point lies in front of a camera, within 0.05..1 x the scene extent
+    depth = torch.stack([(pts @ vm[:3, :3].T + vm[:3, 3])[:, 2] for vm in vms])  # [2, 50]
+    extent = scene_extent(vms)
+    assert ((depth >= 0.05 * extent - 1e-5) & (depth <= extent + 1e-5)).any(0).all()
+
+
+def test_render_colours_from_the_sh_dc_term_and_features_alongside():
+    """One large opaque Gaussian straight ahead, SH degree 0: where it covers a pixel, rgb / alpha
+    is max(SH_C0 * dc + 0.5, 0) (the clamp at 0 included) and features / alpha its features."""
+    colour = torch.tensor([0.2, 0.9, -0.3])  # the last channel is clamped to 0
+    params = torch.nn.ParameterDict(
+        {
+            "means": torch.nn.Parameter(torch.tensor([[0.0, 0.0, 3.0]])),
+            "quats": torch.nn.Parameter(torch.tensor([[1.0, 0, 0, 0]])),
+            "scales": torch.nn.Parameter(torch.full((1, 3), math.log(0.5))),
+            "opacities": torch.nn.Parameter(torch.tensor([3.0])),  # sigmoid: 0.95
+            "sh0": torch.nn.Parameter(((colour - 0.5) / 0.28209479177387814)[None, None]),
+            "shN": torch.nn.Parameter(torch.zeros(1, 0, 3)),
+            "features": torch.nn.Parameter(torch.tensor([[1.5, -2.0]])),
+        }
+    )
+    K = torch.tensor([[40.0, 0, 24], [0, 40.0, 16], [0, 0, 1]])
+    with torch.no_grad():
+        rgb, feat, alpha, _ = render(params, _look([0.0, 0.0, 0.0]), K, 48, 32, 0, "torch")
+    assert rgb.shape == (32, 48, 3) and feat.shape == (2, 32, 48) and alpha.shape == (32, 48, 1)
+    assert alpha[16, 24, 0] > 0.9 and alpha[0, 0, 0] < alpha[16, 24, 0]
+    covered = alpha[..., 0] > 0.05  # [H, W]
+    want = colour.clamp_min(0)
+    assert torch.allclose(
+        rgb[covered] / alpha[covered], want.expand(int(covered.sum()), 3), atol=1e-5
+    )
+    feats = feat.permute(1, 2, 0)[covered] / alpha[covered]  # [P, 2]
+    assert torch.allclose(feats, torch.tensor([1.5, -2.0]).expand_as(feats), atol=1e-5)
 
 
 def _scene_params(n: int = 200, d: int = 6) -> torch.nn.ParameterDict:
