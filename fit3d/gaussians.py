@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from fit3d.errors import UserError
@@ -101,8 +102,8 @@ def load_lifted_scene(path: str | Path, device: str | torch.device = "cpu") -> L
         meta = json.loads((path / META_FILE).read_text())
         raw = load_file(str(path / GAUSSIANS_FILE))
         weight = load_file(str(path / DECODER_FILE))["weight"]  # [C, D, 3, 3]
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot read lifted scene {path}: {e}") from e
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        raise UserError(f"cannot read lifted scene {path}: {e}") from None
     missing = [k for k in GAUSSIAN_KEYS if k not in raw]
     if missing:
         raise UserError(f"{path / GAUSSIANS_FILE} lacks tensors {missing}")
