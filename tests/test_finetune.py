@@ -242,11 +242,18 @@ def test_gradient_accumulation_gives_the_one_pass_step(fake, monkeypatch):
     assert two["losses"]["train_last_epoch"] == pytest.approx(one["losses"]["train_last_epoch"])
     for g1, g2 in zip(one_grads, grads, strict=True):
         assert torch.allclose(g1, g2, rtol=1e-4, atol=1e-7 * float(g1.abs().max()))
-    # Adam divides by the gradient's running RMS, so rounding in a near-zero component can move
-    # its update by a fraction of lr (1e-3 here): compare weights to 1% of lr per step
     a, b = _weights(fake, "pass1"), _weights(fake, "pass2")
-    for k in a:
-        assert torch.allclose(a[k], b[k], rtol=0, atol=3e-5), k
+    assert_adam_weights_agree(torch.cat([v.flatten() for v in a.values()]),
+                              torch.cat([b[k].flatten() for k in a]), lr=1e-3, steps=3)  # fmt: skip
+
+
+def assert_adam_weights_agree(a: torch.Tensor, b: torch.Tensor, lr: float, steps: int) -> None:
+    """Weights after equal gradients up to rounding: Adam divides by the gradient's running RMS,
+    so a component whose gradient is ~0 can move either way by up to ~3.2 lr per step (the bound
+    of |m/sqrt(v)| for beta1 0.9, beta2 0.999); all the others agree."""
+    diff = (a - b).abs()
+    assert float(diff.max()) <= 2 * 3.2 * lr * steps
+    assert int((diff > 1e-5).sum()) <= max(1, a.numel() // 10_000)
 
 
 def test_batch_plan_splits_the_global_batch_or_names_the_choices():
