@@ -179,8 +179,8 @@ class FinetuneConfig:
     precision: str = "32-true"
     """Lightning precision, e.g. `32-true`, `bf16-mixed`, `16-mixed`."""
     num_workers: int = 0
-    """DataLoader workers (they read images and rendered targets; rendering happens on the
-    training device)."""
+    """DataLoader workers: they read images and rendered targets (training targets are rendered
+    on the training device, in the main process) and render validation items on CPU."""
     target_window: int = 4096
     """Samples per device whose targets are rendered ahead together, each scene among them loaded
     once, into a file under `<run>/targets/` (two at a time on disk, C*h*w*4 bytes per sample:

@@ -353,9 +353,9 @@ class FinetuneDataModule(L.LightningDataModule):
     `TargetStore` file; `target_dir`: where rank r keeps them (`<target_dir>/rank<r>`, removed at
     teardown; default a temporary folder). `val_run` (another stage-1 run, e.g. of held-out
     scenes) provides the validation scenes when given; otherwise the test views of the training
-    scenes are used. At most `val_views` views per validation scene (0 = all). Targets are
-    rendered on the training device (CUDA -> gsplat) in the main process; loader workers only
-    read images and target records.
+    scenes are used. At most `val_views` views per validation scene (0 = all). Training targets
+    are rendered on the training device (CUDA -> gsplat) in the main process; loader workers only
+    read images and target records (and render validation items, on CPU).
     """
 
     def __init__(
@@ -416,9 +416,11 @@ class FinetuneDataModule(L.LightningDataModule):
     def train_dataset(self) -> FinetuneDataset:
         return FinetuneDataset(self.run, self.scenes, self.train_pairs, self.grids, 1, self._device)
 
-    def val_dataset(self) -> FinetuneDataset:
+    def val_dataset(self, device: str | torch.device | None = None) -> FinetuneDataset:
+        """Validation items, rendered on demand on `device` (default: the training device)."""
         run = self.run if self.val_run is None else self.val_run
-        return FinetuneDataset(run, self.val_scenes, self.val_pairs, self.grids, 1, self._device)
+        device = self._device if device is None else device
+        return FinetuneDataset(run, self.val_scenes, self.val_pairs, self.grids, 1, device)
 
     def train_dataloader(self) -> DataLoader:
         world, rank = self._world()
@@ -436,7 +438,9 @@ class FinetuneDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         world, rank = self._world()
         sampler = ShuffledSampler(len(self.val_pairs), False, False, self.seed, world, rank)
-        return self._loader(self.val_dataset(), sampler, self.val_batch_size, drop_last=False)
+        # loader workers render validation items themselves, on CPU (no CUDA in forked workers)
+        dataset = self.val_dataset("cpu" if self.num_workers > 0 else None)
+        return self._loader(dataset, sampler, self.val_batch_size, drop_last=False)
 
     def _loader(
         self, dataset: Dataset, sampler: Sampler, batch_size: int, drop_last: bool

@@ -116,6 +116,13 @@ def test_accumulated_step_on_cuda_equals_the_one_pass_step(fake, monkeypatch):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-6 * float(a.abs().max()))
 
 
+def test_loader_workers_on_cuda_read_targets_rendered_by_the_main_process(fake):
+    """Workers never touch CUDA: training targets come from the store, validation renders on CPU."""
+    argv = ("run.name=workers", "finetune.num_workers=1", "finetune.val_views=1")
+    meta = run(load_config([], _argv(fake, *argv, "finetune.max_steps=-1")))  # whole epoch
+    assert meta["steps"] == 6 and meta["losses"]["val"] > 0  # validation ran, in the workers
+
+
 @pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
 def test_mixed_precision_clips_the_unscaled_gradient(fake, monkeypatch, precision):
     """The clip acts on the true (unscaled) gradient: the step sees norm 0.1, not 0.1 / scale."""
