@@ -18,10 +18,10 @@ RUN_ENV := GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.tr
 STAGE_ARGS = --preset $(SCENES) backbone.name=$(BACKBONE) $(ARGS)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint format scenes lift finetune eval demo view bench clean
+.PHONY: help setup test lint format scenes lift finetune eval demo view bench gpu-check clean
 
 help: ## Show this help
-	@grep -hE '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
 	@echo "  variables: SCENES=$(SCENES) (demo|scannetpp)  BACKBONE=$(BACKBONE)  ARGS='key.sub=value ...'"
 
 $(STAMP): pyproject.toml
@@ -85,6 +85,11 @@ view: setup ## 3D viewer of a lifted scene (+ fine-tuned feature maps once stage
 bench: setup ## Speed/memory benchmarks (renderer vs baseline, fine-tuning step overhead)
 	$(PY) benchmarks/raster.py
 	$(PY) benchmarks/finetune.py
+
+# Without CUDA: one line, nothing installed beyond the venv, nothing run (exit 0).
+gpu-check: $(STAMP) ## On a GPU: gpu tests, a small CUDA pipeline, speed/memory table (~5 min)
+	@if $(PY) benchmarks/gpu_check.py --has-gpu; then \
+	  $(MAKE) --no-print-directory setup && $(RUN_ENV) $(PY) benchmarks/gpu_check.py; fi
 
 clean: ## Remove outputs (keeps .venv and the weights cache)
 	rm -rf outputs

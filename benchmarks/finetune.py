@@ -44,7 +44,7 @@ from fit3d.runs import benchmark_output, run_dir  # noqa: E402
 from fit3d.scenes import open_scene, resolve_scenes  # noqa: E402
 from stage2_finetune.data import FinetuneDataModule, read_lift_run  # noqa: E402
 from stage2_finetune.module import FinetuneModule  # noqa: E402
-from stage2_finetune.train import make_trainer  # noqa: E402
+from stage2_finetune.train import batch_plan, make_trainer  # noqa: E402
 
 
 class Interleaved(L.Callback):
@@ -132,12 +132,20 @@ def main(argv: list[str] | None = None) -> int:
         precision="bf16-mixed" if args.bf16 else cfg.finetune.precision,
     )
     cfg = dataclasses.replace(cfg, finetune=f)
-    data = FinetuneDataModule(lift, backbone.token_grid, f.batch_size, f.num_workers, f.scene_cache)
+    trainer = make_trainer(cfg, tmp / "finetune", [])  # only to know the device count
+    plan = batch_plan(f.batch_size, f.device_batch, trainer.num_devices * trainer.num_nodes)
+    # a window of one batch renders each step's own targets in that step, so every timed step
+    # carries its rendering (training renders the same views, a window at a time)
+    data = FinetuneDataModule(
+        lift, backbone.token_grid, plan.per_device, f.num_workers, window=plan.per_device
+    )
     batch = next(iter(data.train_dataloader()))
+    data.teardown("fit")
     bare = copy.deepcopy(backbone.model).train()
     timer = Interleaved(bare, backbone.preprocess(batch["image"]), args.bf16)
     trainer = make_trainer(cfg, tmp / "finetune", [timer])
-    trainer.fit(FinetuneModule(backbone, f.lr, f.weight_decay), datamodule=data)
+    module = FinetuneModule(backbone, f.lr, f.weight_decay, f.grad_clip, plan.device_batch)
+    trainer.fit(module, datamodule=data)
     ours, bare_times = timer.ours[warmup:], timer.bare_times[warmup:]
     med_bare, med_ours = statistics.median(bare_times), statistics.median(ours)
     ratios = [o / b for o, b in zip(ours, bare_times, strict=True)]

@@ -156,13 +156,18 @@ class FinetuneConfig:
     epochs: int = 1
     """Training epochs over all (scene, view) pairs."""
     batch_size: int = 2
-    """Images per optimiser step (per device)."""
+    """Global batch: images per optimiser step over all devices (paper: 2). Each device gets
+    batch_size / (devices x num_nodes) of them; a device count that does not divide it stops the
+    run before training."""
+    device_batch: int = 0
+    """Images per forward/backward pass on one device (0 = its whole share of `batch_size`); a
+    smaller divisor of the share accumulates gradients over share / device_batch passes."""
     lr: float = 1e-5
-    """AdamW learning rate."""
+    """AdamW learning rate (not scaled with the batch or the device count)."""
     weight_decay: float = 1e-4
     """AdamW weight decay."""
     grad_clip: float = 0.1
-    """Gradient clipping norm."""
+    """Gradient clipping norm (of the accumulated global-batch gradient; 0 = off)."""
     max_steps: int = -1
     """Stop after this many optimiser steps (-1: `epochs` decides)."""
     devices: int | str = "auto"
@@ -174,9 +179,13 @@ class FinetuneConfig:
     precision: str = "32-true"
     """Lightning precision, e.g. `32-true`, `bf16-mixed`, `16-mixed`."""
     num_workers: int = 0
-    """DataLoader workers; with workers, targets are rendered on CPU inside them."""
-    scene_cache: int = 4
-    """Lifted scenes held in memory per loader process (also the shuffling group size)."""
+    """DataLoader workers: they read images and rendered targets (training targets are rendered
+    on the training device, in the main process) and render validation items on CPU."""
+    target_window: int = 4096
+    """Samples per device whose targets are rendered ahead together, each scene among them loaded
+    once, into a file under `<run>/targets/` (two at a time on disk, C*h*w*4 bytes per sample:
+    3.9 MB for ViT-S at 876x584). Larger = fewer scene loads, more disk; the sample order (i.i.d.
+    over all scenes) does not depend on it."""
     val_lift_run: str = ""
     """Stage-1 run of held-out scenes for validation ('' = test views of the training scenes)."""
     val_views: int = 2

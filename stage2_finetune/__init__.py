@@ -5,8 +5,17 @@ fine-tuning"). The LightningModule is `FinetuneModule`, the LightningDataModule
 `FinetuneDataModule`; `run(cfg)` does one whole run.
 """
 
-from stage2_finetune.data import EpochSampler, FinetuneDataModule, FinetuneDataset
+from stage2_finetune.data import FinetuneDataModule, FinetuneDataset, ShuffledSampler, TargetStore
 from stage2_finetune.module import FinetuneModule
-from stage2_finetune.train import run
+from stage2_finetune.train import BatchPlan, batch_plan, run
 
-__all__ = ["EpochSampler", "FinetuneDataModule", "FinetuneDataset", "FinetuneModule", "run"]
+__all__ = [
+    "BatchPlan",
+    "FinetuneDataModule",
+    "FinetuneDataset",
+    "FinetuneModule",
+    "ShuffledSampler",
+    "TargetStore",
+    "batch_plan",
+    "run",
+]

@@ -1,32 +1,47 @@
 """(scene, view) samples from a stage-1 run: image, rendered target at the token grid, mask.
 
-Memory does not grow with the number of scenes: a `Scene` (cameras and file names only) is kept
-for every scene, but lifted Gaussians are loaded on demand into a small LRU (`LiftedCache`), and
-`EpochSampler` visits the scenes in groups no larger than that cache (scene order and view order
-within a group shuffled every epoch), so each scene is read about once per epoch per loader
-process instead of on almost every sample (FiT3D instead kept all scenes in memory, ~110 GB).
+Order (docs/method.md, "Stage 2: fine-tuning"). Every epoch is one uniform random permutation of
+all train (scene, view) pairs of all scenes, as FiT3D samples them, with a flip bit (p=0.5) per
+position; both are a pure function of (seed, epoch). DDP rank r takes positions r, r+N, r+2N, ...
+of that common order, so ranks see disjoint samples and optimizer step k of any number of ranks
+consumes positions [kG, (k+1)G) of it (G = the global batch). A run resumed mid-epoch skips what
+its checkpoint says it consumed and continues with exactly the samples of the uninterrupted run.
 
-Sampling is a pure function of (seed, epoch, rank), flips included, so DDP ranks see disjoint
-samples without Lightning's sampler replacement, and a run resumed mid-epoch from its checkpoint
-continues with exactly the samples the uninterrupted run would have used.
+Memory. A target needs its scene's Gaussians (~0.5 GB for a ScanNet++ scene; FiT3D held all of
+them, ~110 GB), so targets are not rendered in sample order. `ShuffledSampler` cuts its rank's
+share of the order into windows of `window` samples and, before yielding the first sample of a
+window, has `TargetStore` render the whole window scene by scene: each scene of the window is
+loaded once (the one left in memory by the previous window first), its views rendered and written
+as float32 records (target [C, h, w], then mask [h, w]) to one file on disk, then dropped. Items
+read their record back by (file, offset). Resident memory is one lifted scene plus the per-scene
+cameras and file names; disk holds two windows (the current one and the previous, which loader
+workers may still be reading), C*h*w*4 bytes per sample (3.9 MB for ViT-S at 876x584). Scene loads
+per epoch are about windows x scenes, so the window trades disk for loads; it never changes the
+order. Validation and held-out items are rendered on demand (`LiftedCache`, scene-ordered).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
 
 from fit3d.errors import UserError
 from fit3d.gaussians import META_FILE, LiftedScene, list_lifted_scenes, load_lifted_scene
+from fit3d.io import atomic_path
 from fit3d.scenes import Scene, open_scene
 from fit3d.targets import mask_to_tokens, render_token_target
 
@@ -99,6 +114,10 @@ class LiftedCache:
     def __len__(self) -> int:
         return len(self._items)
 
+    def resident(self) -> set[str]:
+        """Ids of the scenes in memory."""
+        return set(self._items)
+
     def get(self, scene_id: str) -> LiftedScene:
         if scene_id in self._items:
             self._items.move_to_end(scene_id)
@@ -116,12 +135,26 @@ class LiftedCache:
         return state
 
 
+class Sample(NamedTuple):
+    """Key of one training item: a pair index, its flip and where its target record lies."""
+
+    pair: int
+    """Index into the dataset's (scene, view) pairs."""
+    flip: bool
+    """Flip image, target and mask horizontally."""
+    file: str = ""
+    """`TargetStore` file holding the record ('' = render on demand)."""
+    offset: int = 0
+    """Byte offset of the record in `file`."""
+
+
 class FinetuneDataset(Dataset):
-    """Items for keys `(pair index, flip)`: a (scene, view) pair, optionally flipped.
+    """Items for keys `Sample` or `(pair index, flip)`: a (scene, view) pair, optionally flipped.
 
     Each item: `image` [3, H, W] in [0, 1], `target` [C, h, w] decoded rendered features at the
     token grid, `mask` [h, w] soft valid-pixel weights, `key` [3] long (scene index, view, flip).
-    Image, target and mask are flipped together.
+    Image, target and mask are flipped together. A key with a `file` reads its target and mask
+    from that `TargetStore` record (on CPU); otherwise they are rendered now on `device`.
     """
 
     def __init__(
@@ -130,7 +163,7 @@ class FinetuneDataset(Dataset):
         scenes: list[Scene],
         pairs: list[tuple[int, int]],
         grids: Grids,
-        cache_size: int = 4,
+        cache_size: int = 1,
         device: str | torch.device = "cpu",
         backend: str = "auto",
     ):
@@ -144,8 +177,19 @@ class FinetuneDataset(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, key: tuple[int, bool]) -> dict[str, Tensor]:
-        index, flip = key
+    def _grid(self, index: int) -> tuple[int, int]:
+        si, view = self.pairs[index]
+        scene = self.scenes[si]
+        return self.grids[(scene.height(view), scene.width(view))]
+
+    def record_size(self, index: int) -> int:
+        """float32 values in the record of pair `index`: C*h*w (target) + h*w (mask)."""
+        h, w = self._grid(index)
+        return (int(self.run.metas[self.pairs[index][0]]["embed_dim"]) + 1) * h * w
+
+    def render(self, index: int) -> tuple[Tensor, Tensor]:
+        """Unflipped target [C, h, w] and token mask [h, w] of pair `index`, on the cache's
+        device."""
         si, view = self.pairs[index]
         scene = self.scenes[si]
         H, W = scene.height(view), scene.width(view)
@@ -154,40 +198,118 @@ class FinetuneDataset(Dataset):
         target = render_token_target(
             lifted, scene.viewmat(view), scene.K(view), W, H, grid, self.backend
         )  # [C, h, w]
-        image = scene.load_image(view).permute(2, 0, 1).to(target.device)  # [3, H, W]
         valid = scene.load_mask(view)
         valid = torch.ones(H, W, dtype=torch.bool) if valid is None else valid
         mask = mask_to_tokens(valid[None].to(target.device), grid)[0]  # [h, w]
-        if flip:
+        return target, mask
+
+    def read(self, index: int, file: str, offset: int) -> tuple[Tensor, Tensor]:
+        """Target [C, h, w] and mask [h, w] of pair `index` from its `TargetStore` record."""
+        h, w = self._grid(index)
+        n = self.record_size(index)
+        flat = torch.from_numpy(np.fromfile(file, dtype=np.float32, count=n, offset=offset))
+        if flat.numel() != n:
+            raise RuntimeError(f"{file}: record at byte {offset} is truncated")
+        return flat[: n - h * w].view(-1, h, w), flat[n - h * w :].view(h, w)
+
+    def __getitem__(self, key: Sample | tuple[int, bool]) -> dict[str, Tensor]:
+        key = Sample(*key)
+        si, view = self.pairs[key.pair]
+        if key.file:
+            target, mask = self.read(key.pair, key.file, key.offset)
+        else:
+            target, mask = self.render(key.pair)
+        image = self.scenes[si].load_image(view).permute(2, 0, 1).to(target.device)  # [3, H, W]
+        if key.flip:
             image, target, mask = image.flip(-1), target.flip(-1), mask.flip(-1)
-        key_t = torch.tensor([si, view, int(flip)], dtype=torch.long)
+        key_t = torch.tensor([si, view, int(key.flip)], dtype=torch.long)
         return {"image": image, "target": target, "mask": mask, "key": key_t}
 
 
-class EpochSampler(Sampler):
-    """Deterministic per-(seed, epoch) order of `(pair index, flip)` keys for one DDP rank.
+class TargetStore:
+    """Targets and masks of a window of upcoming samples, rendered scene by scene into one file.
 
-    `pair_scene[i]` is the scene index of pair i. With `shuffle`, scenes are shuffled and cut into
-    groups of `group` scenes; the pairs of a group are shuffled together and groups follow one
-    another. Each rank takes every `num_replicas`-th key of the common order, all ranks the same
-    count (the remainder is dropped), so ranks never share a sample. Flips (p=0.5 when `flip`)
-    come from the same seeded generator.
+    `folder` (emptied first; default: a new temporary folder) holds the files; it is removed by
+    `close()` or when the store is garbage-collected. `loads` counts lifted-scene loads and
+    `rendered` rendered views, over the store's life.
+    """
+
+    def __init__(self, dataset: FinetuneDataset, folder: str | Path | None = None):
+        self.dataset = dataset
+        if folder is None:
+            self.folder = Path(tempfile.mkdtemp(prefix="fit3d-targets-"))
+        else:
+            self.folder = Path(folder)
+            shutil.rmtree(self.folder, ignore_errors=True)  # a killed run's leftovers
+            self.folder.mkdir(parents=True)
+        self.rendered = 0
+        self._files: list[Path] = []
+        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.folder), True)
+
+    @property
+    def loads(self) -> int:
+        return self.dataset.cache.loads
+
+    def prepare(self, name: str, pairs: Sequence[int]) -> tuple[str, list[int]]:
+        """Render `pairs` (indices into the dataset's pairs) into `<folder>/<name>.f32`.
+
+        Each scene among them is loaded once, the one already in memory first. Returns the file
+        and every pair's byte offset in it. Files from before the previous call are deleted
+        (loader workers may still read the previous one).
+        """
+        by_scene: dict[int, list[int]] = {}
+        for j, p in enumerate(pairs):
+            by_scene.setdefault(self.dataset.pairs[p][0], []).append(j)
+        resident = self.dataset.cache.resident()
+        scenes = sorted(
+            by_scene, key=lambda s: (self.dataset.scenes[s].scene_id not in resident, s)
+        )
+        offsets = [0] * len(pairs)
+        file = self.folder / f"{name}.f32"
+        bar = tqdm(total=len(pairs), desc="stage 2 targets", unit="view", leave=False, disable=None)
+        with bar, atomic_path(file) as tmp, tmp.open("wb") as fh:
+            for si in scenes:
+                for j in by_scene[si]:
+                    target, mask = self.dataset.render(pairs[j])
+                    offsets[j] = fh.tell()
+                    record = torch.cat([target.flatten(), mask.flatten()]).float().cpu()
+                    fh.write(record.numpy().tobytes())
+                    self.rendered += 1
+                    bar.update()
+        for old in self._files[:-1]:
+            old.unlink(missing_ok=True)
+        self._files = [*self._files[-1:], file]
+        return str(file), offsets
+
+    def close(self) -> None:
+        """Delete the folder and everything in it."""
+        self._cleanup()
+
+
+class ShuffledSampler(Sampler):
+    """Per-(seed, epoch) order of `Sample` keys for one DDP rank (module docstring).
+
+    With `shuffle`, the common order is a uniform random permutation of the `num_pairs` pairs;
+    each rank takes every `num_replicas`-th position, all ranks the same count (the remainder is
+    dropped). Flips (p=0.5 when `flip`) come from the same seeded generator, one per position.
+    With a `store`, every `window` keys of this rank are rendered ahead into one store file.
     """
 
     def __init__(
         self,
-        pair_scene: list[int],
-        group: int = 4,
+        num_pairs: int,
         shuffle: bool = True,
         flip: bool = True,
         seed: int = 0,
         num_replicas: int = 1,
         rank: int = 0,
+        store: TargetStore | None = None,
+        window: int = 4096,
     ):
-        self.pair_scene = torch.as_tensor(pair_scene, dtype=torch.long)
-        self.group = max(1, group)
+        self.num_pairs = num_pairs
         self.shuffle, self.flip, self.seed = shuffle, flip, seed
         self.num_replicas, self.rank = num_replicas, rank
+        self.store, self.window = store, max(1, window)
         self.epoch = 0
         self._skip: dict[int, int] = {}
 
@@ -199,41 +321,41 @@ class EpochSampler(Sampler):
         self._skip[epoch] = n
 
     def __len__(self) -> int:
-        return len(self.pair_scene) // self.num_replicas
+        return self.num_pairs // self.num_replicas
 
     def order(self) -> tuple[Tensor, Tensor]:
         """(pair indices [M], flips [M] bool) of the whole epoch, common to all ranks."""
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        n = len(self.pair_scene)
-        if not self.shuffle:
-            idx = torch.arange(n)
-        else:
-            scenes = torch.unique(self.pair_scene)
-            scenes = scenes[torch.randperm(len(scenes), generator=g)]
-            parts = []
-            for start in range(0, len(scenes), self.group):
-                members = torch.isin(self.pair_scene, scenes[start : start + self.group])
-                part = members.nonzero()[:, 0]
-                parts.append(part[torch.randperm(len(part), generator=g)])
-            idx = torch.cat(parts) if parts else torch.arange(0)
+        n = self.num_pairs
+        idx = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
         flips = torch.rand(n, generator=g) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)
         return idx, flips
 
-    def __iter__(self) -> Iterator[tuple[int, bool]]:
+    def __iter__(self) -> Iterator[Sample]:
         idx, flips = self.order()
         mine = torch.arange(self.rank, len(self) * self.num_replicas, self.num_replicas)
+        keys = list(zip(idx[mine].tolist(), flips[mine].tolist(), strict=True))
         start = self._skip.pop(self.epoch, 0)
-        for i in mine[start:].tolist():
-            yield int(idx[i]), bool(flips[i])
+        for k in range(start // self.window, -(-len(keys) // self.window)):
+            part = keys[max(k * self.window, start) : (k + 1) * self.window]
+            if self.store is None:
+                yield from (Sample(p, f) for p, f in part)
+                continue
+            file, offsets = self.store.prepare(f"e{self.epoch}_w{k}", [p for p, _ in part])
+            yield from (Sample(p, f, file, o) for (p, f), o in zip(part, offsets, strict=True))
 
 
 class FinetuneDataModule(L.LightningDataModule):
     """Train pairs = train views of a stage-1 run's scenes; val pairs = held-out views.
 
-    `val_run` (another stage-1 run, e.g. of held-out scenes) provides the validation scenes when
-    given; otherwise the test views of the training scenes are used. At most `val_views` views per
-    validation scene (0 = all). The render device is the training device when `num_workers` is 0
-    (CUDA -> gsplat), else CPU inside the workers.
+    `batch_size`: training samples per rank per optimizer step (its share of the global batch);
+    `val_batch_size` (default `batch_size`): validation images per batch. `window`: samples per
+    `TargetStore` file; `target_dir`: where rank r keeps them (`<target_dir>/rank<r>`, removed at
+    teardown; default a temporary folder). `val_run` (another stage-1 run, e.g. of held-out
+    scenes) provides the validation scenes when given; otherwise the test views of the training
+    scenes are used. At most `val_views` views per validation scene (0 = all). Training targets
+    are rendered on the training device (CUDA -> gsplat) in the main process; loader workers only
+    read images and target records (and render validation items, on CPU).
     """
 
     def __init__(
@@ -242,15 +364,19 @@ class FinetuneDataModule(L.LightningDataModule):
         grid_fn: GridFn,
         batch_size: int = 2,
         num_workers: int = 0,
-        cache_size: int = 4,
+        window: int = 4096,
         seed: int = 0,
         val_run: LiftRun | None = None,
         val_views: int = 2,
+        target_dir: str | Path | None = None,
+        val_batch_size: int | None = None,
     ):
         super().__init__()
         self.run, self.val_run = run, val_run
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.cache_size, self.seed, self.val_views = cache_size, seed, val_views
+        self.val_batch_size = val_batch_size or batch_size
+        self.window, self.seed, self.val_views = window, seed, val_views
+        self.target_dir = Path(target_dir) if target_dir is not None else None
         self.scenes = open_run_scenes(run)
         self.train_pairs = [(si, v) for si, s in enumerate(self.scenes) for v in s.train_views]
         if not self.train_pairs:
@@ -266,10 +392,21 @@ class FinetuneDataModule(L.LightningDataModule):
         self.grids: Grids = {size: grid_fn(*size) for size in sorted(sizes)}
         self._position = (0, 0)  # (epoch, training batches consumed in it)
         self._device = torch.device("cpu")
+        self.stores: list[TargetStore] = []
 
     def setup(self, stage: str) -> None:
-        if self.trainer is not None and self.num_workers == 0:
+        if self.trainer is not None:
             self._device = self.trainer.strategy.root_device
+
+    def teardown(self, stage: str) -> None:
+        for store in self.stores:
+            store.close()
+        self.stores.clear()
+        if self.target_dir is not None:
+            try:
+                self.target_dir.rmdir()  # once every rank has removed its folder
+            except OSError:
+                pass
 
     def _world(self) -> tuple[int, int]:
         if self.trainer is None:
@@ -277,35 +414,40 @@ class FinetuneDataModule(L.LightningDataModule):
         return self.trainer.world_size, self.trainer.global_rank
 
     def train_dataset(self) -> FinetuneDataset:
-        return FinetuneDataset(
-            self.run, self.scenes, self.train_pairs, self.grids, self.cache_size, self._device
-        )
+        return FinetuneDataset(self.run, self.scenes, self.train_pairs, self.grids, 1, self._device)
 
-    def val_dataset(self) -> FinetuneDataset:
+    def val_dataset(self, device: str | torch.device | None = None) -> FinetuneDataset:
+        """Validation items, rendered on demand on `device` (default: the training device)."""
         run = self.run if self.val_run is None else self.val_run
-        return FinetuneDataset(
-            run, self.val_scenes, self.val_pairs, self.grids, self.cache_size, self._device
-        )
+        device = self._device if device is None else device
+        return FinetuneDataset(run, self.val_scenes, self.val_pairs, self.grids, 1, device)
 
     def train_dataloader(self) -> DataLoader:
         world, rank = self._world()
-        sampler = EpochSampler(
-            [si for si, _ in self.train_pairs], self.cache_size, True, True, self.seed, world, rank
+        dataset = self.train_dataset()
+        folder = self.target_dir / f"rank{rank}" if self.target_dir is not None else None
+        store = TargetStore(dataset, folder)
+        self.stores.append(store)
+        sampler = ShuffledSampler(
+            len(self.train_pairs), True, True, self.seed, world, rank, store, self.window
         )
         epoch, consumed = self._position
         sampler.skip_once(epoch, consumed * self.batch_size)
-        return self._loader(self.train_dataset(), sampler, drop_last=True)
+        return self._loader(dataset, sampler, self.batch_size, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
         world, rank = self._world()
-        pair_scene = [si for si, _ in self.val_pairs]
-        sampler = EpochSampler(pair_scene, 1, False, False, self.seed, world, rank)
-        return self._loader(self.val_dataset(), sampler, drop_last=False)
+        sampler = ShuffledSampler(len(self.val_pairs), False, False, self.seed, world, rank)
+        # loader workers render validation items themselves, on CPU (no CUDA in forked workers)
+        dataset = self.val_dataset("cpu" if self.num_workers > 0 else None)
+        return self._loader(dataset, sampler, self.val_batch_size, drop_last=False)
 
-    def _loader(self, dataset: Dataset, sampler: Sampler, drop_last: bool) -> DataLoader:
+    def _loader(
+        self, dataset: Dataset, sampler: Sampler, batch_size: int, drop_last: bool
+    ) -> DataLoader:
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
+            batch_size=batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
             drop_last=drop_last,

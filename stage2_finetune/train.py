@@ -1,7 +1,14 @@
 """One fine-tuning run: check inputs, train with Lightning, write `outputs/finetune/<run>/`.
 
 Outputs: `backbone.safetensors` (plain timm state dict), `meta.json` (written last), `config.yaml`,
-`checkpoints/last.ckpt` (resume only), `logs/metrics.csv`, `pca.png`.
+`checkpoints/last.ckpt` (resume only), `logs/metrics.csv`, `pca.png`; `targets/` holds rendered
+targets while training (`stage2_finetune.data`) and is removed at the end.
+
+`finetune.batch_size` is the global batch G (paper: 2), whatever the device count N (devices x
+nodes): each rank gets G / N samples per optimizer step, run in forward/backward passes of
+`finetune.device_batch` images (accumulating gradients), and the loss is normalised over the
+whole global batch (`stage2_finetune.module`), so the optimizer steps, lr and clipping are the
+paper's on any N that divides G; otherwise the run stops before training (`batch_plan`).
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ import netrc
 import os
 import time
 import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +85,58 @@ def _heldout_scenes(run: LiftRun, split: str) -> tuple[list[Scene], str]:
     return [open_scene(meta["scenes_root"], s, float(meta["resolution"])) for s in ids], ""
 
 
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one global batch is split: `devices` x `accumulation` passes of `device_batch`."""
+
+    global_batch: int
+    """Samples per optimizer step, over all devices (`finetune.batch_size`)."""
+    devices: int
+    """Processes taking part in a step (devices per node x nodes)."""
+    device_batch: int
+    """Images per forward/backward pass on one device."""
+    accumulation: int
+    """Passes per device per optimizer step."""
+
+    @property
+    def per_device(self) -> int:
+        """Samples per device per optimizer step (its share of the global batch)."""
+        return self.device_batch * self.accumulation
+
+
+def _device_choices(global_batch: int, devices: int) -> str:
+    ok = [n for n in range(1, min(global_batch, devices) + 1) if global_batch % n == 0]
+    return " or ".join(str(n) for n in ok)
+
+
+def batch_plan(global_batch: int, device_batch: int, devices: int) -> BatchPlan:
+    """Split `global_batch` over `devices`; `device_batch` 0 = each device's whole share in one
+    pass. A split that cannot honour the global batch is a one-line `UserError` naming the
+    choices."""
+    if global_batch < 1:
+        raise UserError(f"finetune.batch_size must be >= 1, got {global_batch}")
+    if global_batch % devices:
+        why = (
+            f"more devices ({devices}) than samples per step ({global_batch})"
+            if devices > global_batch
+            else f"{global_batch} samples per step do not split evenly over {devices} devices"
+        )
+        raise UserError(
+            f"finetune.batch_size={global_batch} is the global batch (paper: 2) and cannot be "
+            f"honoured: {why} (finetune.devices x finetune.num_nodes); set finetune.batch_size "
+            f"to a multiple of {devices}, or use {_device_choices(global_batch, devices)} devices"
+        )
+    share = global_batch // devices
+    size = device_batch or share
+    if size < 1 or share % size:
+        divisors = [d for d in range(1, share + 1) if share % d == 0]
+        raise UserError(
+            f"finetune.device_batch={device_batch} must divide each device's share of the global "
+            f"batch ({global_batch} / {devices} devices = {share}): use one of {divisors}, or 0"
+        )
+    return BatchPlan(global_batch, devices, size, share // size)
+
+
 class LastCheckpoint(Callback):
     """Keep one resumable `last.ckpt`: every `every` steps, at `max_steps`, at each epoch end.
 
@@ -112,8 +172,6 @@ def make_trainer(cfg: Config, out: Path, callbacks: list[Callback]) -> L.Trainer
         precision=f.precision,
         max_epochs=f.epochs,
         max_steps=f.max_steps,
-        gradient_clip_val=f.grad_clip,
-        gradient_clip_algorithm="norm",
         logger=_loggers(cfg, out),
         callbacks=[ckpt, *callbacks],
         log_every_n_steps=max(f.log_every, 1),
@@ -144,18 +202,21 @@ def run(cfg: Config, callbacks: list[Callback] | None = None) -> dict[str, Any]:
             print(f"stage2_finetune: {out} is finished; skipped (another run.name trains again)")
             return read_meta(out / META_FILE)
         resume = ckpt_path.is_file()  # same settings, interrupted: carry on from the checkpoint
+    trainer = make_trainer(cfg, out, list(callbacks or []))
+    plan = batch_plan(f.batch_size, f.device_batch, trainer.num_devices * trainer.num_nodes)
     data = FinetuneDataModule(
         lift,
         backbone.token_grid,
-        batch_size=f.batch_size,
+        batch_size=plan.per_device,
         num_workers=f.num_workers,
-        cache_size=f.scene_cache,
+        window=f.target_window,
         seed=cfg.run.seed,
         val_run=val_lift,
         val_views=f.val_views,
+        target_dir=out / "targets",
+        val_batch_size=plan.device_batch,
     )
-    module = FinetuneModule(backbone, lr=f.lr, weight_decay=f.weight_decay)
-    trainer = make_trainer(cfg, out, list(callbacks or []))
+    module = FinetuneModule(backbone, f.lr, f.weight_decay, f.grad_clip, plan.device_batch)
     if trainer.is_global_zero:
         write_config(cfg, out)
     # mid-epoch resumption is exact (FinetuneDataModule.state_dict), unlike Lightning assumes
@@ -165,7 +226,7 @@ def run(cfg: Config, callbacks: list[Callback] | None = None) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     if not trainer.is_global_zero:
         return {}
-    return _finish(cfg, out, trainer, module, data, lift, val_lift, seconds)
+    return _finish(cfg, out, trainer, module, data, plan, lift, val_lift, seconds)
 
 
 def _finish(
@@ -174,6 +235,7 @@ def _finish(
     trainer: L.Trainer,
     module: FinetuneModule,
     data: FinetuneDataModule,
+    plan: BatchPlan,
     lift: LiftRun,
     val_lift: LiftRun | None,
     seconds: float,
@@ -201,9 +263,15 @@ def _finish(
         "val_lift_run": str(val_lift.path) if val_lift else "",
         "train_scenes": len(lift.scene_ids),
         "train_views": len(data.train_pairs),
-        "steps": trainer.global_step,
+        "steps": trainer.global_step,  # optimizer steps
         "epochs": round(trainer.global_step / max(trainer.num_training_batches, 1), 3),
         "world_size": trainer.world_size,
+        "batch": {**asdict(plan), "per_device": plan.per_device},
+        "optimizer": {
+            "lr": cfg.finetune.lr,
+            "weight_decay": cfg.finetune.weight_decay,
+            "grad_clip": cfg.finetune.grad_clip,
+        },
         "seconds": round(seconds, 2),
         "losses": {
             "train_last_epoch": metrics.get("finetune/loss_epoch"),
