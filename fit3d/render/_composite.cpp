@@ -5,12 +5,14 @@
 // its transmittance to <= 1e-4, and a tile stops when all its pixels have. The backward walks the
 // same lists back to front per pixel, recovering each transmittance by division, sums each
 // Gaussian's gradient over the tile and adds it to the output under a striped lock. Tiles run in
-// parallel on ATen's thread pool, most loaded first. Memory: the image, the Gaussian-tile lists and
-// [M, D] gradients, never N x H x W.
+// parallel on torch.get_num_threads() threads (`parallel_tasks`), most loaded first. Memory: the
+// image, the Gaussian-tile lists and [M, D] gradients, never N x H x W.
 
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+
+#include "_kernels.h"
 
 #include <algorithm>
 #include <atomic>
@@ -80,11 +82,8 @@ void for_each_tile(const int64_t* offsets, int64_t n_tiles, Fn fn) {
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
     return offsets[a + 1] - offsets[a] > offsets[b + 1] - offsets[b];
   });
-  std::atomic<int64_t> next{0};
-  const int64_t n = static_cast<int64_t>(order.size());
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(order[i]);
-  });
+  fit3d::parallel_tasks(at::get_num_threads(), static_cast<int64_t>(order.size()),
+                        [&](int64_t i, int) { fn(order[i]); });
 }
 
 }  // namespace

@@ -2,8 +2,13 @@
 
 The extension is compiled on first use with `torch.utils.cpp_extension.load` (needs a C++ compiler
 and ninja, which gsplat already pulls in; ~1-2 min once, then cached under
-~/.cache/torch_extensions). If that fails (or FIT3D_RENDER_NO_CPP=1 is set), and always for float64
-or non-CPU tensors, the renderer uses the pure-torch path instead (a one-time warning says so).
+~/.cache/torch_extensions, keyed by the sources and this CPU's flags). If that fails (or
+FIT3D_RENDER_NO_CPP=1 is set), and always for float64 or non-CPU tensors, the renderer uses the
+pure-torch path instead (a one-time warning says so).
+
+Parallelism: the kernels run on `torch.get_num_threads()` threads of their own (std::threads taking
+tiles or chunks of Gaussians from an atomic counter, see `_kernels.h`), so they use all cores
+whichever OpenMP runtime torch links, and load none themselves.
 """
 
 from __future__ import annotations
@@ -25,11 +30,13 @@ from torch import Tensor
 from ._project import TILE, Intersections, Projected
 
 _SOURCES = ("_bindings.cpp", "_project.cpp", "_composite.cpp")
+_HEADERS = ("_kernels.h",)
 
 
-def _cpu_tag() -> str:
-    """Short hash of this CPU's feature flags: the build uses -march=native, so a cache shared by
-    machines with different CPUs (a cluster home directory) must not hand one's build to another."""
+def _build_tag() -> str:
+    """Short hash of this CPU's feature flags and the kernel sources: the build uses -march=native,
+    so a cache shared by machines with different CPUs (a cluster home directory) must not hand
+    one's build to another, and torch's own rebuild check does not look at headers."""
     try:
         flags = next(
             line
@@ -38,7 +45,11 @@ def _cpu_tag() -> str:
         )
     except (OSError, StopIteration):
         flags = platform.processor() or platform.machine()
-    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+    h = hashlib.sha1(flags.encode())
+    here = Path(__file__).parent
+    for name in _SOURCES + _HEADERS:
+        h.update((here / name).read_bytes())
+    return h.hexdigest()[:10]
 
 
 @functools.cache
@@ -53,7 +64,7 @@ def _extension() -> ModuleType | None:
 
         here = Path(__file__).parent
         return load(
-            name=f"fit3d_render_cpu_{_cpu_tag()}",
+            name=f"fit3d_render_cpu_{_build_tag()}",
             sources=[str(here / s) for s in _SOURCES],
             extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd"],
             verbose=False,

@@ -2,11 +2,14 @@
 //
 // Same rules as the pure-torch `_project.py` (gsplat's classic pinhole path): cull outside
 // [near, far], non-positive blurred 2D covariance, opacity < 1/255, or a pixel box missing the
-// image. Per-entry maths runs in double and is stored in float.
+// image. Per-entry maths runs in double and is stored in float. The forward runs in parallel
+// (`parallel_tasks`); the backward is serial (entries of one Gaussian in several cameras collide).
 
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+
+#include "_kernels.h"
 
 #include <algorithm>
 #include <cmath>
@@ -112,9 +115,10 @@ std::vector<torch::Tensor> project_forward(torch::Tensor means, torch::Tensor qu
   float* con = d_con.data_ptr<float>();
   float* zz = d_z.data_ptr<float>();
   int32_t* rad = d_rad.data_ptr<int32_t>();
-  at::parallel_for(0, C * N, 8192, [&](int64_t b, int64_t e_) {
+  constexpr int64_t kChunk = 8192;
+  fit3d::parallel_tasks(at::get_num_threads(), (C * N + kChunk - 1) / kChunk, [&](int64_t task, int) {
     Entry e;
-    for (int64_t idx = b; idx < e_; ++idx) {
+    for (int64_t idx = task * kChunk; idx < std::min(C * N, (task + 1) * kChunk); ++idx) {
       const int64_t c = idx / N, n = idx % N;
       const Cam& cam = cams[c];
       const double o = op[n];
