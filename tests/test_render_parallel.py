@@ -2,7 +2,10 @@
 at least ~1.6 CPU-seconds per wall-second (one core's worth would be ~1.0).
 
 Written for an otherwise idle machine with >= 2 cores (CI); the best of a few repetitions is kept,
-so one step slowed by a stray process does not fail it.
+so one step slowed by a stray process does not fail it. On a machine that other processes keep
+busy (seen in /proc/stat) no wall-clock ratio is meaningful; there the test checks instead that
+the threads other than the caller did the work (process CPU >= 1.6 x the calling thread's CPU),
+which single-core kernels (ratio ~1.0) fail just the same.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,6 +46,16 @@ def _scene(n: int, width: int, height: int) -> dict:
     )
 
 
+def _machine_cpu_seconds() -> float | None:
+    """CPU-seconds all processes have used since boot (Linux /proc/stat), else None."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def test_render_uses_two_cores() -> None:
     from fit3d.render import _cpp
 
@@ -54,20 +68,32 @@ def test_render_uses_two_cores() -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        ratios = []
+        ratios, splits, others = [], [], []
         for rep in range(6):  # the first one warms up (allocations, page faults)
             for p in params:
                 p.grad = None
-            wall0, cpu0 = time.perf_counter(), time.process_time()
+            machine0 = _machine_cpu_seconds()
+            wall0, cpu0, own0 = time.perf_counter(), time.process_time(), time.thread_time()
             img, alpha, _ = rasterization(
                 *params, s["viewmats"], s["Ks"], width, height, backend="torch"
             )
             torch.autograd.backward([img, alpha], [grad_img, torch.ones_like(alpha)])
             wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-            if rep > 0:
-                ratios.append(cpu / wall)
-            if max(ratios, default=0.0) >= 1.6:
+            own = time.thread_time() - own0
+            machine1 = _machine_cpu_seconds()
+            if rep == 0:
+                continue
+            ratios.append(cpu / wall)
+            splits.append(cpu / max(own, 1e-9))
+            if machine0 is not None and machine1 is not None:
+                # share of all cores that other processes used meanwhile
+                others.append((machine1 - machine0 - cpu) / (wall * (os.cpu_count() or 1)))
+            if ratios[-1] >= 1.6:
                 break
     finally:
         torch.set_num_threads(threads)
-    assert max(ratios) >= 1.6, f"CPU-seconds per wall-second {ratios}: the kernels ran on one core"
+    if max(ratios) >= 1.6:
+        return
+    busy = bool(others) and min(others) > 0.2
+    assert busy, f"CPU-seconds per wall-second {ratios} on an idle machine: one core's worth"
+    assert max(splits) >= 1.6, f"busy machine; process CPU / calling thread CPU {splits}"
