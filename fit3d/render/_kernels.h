@@ -60,6 +60,41 @@ void parallel_tasks(int n_threads, int64_t n_tasks, Fn&& fn) {
   for (auto& t : pool) t.join();
 }
 
+// Runs the phases one after another, each like parallel_tasks (fn(phase, task, worker) for task in
+// [0, sizes[phase])), on one set of threads that wait for each other between phases.
+template <typename Fn>
+void parallel_phases(int n_threads, const std::vector<int64_t>& sizes, Fn&& fn) {
+  const int64_t n_phases = static_cast<int64_t>(sizes.size());
+  const int64_t most = sizes.empty() ? 0 : *std::max_element(sizes.begin(), sizes.end());
+  const int want = static_cast<int>(std::min<int64_t>(std::max(n_threads, 1), most));
+  std::vector<std::atomic<int64_t>> next(n_phases), arrived(n_phases);
+  for (int64_t ph = 0; ph < n_phases; ++ph) next[ph] = 0, arrived[ph] = 0;
+  std::atomic<int> started{1};
+  auto work = [&](int worker) {
+    for (int64_t ph = 0; ph < n_phases; ++ph) {
+      for (int64_t i = next[ph].fetch_add(1, std::memory_order_relaxed); i < sizes[ph];
+           i = next[ph].fetch_add(1, std::memory_order_relaxed))
+        fn(ph, i, worker);
+      arrived[ph].fetch_add(1, std::memory_order_acq_rel);
+      while (arrived[ph].load(std::memory_order_acquire) < started.load()) std::this_thread::yield();
+    }
+  };
+  std::vector<std::thread> pool;
+  if (want > 1) pool.reserve(static_cast<size_t>(want - 1));
+  for (int w = 1; w < want; ++w) {
+    // counted before the thread exists, so no phase can finish without it; undone if it fails
+    started.fetch_add(1);
+    try {
+      pool.emplace_back(work, w);
+    } catch (const std::system_error&) {
+      started.fetch_sub(1);
+      break;
+    }
+  }
+  work(0);
+  for (auto& t : pool) t.join();
+}
+
 // Number of workers parallel_tasks will use (scratch buffers are sized by it).
 inline int n_workers(int n_threads, int64_t n_tasks) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::max(n_threads, 1), n_tasks)));
@@ -272,12 +307,16 @@ struct CompositeArgs {
 
 // One Gaussian-tile intersection as both passes read it: the tile lists' Gaussians copied into
 // list order once, so the per-tile loops stream one cache line per entry instead of gathering
-// from five arrays. Memory: 64 bytes per intersection.
+// from five arrays; the forward also notes which entries it blended, so the backward skips the
+// others. Memory: 64 bytes per intersection.
 struct alignas(64) Splat {
   float mx, my, a, b, c, o, z;
   float thr;  // footprint bound: sigma <= thr wherever alpha >= 1/255
   int32_t rx, ry;
-  int64_t row, crow, orow;  // geometry, colour and opacity rows
+  int32_t row, crow, orow;  // geometry, colour and opacity rows
+  int32_t slot;  // backward: where this intersection's partial sums go (-1: straight to the rows)
+  int32_t used;  // written by the forward: pixels of the tile it was blended into
+  int32_t pad_;
 };
 static_assert(sizeof(Splat) == 64, "one cache line per intersection");
 
