@@ -388,9 +388,15 @@ void backward_tile(const CompositeArgs& a, const TileXY& t, const Splat* list, c
     const Splat& s = list[j];
     if (s.used == 0) continue;  // blended into no pixel of this tile
     const float* col = a.colors + int64_t(s.crow) * D;
-    if (j >= kAhead) {
-      prefetch_row(a.colors + int64_t(list[j - kAhead].crow) * D, D);
-      prefetch_row(g.v_colors + int64_t(list[j - kAhead].crow) * D, D);
+    if (j >= kAhead) {  // the rows an entry further on reads and adds to
+      const Splat& f = list[j - kAhead];
+      prefetch_row(a.colors + int64_t(f.crow) * D, D);
+      prefetch_row(g.v_colors + int64_t(f.crow) * D, D);
+      __builtin_prefetch(g.v_means2d + 2 * int64_t(f.row));
+      __builtin_prefetch(g.v_conics + 3 * int64_t(f.row));
+      __builtin_prefetch(g.v_opacities + f.orow);
+      if (g.absgrad) __builtin_prefetch(g.absgrad + 2 * int64_t(f.row));
+      if (g.v_depths) __builtin_prefetch(g.v_depths + f.row);
     }
     const vi jj = splat_i(static_cast<int32_t>(j));
     const vf ca = splat(s.a), cb = splat(s.b), cc = splat(s.c), o = splat(s.o);
@@ -503,7 +509,16 @@ void composite_forward(const CompositeArgs& a, float* out, float* trans, int32_t
   constexpr int64_t kChunk = 1 << 14;
   parallel_tasks(a.n_threads, (n_isect + kChunk - 1) / kChunk, [&](int64_t task, int) {
     const int64_t end = std::min(n_isect, (task + 1) * kChunk);
-    for (int64_t i = task * kChunk; i < end; ++i) splats[i] = make_splat(a, a.flatten_ids[i]);
+    for (int64_t i = task * kChunk; i < end; ++i) {
+      if (i + 16 < end) {  // the rows an entry further on reads
+        const int64_t r = a.flatten_ids[i + 16];
+        __builtin_prefetch(a.means2d + 2 * r), __builtin_prefetch(a.conics + 3 * r);
+        __builtin_prefetch(a.radii + 2 * r);
+        __builtin_prefetch(a.opacities + wrap(a.grow ? a.grow[r] : r, a.n_opac));
+        if (a.depths) __builtin_prefetch(a.depths + r);
+      }
+      splats[i] = make_splat(a, a.flatten_ids[i]);
+    }
   });
   int32_t n_slots = 0;  // wide Gaussians' intersections, numbered in list order
   for (int64_t i = 0; i < n_isect; ++i)
