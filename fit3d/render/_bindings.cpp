@@ -7,6 +7,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <limits>
 #include <vector>
 
 #include "_kernels.h"
@@ -136,6 +137,10 @@ fit3d::CompositeArgs composite_args(const Tensor& means2d, const Tensor& conics,
   check(radii, torch::kInt32, "radii");
   TORCH_CHECK(colors.dim() == 2, "colors must be [rows, D]");
   TORCH_CHECK(offsets.numel() == n_cams * tiles_x * tiles_y + 1, "offsets do not match the grid");
+  constexpr int64_t kMaxRows = std::numeric_limits<int32_t>::max();  // Splat rows are int32
+  TORCH_CHECK(means2d.numel() / 2 <= kMaxRows && colors.size(0) <= kMaxRows &&
+                  opacities.numel() <= kMaxRows,
+              "more than 2^31 Gaussian rows");
   fit3d::CompositeArgs a;
   a.n_cams = n_cams, a.width = width, a.height = height, a.tiles_x = tiles_x, a.tiles_y = tiles_y;
   a.flatten_ids = lptr(flatten_ids, "flatten_ids"), a.offsets = lptr(offsets, "offsets");

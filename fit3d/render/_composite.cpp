@@ -538,14 +538,16 @@ void composite_forward(const CompositeArgs& a, float* out, float* trans, int32_t
     }
   }
   const int64_t n = static_cast<int64_t>(tiles.order.size());
+  // allocated here, so running out of memory raises in the caller instead of ending a worker
   std::vector<FwdScratch> scratch(n_workers(a.n_threads, n));
+  if (chan_major)
+    for (FwdScratch& sc : scratch) sc.acc.resize(Dout * kPix);
   parallel_tasks(a.n_threads, n, [&](int64_t i, int worker) {
     const int64_t tile = tiles.order[i];
     const TileXY t = tile_xy(a, tiles.per_cam, tile);
     const int64_t start = a.offsets[tile], count = a.offsets[tile + 1] - start;
     FwdScratch& sc = scratch[worker];
     if (chan_major) {
-      if (sc.acc.empty()) sc.acc.resize(Dout * kPix);
       forward_tile<true>(a, t, splats + start, count, sc, out, trans, last);
     } else {
       forward_tile<false>(a, t, splats + start, count, sc, out, trans, last);
@@ -574,15 +576,13 @@ void composite_backward(const CompositeArgs& a, const Splat* splats, const float
   // zero-filled: an intersection the backward does not reach (behind every pixel's last
   // contributor) leaves its slot untouched
   std::vector<float> slots(n_slots * (kGeo + Dout), 0.0f);
+  // allocated here, so running out of memory raises in the caller instead of ending a worker
   std::vector<BwdScratch> scratch(n_workers(a.n_threads, static_cast<int64_t>(tiles.order.size())));
+  for (BwdScratch& sc : scratch) sc.vc.resize(Dout), sc.v_tile.resize(Dout * kPix);
   parallel_phases(a.n_threads, sizes, [&](int64_t ph, int64_t i, int worker) {
     const int64_t tile = classes[ph][i];
     const TileXY t = tile_xy(a, tiles.per_cam, tile);
     BwdScratch& sc = scratch[worker];
-    if (sc.vc.empty()) {
-      sc.vc.resize(Dout);
-      sc.v_tile.resize(Dout * kPix);
-    }
     const Splat* list = splats + a.offsets[tile];
     if (chan_major)
       backward_tile<true>(a, t, list, trans, last, v_out, v_alpha, g, sc, slots.data());
