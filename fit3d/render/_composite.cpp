@@ -86,10 +86,11 @@ inline bool footprint_spans(const Splat& s, const TileXY& t, Spans& sp) {
     const vf disc = b * b * dy * dy - a * (c * dy * dy - splat(2.0f * s.thr));
     const vf root = vsqrt(vmax(disc, zero));
     const vf dx_lo = (-b * dy - root) * inv_a, dx_hi = (-b * dy + root) * inv_a;
-    vf x0 = vmax(x_lo, vceil(splat(s.mx - 0.5f - 0.01f) - dx_hi));
-    vf x1 = vmin(x_hi, vfloor(splat(s.mx - 0.5f + 0.01f) - dx_lo));
+    // clamped into [x_lo - 1, x_hi + 1] (a NaN from a degenerate conic becomes a bound: vmax and
+    // vmin return their second operand then), so the int conversion stays in range
+    vf x0 = vmin(vmax(vceil(splat(s.mx - 0.5f - 0.01f) - dx_hi), x_lo), x_hi + splat(1.0f));
+    vf x1 = vmax(vmin(vfloor(splat(s.mx - 0.5f + 0.01f) - dx_lo), x_hi), x_lo - splat(1.0f));
     x0 = select(disc >= zero, x0, x_hi + splat(1.0f));
-    x1 = vmax(x1, x_lo - splat(1.0f));  // keeps the int conversion in range
     const vi ox = splat_i(static_cast<int32_t>(t.ox));
     store_i(sp.lo + v, __builtin_convertvector(x0, vi) - ox);
     store_i(sp.hi + v, __builtin_convertvector(x1, vi) - ox);
@@ -228,7 +229,8 @@ void forward_tile(const CompositeArgs& a, const TileXY& t, Splat* list, int64_t 
     return (t.cam * a.height + t.oy + ly) * a.width + t.ox + lx;
   };
   float* out_row[kTile];  // pixel-major: the tile's rows of the output
-  for (int64_t ly = 0; ly < kTile; ++ly) out_row[ly] = out + pix_index(ly < t.th ? ly : 0, 0) * Dout;
+  for (int64_t ly = 0; ly < kTile; ++ly)
+    out_row[ly] = out + pix_index(ly < t.th ? ly : 0, 0) * Dout;
   if (kChanMajor) {
     std::fill(acc, acc + Dout * kPix, 0.0f);
   } else {

@@ -76,7 +76,8 @@ void parallel_phases(int n_threads, const std::vector<int64_t>& sizes, Fn&& fn) 
            i = next[ph].fetch_add(1, std::memory_order_relaxed))
         fn(ph, i, worker);
       arrived[ph].fetch_add(1, std::memory_order_acq_rel);
-      while (arrived[ph].load(std::memory_order_acquire) < started.load()) std::this_thread::yield();
+      while (arrived[ph].load(std::memory_order_acquire) < started.load())
+        std::this_thread::yield();
     }
   };
   std::vector<std::thread> pool;
@@ -146,10 +147,15 @@ inline vi load_i(const int32_t* p) {
 }
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 inline void store_i(int32_t* p, vi v) { std::memcpy(p, &v, sizeof v); }
-// Native instructions where the target has them, portable expressions elsewhere.
+// Native instructions where the target has them, portable expressions elsewhere (same results,
+// including vmin/vmax returning their second operand when either is NaN).
 #if defined(__AVX512F__)
-inline __mmask16 kmask(vi m) { return _mm512_cmplt_epi32_mask((__m512i)m, _mm512_setzero_si512()); }
-inline vf select(vi m, vf a, vf b) { return (vf)_mm512_mask_blend_ps(kmask(m), (__m512)b, (__m512)a); }
+inline __mmask16 kmask(vi m) {
+  return _mm512_cmplt_epi32_mask((__m512i)m, _mm512_setzero_si512());
+}
+inline vf select(vi m, vf a, vf b) {
+  return (vf)_mm512_mask_blend_ps(kmask(m), (__m512)b, (__m512)a);
+}
 inline vf vmin(vf a, vf b) { return (vf)_mm512_min_ps((__m512)a, (__m512)b); }
 inline vf vmax(vf a, vf b) { return (vf)_mm512_max_ps((__m512)a, (__m512)b); }
 inline vf vsqrt(vf a) { return (vf)_mm512_sqrt_ps((__m512)a); }
@@ -185,7 +191,8 @@ inline float hsum(vf v) {
 #if defined(__AVX512F__)
   return _mm512_reduce_add_ps((__m512)v);
 #elif defined(__AVX__)
-  const __m128 h = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+  const __m128 h =
+      _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
   const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
   return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
 #else

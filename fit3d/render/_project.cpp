@@ -200,8 +200,8 @@ void project_backward(const ProjectArgs& a, const int32_t* radii, const float* c
                      qz * G[2][0] + w * G[2][1] - 2 * qx * G[2][2]);
         vq[2] = 2 * (-2 * qy * G[0][0] + qx * G[0][1] + w * G[0][2] + qx * G[1][0] + qz * G[1][2] -
                      w * G[2][0] + qz * G[2][1] - 2 * qy * G[2][2]);
-        vq[3] = 2 * (-2 * qz * G[0][0] - w * G[0][1] + qx * G[0][2] + w * G[1][0] - 2 * qz * G[1][1] +
-                     qy * G[1][2] + qx * G[2][0] + qy * G[2][1]);
+        vq[3] = 2 * (-2 * qz * G[0][0] - w * G[0][1] + qx * G[0][2] + w * G[1][0] -
+                     2 * qz * G[1][1] + qy * G[1][2] + qx * G[2][0] + qy * G[2][1]);
         const float* q = qp + 4 * n;
         const double qnorm = std::sqrt(double(q[0]) * q[0] + double(q[1]) * q[1] +
                                        double(q[2]) * q[2] + double(q[3]) * q[3]);
