@@ -1,9 +1,15 @@
-"""CPU kernels (`_project.cpp`, `_composite.cpp`) behind torch.autograd.Functions.
+"""CPU kernels (`_project.cpp`, `_composite.cpp`, wrapped for torch by `_bindings.cpp`) behind
+torch.autograd.Functions.
 
 The extension is compiled on first use with `torch.utils.cpp_extension.load` (needs a C++ compiler
 and ninja, which gsplat already pulls in; ~1-2 min once, then cached under
-~/.cache/torch_extensions). If that fails (or FIT3D_RENDER_NO_CPP=1 is set), and always for float64
-or non-CPU tensors, the renderer uses the pure-torch path instead (a one-time warning says so).
+~/.cache/torch_extensions, keyed by the sources and this CPU's flags). If that fails (or
+FIT3D_RENDER_NO_CPP=1 is set), and always for float64 or non-CPU tensors, the renderer uses the
+pure-torch path instead (a one-time warning says so).
+
+Parallelism: every kernel runs on `torch.get_num_threads()` threads of its own (std::threads taking
+tiles or chunks of Gaussians from an atomic counter, see `_kernels.h`), so it uses all cores
+whichever OpenMP runtime torch links, and loads none itself.
 """
 
 from __future__ import annotations
@@ -22,14 +28,19 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from ._project import TILE, Intersections, Projected
+from ._project import TILE, Intersections
 
 _SOURCES = ("_bindings.cpp", "_project.cpp", "_composite.cpp")
+_HEADERS = ("_kernels.h",)
+# -fopenmp-simd only enables `omp simd` pragmas (no runtime); -ffp-contract=fast allows FMAs, which
+# -std=c++17 (ISO mode) would otherwise forbid
+_CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=fast", "-fopenmp-simd"]
 
 
-def _cpu_tag() -> str:
-    """Short hash of this CPU's feature flags: the build uses -march=native, so a cache shared by
-    machines with different CPUs (a cluster home directory) must not hand one's build to another."""
+def _build_tag() -> str:
+    """Short hash of this CPU's feature flags and the kernel sources: the build uses -march=native,
+    so a cache shared by machines with different CPUs (a cluster home directory) must not hand
+    one's build to another, and torch's own rebuild check does not look at headers."""
     try:
         flags = next(
             line
@@ -38,7 +49,11 @@ def _cpu_tag() -> str:
         )
     except (OSError, StopIteration):
         flags = platform.processor() or platform.machine()
-    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+    h = hashlib.sha1(flags.encode())
+    here = Path(__file__).parent
+    for name in _SOURCES + _HEADERS:
+        h.update((here / name).read_bytes())
+    return h.hexdigest()[:10]
 
 
 @functools.cache
@@ -53,9 +68,9 @@ def _extension() -> ModuleType | None:
 
         here = Path(__file__).parent
         return load(
-            name=f"fit3d_render_cpu_{_cpu_tag()}",
+            name=f"fit3d_render_cpu_{_build_tag()}",
             sources=[str(here / s) for s in _SOURCES],
-            extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd"],
+            extra_cflags=_CFLAGS,
             verbose=False,
         )
     except Exception as e:  # no compiler, no ninja, build error: stay correct, just slower
@@ -74,26 +89,26 @@ def usable(*tensors: Tensor) -> bool:
 class _Project(torch.autograd.Function):
     @staticmethod
     def forward(ctx, means, quats, scales, opacities, viewmats, Ks, settings):
-        width, height, near, far, eps2d = settings
-        cam, gid, means2d, conics, depths, radii = _extension().project_forward(
-            means, quats, scales, opacities, viewmats, Ks, width, height, near, far, eps2d
+        width, height, near, far, eps2d, packed = settings
+        means2d, conics, depths, radii, rows, radii_dense = _extension().project_forward(
+            means, quats, scales, opacities, viewmats, Ks, width, height, near, far, eps2d, packed
         )
-        ctx.save_for_backward(means, quats, scales, viewmats, Ks, cam, gid, conics)
+        ctx.save_for_backward(means, quats, scales, viewmats, Ks, radii_dense, conics, rows)
         ctx.settings = settings
-        ctx.mark_non_differentiable(cam, gid, radii)
-        return cam, gid, means2d, conics, depths, radii
+        ctx.mark_non_differentiable(radii, rows, radii_dense)
+        return means2d, conics, depths, radii, rows, radii_dense
 
     @staticmethod
-    def backward(ctx, _cam, _gid, v_means2d, v_conics, v_depths, _radii):
-        means, quats, scales, viewmats, Ks, cam, gid, conics = ctx.saved_tensors
-        width, height, _, _, eps2d = ctx.settings
-        m = cam.shape[0]
-        v_means2d = means.new_zeros(m, 2) if v_means2d is None else v_means2d.contiguous()
-        v_conics = means.new_zeros(m, 3) if v_conics is None else v_conics.contiguous()
-        v_depths = means.new_zeros(m) if v_depths is None else v_depths.contiguous()
+    def backward(ctx, v_means2d, v_conics, v_depths, _radii, _rows, _radii_dense):
+        means, quats, scales, viewmats, Ks, radii_dense, conics, rows = ctx.saved_tensors
+        width, height, _, _, eps2d, packed = ctx.settings
+        shape = conics.shape[:-1]
+        v_means2d = conics.new_zeros(*shape, 2) if v_means2d is None else v_means2d.contiguous()
+        v_conics = torch.zeros_like(conics) if v_conics is None else v_conics.contiguous()
+        v_depths = conics.new_zeros(shape) if v_depths is None else v_depths.contiguous()
         v_means, v_quats, v_scales = _extension().project_backward(
-            means, quats, scales, viewmats, Ks, width, height, eps2d, cam, gid, conics,
-            v_means2d, v_conics, v_depths,
+            means, quats, scales, viewmats, Ks, width, height, eps2d, radii_dense, conics, rows,
+            packed, v_means2d, v_conics, v_depths,
         )  # fmt: skip
         return v_means, v_quats, v_scales, None, None, None, None
 
@@ -110,56 +125,81 @@ def project(
     near_plane: float,
     far_plane: float,
     eps2d: float,
-) -> Projected:
-    """Same contract as `_project.project`, computed by the C++ kernels."""
-    settings = (width, height, float(near_plane), float(far_plane), float(eps2d))
-    cam, gid, means2d, conics, depths, radii = _Project.apply(
+    packed: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """EWA projection (rules of `_project.project`) -> means2d, conics, depths, radii, rows.
+
+    Dense (gsplat's non-packed layout): means2d [C, N, 2], conics [C, N, 3], depths [C, N], radii
+    [C, N, 2] int32, zero where culled. Packed: the same for the M visible (camera, Gaussian) rows
+    only ([M, ...]). rows: [M] int64 visible rows c * N + n, ascending, in both layouts.
+    """
+    settings = (width, height, float(near_plane), float(far_plane), float(eps2d), packed)
+    means2d, conics, depths, radii, rows, _ = _Project.apply(
         means.contiguous(), quats.contiguous(), scales.contiguous(),
         opacities.detach().contiguous(), viewmats.detach().contiguous(), Ks.detach().contiguous(),
         settings,
     )  # fmt: skip
-    return Projected(cam, gid, means2d, conics, depths, opacities[gid], radii)
+    return means2d, conics, depths, radii, rows
 
 
-def intersect_tiles(proj: Projected, n_cams: int, width: int, height: int) -> Intersections:
-    """Same contract as `_project.intersect_tiles`, computed by the C++ kernels."""
+def intersect_tiles(
+    means2d: Tensor,  # [C, N, 2] | [M, 2]
+    radii: Tensor,  # [C, N, 2] | [M, 2] int32
+    depths: Tensor,  # [C, N] | [M]
+    rows: Tensor,  # [M]
+    packed: bool,
+    n_gauss: int,
+    n_cams: int,
+    width: int,
+    height: int,
+) -> Intersections:
+    """16x16 tile lists, front to back; flatten_ids index the layout's rows (c * N + n when
+    dense, packed entries when packed), as gsplat's do."""
     tiles_x, tiles_y = math.ceil(width / TILE), math.ceil(height / TILE)
-    flat, offsets, per_gauss = _extension().intersect_tiles(
-        proj.means2d.detach(), proj.radii, proj.depths.detach(), proj.camera_ids, n_cams,
-        tiles_x, tiles_y,
-    )  # fmt: skip
-    return Intersections(flat, offsets, per_gauss, tiles_x, tiles_y)
+    flat, offsets, per_entry = _extension().intersect_tiles(
+        means2d.detach(), radii, depths.detach(), rows, packed, n_gauss, n_cams, tiles_x, tiles_y
+    )
+    return Intersections(flat, offsets, per_entry, tiles_x, tiles_y)
 
 
 class _Composite(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, means2d, conics, opacities, colors, radii, isect, grid, geo_channels, absgrad):
-        out, trans, last = _extension().composite_forward(
-            means2d, conics, opacities, colors, radii, isect.flatten_ids, isect.offsets, *grid
-        )
-        ctx.save_for_backward(means2d, conics, opacities, colors, radii, trans, last)
-        ctx.isect, ctx.grid, ctx.geo_channels, ctx.absgrad = isect, grid, geo_channels, absgrad
+    def forward(
+        ctx, means2d, conics, depths, opacities, colors, radii, grow, isect, grid, geo, absgrad
+    ):
+        out, trans, last, splats = _extension().composite_forward(
+            means2d, conics, radii, depths, grow, opacities, colors, isect.flatten_ids,
+            isect.offsets, *grid,
+        )  # fmt: skip
+        ctx.save_for_backward(means2d, conics, depths, opacities, colors, radii, grow, trans, last)
+        ctx.splats, ctx.isect, ctx.grid, ctx.geo, ctx.absgrad = splats, isect, grid, geo, absgrad
+        ctx.out_shape = out.shape
         return out, (1.0 - trans)[..., None]
 
     @staticmethod
     def backward(ctx, v_out, v_alpha):
-        means2d, conics, opacities, colors, radii, trans, last = ctx.saved_tensors
+        means2d, conics, depths, opacities, colors, radii, grow, trans, last = ctx.saved_tensors
         isect = ctx.isect
-        v_geo, v_col = _extension().composite_backward(
-            means2d, conics, opacities, colors, radii, isect.flatten_ids, isect.offsets, trans,
-            last, v_out.contiguous(), v_alpha[..., 0].contiguous(), *ctx.grid, ctx.geo_channels,
+        v_out = trans.new_zeros(ctx.out_shape) if v_out is None else v_out
+        v_alpha = trans.new_zeros(trans.shape) if v_alpha is None else v_alpha[..., 0]
+        v_m2, v_con, v_z, v_op, v_col, v_abs = _extension().composite_backward(
+            means2d, conics, radii, depths, grow, opacities, colors, isect.flatten_ids,
+            isect.offsets, *ctx.grid, ctx.geo, ctx.splats, trans, last, v_out.contiguous(),
+            v_alpha.contiguous(), ctx.absgrad is not None,
         )  # fmt: skip
         if ctx.absgrad is not None:
-            ctx.absgrad(v_geo[:, 6:8])
-        return v_geo[:, :2], v_geo[:, 2:5], v_geo[:, 5], v_col, None, None, None, None, None
+            ctx.absgrad(v_abs)
+        return v_m2, v_con, v_z, v_op, v_col, None, None, None, None, None, None
 
 
 def composite(
-    means2d: Tensor,  # [M, 2]
-    conics: Tensor,  # [M, 3]
-    opacities: Tensor,  # [M]
-    colors: Tensor,  # [M, D]
-    radii: Tensor,  # [M, 2] int32
+    means2d: Tensor,  # [R, 2] rows (any leading shape)
+    conics: Tensor,  # [R, 3]
+    depths: Tensor | None,  # [R]: add the depth channel (last, feeds geometry); None: no depth
+    opacities: Tensor,  # [N]
+    colors: Tensor,  # [Rc, D] colour table
+    radii: Tensor,  # [R, 2] int32
+    grow: Tensor | None,  # [R] global row c * N + n of each row; None: the row index itself
     isect: Intersections,
     n_cams: int,
     width: int,
@@ -167,12 +207,16 @@ def composite(
     geo_channels: int,
     absgrad: Callable[[Tensor], None] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Alpha-composite -> (colours [C, H, W, D], alphas [C, H, W, 1]).
+    """Alpha-composite -> (colours [C, H, W, D (+1)], alphas [C, H, W, 1]).
 
-    absgrad: called in the backward with the summed per-pixel |d loss / d means2d| [M, 2].
+    Row r draws with opacity opacities[g % N] and colour colors[g % Rc], g = grow[r] (or r): the
+    tables are read in place, never gathered per row. The first `geo_channels` colour channels
+    (and depth) send gradient to geometry. absgrad: called in the backward with the summed
+    per-pixel |d loss / d means2d|, shaped like means2d.
     """
     grid = (n_cams, width, height, isect.tiles_x, isect.tiles_y)
     return _Composite.apply(
-        means2d.contiguous(), conics.contiguous(), opacities.contiguous(), colors.contiguous(),
-        radii.contiguous(), isect, grid, geo_channels, absgrad,
+        means2d.contiguous(), conics.contiguous(),
+        None if depths is None else depths.contiguous(), opacities.contiguous(),
+        colors.contiguous(), radii.contiguous(), grow, isect, grid, geo_channels, absgrad,
     )  # fmt: skip

@@ -2,22 +2,17 @@
 //
 // Same rules as the pure-torch `_project.py` (gsplat's classic pinhole path): cull outside
 // [near, far], non-positive blurred 2D covariance, opacity < 1/255, or a pixel box missing the
-// image. Per-entry maths runs in double and is stored in float.
+// image. Per-entry maths runs in double and is stored in float. The forward is parallel over
+// (camera, Gaussian) rows, the backward over Gaussians (each sums its cameras, so no two threads
+// write one Gaussian's gradient), binning is serial (a radix sort by depth, then one fill).
 
-#include <torch/extension.h>
+#include "_kernels.h"
 
-#include <ATen/Parallel.h>
-
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <numeric>
-#include <vector>
+namespace fit3d {
 
 namespace {
 
-constexpr double kAlphaMin = 1.0 / 255.0;
-constexpr int64_t kTile = 16;
+constexpr double kAlphaMinD = 1.0 / 255.0;
 
 struct Cam {
   double R[3][3], t[3], fx, fy, cx, cy, lxp, lxn, lyp, lyn;
@@ -87,203 +82,215 @@ bool evaluate(const Cam& c, const float* p, const float* q, const float* s, doub
 
 }  // namespace
 
-// Projects N Gaussians into C cameras. Returns packed visible entries: camera_ids [M],
-// gaussian_ids [M] (int64), means2d [M, 2], conics [M, 3], depths [M], radii [M, 2] int32.
-std::vector<torch::Tensor> project_forward(torch::Tensor means, torch::Tensor quats,
-                                           torch::Tensor scales, torch::Tensor opacities,
-                                           torch::Tensor viewmats, torch::Tensor Ks,
-                                           int64_t width, int64_t height, double near,
-                                           double far, double eps2d) {
-  const int64_t N = means.size(0), C = viewmats.size(0);
-  const float* mp = means.data_ptr<float>();
-  const float* qp = quats.data_ptr<float>();
-  const float* sp = scales.data_ptr<float>();
-  const float* op = opacities.data_ptr<float>();
+void project_forward(const ProjectArgs& a, float* means2d, float* conics, float* depths,
+                     int32_t* radii) {
+  const int64_t N = a.n_gauss, C = a.n_cams, total = C * N;
   std::vector<Cam> cams;
   for (int64_t c = 0; c < C; ++c)
-    cams.push_back(camera(viewmats.data_ptr<float>() + c * 16, Ks.data_ptr<float>() + c * 9,
-                          width, height));
-  // dense pass over C * N, then compaction
-  auto f32 = means.options();
-  auto d_m2 = torch::empty({C * N, 2}, f32), d_con = torch::empty({C * N, 3}, f32);
-  auto d_z = torch::empty({C * N}, f32);
-  auto d_rad = torch::zeros({C * N, 2}, f32.dtype(torch::kInt32));
-  float* m2 = d_m2.data_ptr<float>();
-  float* con = d_con.data_ptr<float>();
-  float* zz = d_z.data_ptr<float>();
-  int32_t* rad = d_rad.data_ptr<int32_t>();
-  at::parallel_for(0, C * N, 8192, [&](int64_t b, int64_t e_) {
+    cams.push_back(camera(a.viewmats + c * 16, a.Ks + c * 9, a.width, a.height));
+  constexpr int64_t kChunk = 4096;
+  parallel_tasks(a.n_threads, (total + kChunk - 1) / kChunk, [&](int64_t task, int) {
     Entry e;
-    for (int64_t idx = b; idx < e_; ++idx) {
+    const int64_t end = std::min(total, (task + 1) * kChunk);
+    for (int64_t idx = task * kChunk; idx < end; ++idx) {
       const int64_t c = idx / N, n = idx % N;
       const Cam& cam = cams[c];
-      const double o = op[n];
-      if (!evaluate(cam, mp + 3 * n, qp + 4 * n, sp + 3 * n, near, far, eps2d, e)) continue;
+      const double o = a.opacities[n];
+      radii[2 * idx] = radii[2 * idx + 1] = 0;
+      means2d[2 * idx] = means2d[2 * idx + 1] = 0.0f;
+      conics[3 * idx] = conics[3 * idx + 1] = conics[3 * idx + 2] = 0.0f;
+      depths[idx] = 0.0f;
+      if (!evaluate(cam, a.means + 3 * n, a.quats + 4 * n, a.scales + 3 * n, a.near, a.far,
+                    a.eps2d, e))
+        continue;
       const double det = e.ca * e.cc - e.cb * e.cb;
-      if (!(det > 0) || o < kAlphaMin) continue;
-      const double extend = std::min(3.33, std::sqrt(2.0 * std::log(o / kAlphaMin)));
-      const double rx = std::ceil(extend * std::sqrt(e.ca)), ry = std::ceil(extend * std::sqrt(e.cc));
+      if (!(det > 0) || o < kAlphaMinD) continue;
+      const double extend = std::min(3.33, std::sqrt(2.0 * std::log(o / kAlphaMinD)));
+      const double rx = std::ceil(extend * std::sqrt(e.ca));
+      const double ry = std::ceil(extend * std::sqrt(e.cc));
       const double z = e.pc[2];
       const double mx = cam.fx * e.pc[0] / z + cam.cx, my = cam.fy * e.pc[1] / z + cam.cy;
-      if (mx + rx <= 0 || mx - rx >= width || my + ry <= 0 || my - ry >= height) continue;
-      rad[2 * idx] = static_cast<int32_t>(rx), rad[2 * idx + 1] = static_cast<int32_t>(ry);
-      m2[2 * idx] = float(mx), m2[2 * idx + 1] = float(my);
-      con[3 * idx] = float(e.cc / det), con[3 * idx + 1] = float(-e.cb / det);
-      con[3 * idx + 2] = float(e.ca / det);
-      zz[idx] = float(z);
+      if (mx + rx <= 0 || mx - rx >= a.width || my + ry <= 0 || my - ry >= a.height) continue;
+      radii[2 * idx] = static_cast<int32_t>(rx), radii[2 * idx + 1] = static_cast<int32_t>(ry);
+      means2d[2 * idx] = float(mx), means2d[2 * idx + 1] = float(my);
+      conics[3 * idx] = float(e.cc / det), conics[3 * idx + 1] = float(-e.cb / det);
+      conics[3 * idx + 2] = float(e.ca / det);
+      depths[idx] = float(z);
     }
   });
-  auto keep = torch::nonzero(d_rad.select(1, 0) > 0).select(1, 0);  // [M]
-  return {torch::div(keep, N, "floor"), torch::remainder(keep, N), d_m2.index_select(0, keep),
-          d_con.index_select(0, keep), d_z.index_select(0, keep), d_rad.index_select(0, keep)};
 }
 
-// Gradients of (means2d, conics, depths) of the packed entries -> (means, quats, scales) [N, .].
-std::vector<torch::Tensor> project_backward(torch::Tensor means, torch::Tensor quats,
-                                            torch::Tensor scales, torch::Tensor viewmats,
-                                            torch::Tensor Ks, int64_t width, int64_t height,
-                                            double eps2d, torch::Tensor camera_ids,
-                                            torch::Tensor gaussian_ids, torch::Tensor conics,
-                                            torch::Tensor v_means2d, torch::Tensor v_conics,
-                                            torch::Tensor v_depths) {
-  const int64_t N = means.size(0), C = viewmats.size(0), M = camera_ids.size(0);
-  auto v_means = torch::zeros({N, 3}, means.options());
-  auto v_quats = torch::zeros({N, 4}, means.options());
-  auto v_scales = torch::zeros({N, 3}, means.options());
+void project_backward(const ProjectArgs& a, const int32_t* radii, const float* con,
+                      const float* vm2, const float* vco, const float* vz, float* v_means,
+                      float* v_quats, float* v_scales) {
+  const int64_t N = a.n_gauss, C = a.n_cams;
   std::vector<Cam> cams;
   for (int64_t c = 0; c < C; ++c)
-    cams.push_back(camera(viewmats.data_ptr<float>() + c * 16, Ks.data_ptr<float>() + c * 9,
-                          width, height));
-  const float* mp = means.data_ptr<float>();
-  const float* qp = quats.data_ptr<float>();
-  const float* sp = scales.data_ptr<float>();
-  const int64_t* cid = camera_ids.data_ptr<int64_t>();
-  const int64_t* gid = gaussian_ids.data_ptr<int64_t>();
-  const float* con = conics.data_ptr<float>();
-  const float* vm2 = v_means2d.data_ptr<float>();
-  const float* vco = v_conics.data_ptr<float>();
-  const float* vz = v_depths.data_ptr<float>();
-  float* vmp = v_means.data_ptr<float>();
-  float* vqp = v_quats.data_ptr<float>();
-  float* vsp = v_scales.data_ptr<float>();
-  Entry e;
-  for (int64_t i = 0; i < M; ++i) {  // serial: entries of one Gaussian in several cameras collide
-    const int64_t n = gid[i];
-    const Cam& cam = cams[cid[i]];
-    evaluate(cam, mp + 3 * n, qp + 4 * n, sp + 3 * n, -1e300, 1e300, eps2d, e);
-    const double z = e.pc[2], x = e.pc[0], y = e.pc[1];
-    // conic = inverse(cov2): v_cov2 = -P G P with G = [[vA, vB/2], [vB/2, vC]]
-    const double P00 = con[3 * i], P01 = con[3 * i + 1], P11 = con[3 * i + 2];
-    const double G00 = vco[3 * i], G01 = 0.5 * vco[3 * i + 1], G11 = vco[3 * i + 2];
-    const double PG00 = P00 * G00 + P01 * G01, PG01 = P00 * G01 + P01 * G11;
-    const double PG10 = P01 * G00 + P11 * G01, PG11 = P01 * G01 + P11 * G11;
-    const double v_ca = -(PG00 * P00 + PG01 * P01);
-    const double v_cb = -2.0 * (PG00 * P01 + PG01 * P11);
-    const double v_cc = -(PG10 * P01 + PG11 * P11);
-    double v_j0[3], v_j1[3];
-    for (int k = 0; k < 3; ++k) {
-      v_j0[k] = 2.0 * v_ca * e.j0[k] + v_cb * e.j1[k];
-      v_j1[k] = 2.0 * v_cc * e.j1[k] + v_cb * e.j0[k];
+    cams.push_back(camera(a.viewmats + c * 16, a.Ks + c * 9, a.width, a.height));
+  const float* mp = a.means;
+  const float* qp = a.quats;
+  const float* sp = a.scales;
+  const double eps2d = a.eps2d;
+  constexpr int64_t kChunk = 2048;
+  parallel_tasks(a.n_threads, (N + kChunk - 1) / kChunk, [&](int64_t task, int) {
+    Entry e;
+    const int64_t end = std::min(N, (task + 1) * kChunk);
+    for (int64_t n = task * kChunk; n < end; ++n) {
+      double acc_m[3] = {0, 0, 0}, acc_q[4] = {0, 0, 0, 0}, acc_s[3] = {0, 0, 0};
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t row = c * N + n;
+        if (radii[2 * row] <= 0) continue;
+        const Cam& cam = cams[c];
+        evaluate(cam, mp + 3 * n, qp + 4 * n, sp + 3 * n, -1e300, 1e300, eps2d, e);
+        const double z = e.pc[2], x = e.pc[0], y = e.pc[1];
+        // conic = inverse(cov2): v_cov2 = -P G P with G = [[vA, vB/2], [vB/2, vC]]
+        const double P00 = con[3 * row], P01 = con[3 * row + 1], P11 = con[3 * row + 2];
+        const double G00 = vco[3 * row], G01 = 0.5 * vco[3 * row + 1], G11 = vco[3 * row + 2];
+        const double PG00 = P00 * G00 + P01 * G01, PG01 = P00 * G01 + P01 * G11;
+        const double PG10 = P01 * G00 + P11 * G01, PG11 = P01 * G01 + P11 * G11;
+        const double v_ca = -(PG00 * P00 + PG01 * P01);
+        const double v_cb = -2.0 * (PG00 * P01 + PG01 * P11);
+        const double v_cc = -(PG10 * P01 + PG11 * P11);
+        double v_j0[3], v_j1[3];
+        for (int k = 0; k < 3; ++k) {
+          v_j0[k] = 2.0 * v_ca * e.j0[k] + v_cb * e.j1[k];
+          v_j1[k] = 2.0 * v_cc * e.j1[k] + v_cb * e.j0[k];
+        }
+        // j0 = J0 @ RM, j1 = J1 @ RM
+        double v_J0[3] = {0, 0, 0}, v_J1[3] = {0, 0, 0}, v_RM[3][3];
+        for (int r = 0; r < 3; ++r)
+          for (int k = 0; k < 3; ++k) {
+            v_J0[r] += v_j0[k] * e.RM[r][k];
+            v_J1[r] += v_j1[k] * e.RM[r][k];
+            v_RM[r][k] = e.J0[r] * v_j0[k] + e.J1[r] * v_j1[k];
+          }
+        double v_pc[3] = {0, 0, 0};
+        const double vmx = vm2[2 * row], vmy = vm2[2 * row + 1];
+        v_pc[0] += cam.fx / z * vmx;
+        v_pc[1] += cam.fy / z * vmy;
+        v_pc[2] += -(cam.fx * x * vmx + cam.fy * y * vmy) / (z * z) + vz[row];
+        v_pc[2] += -cam.fx / (z * z) * v_J0[0] - cam.fy / (z * z) * v_J1[1];
+        if (e.clamp_x) {
+          v_pc[2] += cam.fx * e.u / (z * z) * v_J0[2];
+        } else {
+          v_pc[0] += -cam.fx / (z * z) * v_J0[2];
+          v_pc[2] += 2.0 * cam.fx * x / (z * z * z) * v_J0[2];
+        }
+        if (e.clamp_y) {
+          v_pc[2] += cam.fy * e.v / (z * z) * v_J1[2];
+        } else {
+          v_pc[1] += -cam.fy / (z * z) * v_J1[2];
+          v_pc[2] += 2.0 * cam.fy * y / (z * z * z) * v_J1[2];
+        }
+        // RM = R_view @ (R_q diag(s)); v_Mq = R_view^T v_RM
+        double G[3][3];
+        const float* s = sp + 3 * n;
+        for (int r = 0; r < 3; ++r)
+          for (int k = 0; k < 3; ++k) {
+            double vM = 0;
+            for (int l = 0; l < 3; ++l) vM += cam.R[l][r] * v_RM[l][k];
+            G[r][k] = vM * s[k];
+            acc_s[k] += vM * e.Rq[r][k];
+          }
+        const double w = e.qn[0], qx = e.qn[1], qy = e.qn[2], qz = e.qn[3];
+        double vq[4];
+        vq[0] = 2 * (-qz * G[0][1] + qy * G[0][2] + qz * G[1][0] - qx * G[1][2] - qy * G[2][0] +
+                     qx * G[2][1]);
+        vq[1] = 2 * (qy * G[0][1] + qz * G[0][2] + qy * G[1][0] - 2 * qx * G[1][1] - w * G[1][2] +
+                     qz * G[2][0] + w * G[2][1] - 2 * qx * G[2][2]);
+        vq[2] = 2 * (-2 * qy * G[0][0] + qx * G[0][1] + w * G[0][2] + qx * G[1][0] + qz * G[1][2] -
+                     w * G[2][0] + qz * G[2][1] - 2 * qy * G[2][2]);
+        vq[3] = 2 * (-2 * qz * G[0][0] - w * G[0][1] + qx * G[0][2] + w * G[1][0] -
+                     2 * qz * G[1][1] + qy * G[1][2] + qx * G[2][0] + qy * G[2][1]);
+        const float* q = qp + 4 * n;
+        const double qnorm = std::sqrt(double(q[0]) * q[0] + double(q[1]) * q[1] +
+                                       double(q[2]) * q[2] + double(q[3]) * q[3]);
+        const double dot = vq[0] * w + vq[1] * qx + vq[2] * qy + vq[3] * qz;
+        for (int k = 0; k < 4; ++k) acc_q[k] += (vq[k] - e.qn[k] * dot) / qnorm;
+        for (int k = 0; k < 3; ++k)
+          acc_m[k] += cam.R[0][k] * v_pc[0] + cam.R[1][k] * v_pc[1] + cam.R[2][k] * v_pc[2];      }
+      for (int k = 0; k < 3; ++k) v_means[3 * n + k] = float(acc_m[k]);
+      for (int k = 0; k < 4; ++k) v_quats[4 * n + k] = float(acc_q[k]);
+      for (int k = 0; k < 3; ++k) v_scales[3 * n + k] = float(acc_s[k]);
     }
-    // j0 = J0 @ RM, j1 = J1 @ RM
-    double v_J0[3] = {0, 0, 0}, v_J1[3] = {0, 0, 0}, v_RM[3][3];
-    for (int r = 0; r < 3; ++r)
-      for (int k = 0; k < 3; ++k) {
-        v_J0[r] += v_j0[k] * e.RM[r][k];
-        v_J1[r] += v_j1[k] * e.RM[r][k];
-        v_RM[r][k] = e.J0[r] * v_j0[k] + e.J1[r] * v_j1[k];
-      }
-    double v_pc[3] = {0, 0, 0};
-    const double vmx = vm2[2 * i], vmy = vm2[2 * i + 1];
-    v_pc[0] += cam.fx / z * vmx;
-    v_pc[1] += cam.fy / z * vmy;
-    v_pc[2] += -(cam.fx * x * vmx + cam.fy * y * vmy) / (z * z) + vz[i];
-    v_pc[2] += -cam.fx / (z * z) * v_J0[0] - cam.fy / (z * z) * v_J1[1];
-    if (e.clamp_x) {
-      v_pc[2] += cam.fx * e.u / (z * z) * v_J0[2];
-    } else {
-      v_pc[0] += -cam.fx / (z * z) * v_J0[2];
-      v_pc[2] += 2.0 * cam.fx * x / (z * z * z) * v_J0[2];
-    }
-    if (e.clamp_y) {
-      v_pc[2] += cam.fy * e.v / (z * z) * v_J1[2];
-    } else {
-      v_pc[1] += -cam.fy / (z * z) * v_J1[2];
-      v_pc[2] += 2.0 * cam.fy * y / (z * z * z) * v_J1[2];
-    }
-    // RM = R_view @ (R_q diag(s)); v_Mq = R_view^T v_RM
-    double G[3][3];
-    const float* s = sp + 3 * n;
-    float* vsn = vsp + 3 * n;
-    for (int r = 0; r < 3; ++r)
-      for (int k = 0; k < 3; ++k) {
-        double vM = 0;
-        for (int l = 0; l < 3; ++l) vM += cam.R[l][r] * v_RM[l][k];
-        G[r][k] = vM * s[k];
-        vsn[k] += float(vM * e.Rq[r][k]);
-      }
-    const double w = e.qn[0], qx = e.qn[1], qy = e.qn[2], qz = e.qn[3];
-    double vq[4];
-    vq[0] = 2 * (-qz * G[0][1] + qy * G[0][2] + qz * G[1][0] - qx * G[1][2] - qy * G[2][0] +
-                 qx * G[2][1]);
-    vq[1] = 2 * (qy * G[0][1] + qz * G[0][2] + qy * G[1][0] - 2 * qx * G[1][1] - w * G[1][2] +
-                 qz * G[2][0] + w * G[2][1] - 2 * qx * G[2][2]);
-    vq[2] = 2 * (-2 * qy * G[0][0] + qx * G[0][1] + w * G[0][2] + qx * G[1][0] + qz * G[1][2] -
-                 w * G[2][0] + qz * G[2][1] - 2 * qy * G[2][2]);
-    vq[3] = 2 * (-2 * qz * G[0][0] - w * G[0][1] + qx * G[0][2] + w * G[1][0] - 2 * qz * G[1][1] +
-                 qy * G[1][2] + qx * G[2][0] + qy * G[2][1]);
-    const float* q = qp + 4 * n;
-    const double qnorm = std::sqrt(double(q[0]) * q[0] + double(q[1]) * q[1] +
-                                   double(q[2]) * q[2] + double(q[3]) * q[3]);
-    const double dot = vq[0] * w + vq[1] * qx + vq[2] * qy + vq[3] * qz;
-    for (int k = 0; k < 4; ++k) vqp[4 * n + k] += float((vq[k] - e.qn[k] * dot) / qnorm);
-    for (int k = 0; k < 3; ++k)
-      vmp[3 * n + k] +=
-          float(cam.R[0][k] * v_pc[0] + cam.R[1][k] * v_pc[1] + cam.R[2][k] * v_pc[2]);
-  }
-  return {v_means, v_quats, v_scales};
+  });
 }
 
-// Bins packed entries into 16x16 tiles: flatten_ids [P] (per tile, front to back), offsets
-// [C * tiles_y * tiles_x + 1], tiles_per_gauss [M].
-std::vector<torch::Tensor> intersect_tiles(torch::Tensor means2d, torch::Tensor radii,
-                                           torch::Tensor depths, torch::Tensor camera_ids,
-                                           int64_t n_cams, int64_t tiles_x, int64_t tiles_y) {
-  const int64_t M = means2d.size(0), n_tiles = n_cams * tiles_x * tiles_y;
-  const float* m2 = means2d.data_ptr<float>();
-  const int32_t* rad = radii.data_ptr<int32_t>();
-  const float* z = depths.data_ptr<float>();
-  const int64_t* cid = camera_ids.data_ptr<int64_t>();
-  auto opts = camera_ids.options();
-  auto per_gauss = torch::empty({M}, opts);
-  auto offsets = torch::zeros({n_tiles + 1}, opts);
-  int64_t* cnt = per_gauss.data_ptr<int64_t>();
-  int64_t* off = offsets.data_ptr<int64_t>();
-  std::vector<int64_t> rect(4 * M);
-  for (int64_t i = 0; i < M; ++i) {
-    const float cx = m2[2 * i] / kTile, cy = m2[2 * i + 1] / kTile;
-    const float rx = float(rad[2 * i]) / kTile, ry = float(rad[2 * i + 1]) / kTile;
-    int64_t* r = rect.data() + 4 * i;
-    r[0] = std::min<int64_t>(std::max<int64_t>(0, int64_t(std::floor(cx - rx))), tiles_x);
-    r[1] = std::min<int64_t>(std::max<int64_t>(0, int64_t(std::ceil(cx + rx))), tiles_x);
-    r[2] = std::min<int64_t>(std::max<int64_t>(0, int64_t(std::floor(cy - ry))), tiles_y);
-    r[3] = std::min<int64_t>(std::max<int64_t>(0, int64_t(std::ceil(cy + ry))), tiles_y);
-    cnt[i] = (r[1] - r[0]) * (r[3] - r[2]);
-    const int64_t base = cid[i] * tiles_x * tiles_y;
-    for (int64_t ty = r[2]; ty < r[3]; ++ty)
-      for (int64_t tx = r[0]; tx < r[1]; ++tx) ++off[base + ty * tiles_x + tx + 1];
-  }
-  for (int64_t t = 0; t < n_tiles; ++t) off[t + 1] += off[t];
-  auto flat = torch::empty({off[n_tiles]}, opts);
-  int64_t* fp = flat.data_ptr<int64_t>();
-  std::vector<int64_t> order(M), cursor(off, off + n_tiles);
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return z[a] < z[b]; });
-  for (int64_t i : order) {
-    const int64_t* r = rect.data() + 4 * i;
-    const int64_t base = cid[i] * tiles_x * tiles_y;
-    for (int64_t ty = r[2]; ty < r[3]; ++ty)
-      for (int64_t tx = r[0]; tx < r[1]; ++tx) fp[cursor[base + ty * tiles_x + tx]++] = i;
-  }
-  return {flat, offsets, per_gauss};
+namespace {
+
+// Tile rectangle [tx0, tx1) x [ty0, ty1) of a pixel box, clipped to the image's tiles.
+struct Rect {
+  int64_t x0, x1, y0, y1;
+};
+
+inline Rect tile_rect(const IsectArgs& a, int64_t row) {
+  const float cx = a.means2d[2 * row] / kTile, cy = a.means2d[2 * row + 1] / kTile;
+  const float rx = float(a.radii[2 * row]) / kTile, ry = float(a.radii[2 * row + 1]) / kTile;
+  Rect r;
+  r.x0 = std::min<int64_t>(std::max<int64_t>(0, int64_t(std::floor(cx - rx))), a.tiles_x);
+  r.x1 = std::min<int64_t>(std::max<int64_t>(0, int64_t(std::ceil(cx + rx))), a.tiles_x);
+  r.y0 = std::min<int64_t>(std::max<int64_t>(0, int64_t(std::floor(cy - ry))), a.tiles_y);
+  r.y1 = std::min<int64_t>(std::max<int64_t>(0, int64_t(std::ceil(cy + ry))), a.tiles_y);
+  return r;
 }
+
+// Order-preserving unsigned key of a float (negative values below positive ones).
+inline uint32_t sort_key(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Entries sorted by depth, ties in entry order (an LSD radix sort is stable).
+std::vector<int64_t> depth_order(const IsectArgs& a) {
+  const int64_t M = a.n_entries;
+  std::vector<uint32_t> key(M), key2(M);
+  std::vector<int64_t> idx(M), idx2(M);
+  for (int64_t m = 0; m < M; ++m) {
+    key[m] = sort_key(a.depths[a.rows ? a.rows[m] : m]);
+    idx[m] = m;
+  }
+  for (int shift = 0; shift < 32; shift += 16) {
+    std::vector<int64_t> count(65537, 0);
+    for (int64_t m = 0; m < M; ++m) ++count[((key[m] >> shift) & 0xFFFF) + 1];
+    for (int b = 0; b < 65536; ++b) count[b + 1] += count[b];
+    for (int64_t m = 0; m < M; ++m) {
+      const int64_t dst = count[(key[m] >> shift) & 0xFFFF]++;
+      key2[dst] = key[m];
+      idx2[dst] = idx[m];
+    }
+    key.swap(key2);
+    idx.swap(idx2);
+  }
+  return idx;
+}
+
+}  // namespace
+
+int64_t intersect_count(const IsectArgs& a, int64_t* offsets, int64_t* tiles_per_entry) {
+  const int64_t per_cam = a.tiles_x * a.tiles_y, n_tiles = a.n_cams * per_cam;
+  std::fill(offsets, offsets + n_tiles + 1, 0);
+  for (int64_t m = 0; m < a.n_entries; ++m) {
+    const Rect r = tile_rect(a, a.rows ? a.rows[m] : m);
+    tiles_per_entry[m] = (r.x1 - r.x0) * (r.y1 - r.y0);
+    int64_t* base = offsets + a.cams[m] * per_cam + 1;
+    for (int64_t ty = r.y0; ty < r.y1; ++ty)
+      for (int64_t tx = r.x0; tx < r.x1; ++tx) ++base[ty * a.tiles_x + tx];
+  }
+  for (int64_t t = 0; t < n_tiles; ++t) offsets[t + 1] += offsets[t];
+  return offsets[n_tiles];
+}
+
+void intersect_fill(const IsectArgs& a, const int64_t* offsets, int64_t* flatten_ids) {
+  const int64_t per_cam = a.tiles_x * a.tiles_y, n_tiles = a.n_cams * per_cam;
+  std::vector<int64_t> cursor(offsets, offsets + n_tiles);
+  for (const int64_t m : depth_order(a)) {
+    const int64_t row = a.rows ? a.rows[m] : m;
+    const Rect r = tile_rect(a, row);
+    int64_t* base = cursor.data() + a.cams[m] * per_cam;
+    for (int64_t ty = r.y0; ty < r.y1; ++ty)
+      for (int64_t tx = r.x0; tx < r.x1; ++tx) flatten_ids[base[ty * a.tiles_x + tx]++] = row;
+  }
+}
+
+}  // namespace fit3d

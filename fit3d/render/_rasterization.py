@@ -3,9 +3,12 @@
 gsplat has no CPU path (its kernels are CUDA-only), so the `torch` backend reimplements the same
 rules: EWA projection, 16x16 tile binning (depth-sorted per tile) and front-to-back compositing,
 by C++ kernels with hand-written backwards (`_project.cpp`, `_composite.cpp`, compiled on first
-use, see `_cpp`) or, without a compiler, by pure torch (`_project.py`, `_composite_torch.py`, also
-the float64 reference). SH colours are evaluated in torch (`_sh`). On CUDA tensors the `gsplat`
-backend calls `gsplat.rasterization` itself.
+use, multi-threaded and SIMD, see `_cpp`) or, without a compiler, by pure torch (`_project.py`,
+`_composite_torch.py`, also the float64 reference). The C++ path works in gsplat's layouts
+directly: the projection fills the dense [C, N] info arrays (or the packed [nnz] ones) and the
+compositor reads colours and opacities from the caller's tensors by row, so no per-Gaussian
+gather or scatter runs in torch. SH colours are evaluated in torch (`_sh`). On CUDA tensors the
+`gsplat` backend calls `gsplat.rasterization` itself.
 
 Stopping feature gradients at geometry (`geometry_grad_channels=k`): only the first k channels of
 `colors` (and the depth channel of the D/ED modes) send gradient into means, quats, scales and
@@ -99,16 +102,28 @@ def rasterization(
     )  # fmt: skip
 
 
+def _check_colors(colors: Tensor, n_cams: int, n: int, sh_degree: int | None) -> bool:
+    """Validate the colour shape; True when colours are per camera ([C, N, ...])."""
+    per_cam = colors.dim() == (4 if sh_degree is not None else 3)
+    if per_cam and colors.shape[:2] != (n_cams, n):
+        raise ValueError(f"colors {tuple(colors.shape)} do not match C={n_cams}, N={n}")
+    if not per_cam and colors.shape[0] != n:
+        raise ValueError(f"colors {tuple(colors.shape)} do not match N={n}")
+    return per_cam
+
+
+def _sh_colors(colors: Tensor, means: Tensor, viewmats: Tensor, sh_degree: int) -> Tensor:
+    """SH evaluated towards every camera -> RGB [C, N, 3] (max(SH + 0.5, 0), as gsplat)."""
+    campos = torch.linalg.inv(viewmats)[:, :3, 3]  # [C, 3]
+    dirs = means[None] - campos[:, None]  # [C, N, 3]
+    return torch.clamp_min(spherical_harmonics(sh_degree, dirs, colors) + 0.5, 0.0)
+
+
 def _entry_colors(
     colors: Tensor, means: Tensor, viewmats: Tensor, sh_degree: int | None, cam: Tensor, gid: Tensor
 ) -> Tensor:
     """Per visible entry colours [M, D] (SH evaluated towards each entry's camera)."""
-    n = means.shape[0]
-    per_cam = colors.dim() == (4 if sh_degree is not None else 3)
-    if per_cam and colors.shape[:2] != (viewmats.shape[0], n):
-        raise ValueError(f"colors {tuple(colors.shape)} do not match C={viewmats.shape[0]}, N={n}")
-    if not per_cam and colors.shape[0] != n:
-        raise ValueError(f"colors {tuple(colors.shape)} do not match N={n}")
+    per_cam = _check_colors(colors, viewmats.shape[0], means.shape[0], sh_degree)
     picked = colors[cam, gid] if per_cam else colors[gid]
     if sh_degree is None:
         return picked
@@ -117,17 +132,43 @@ def _entry_colors(
     return torch.clamp_min(spherical_harmonics(sh_degree, dirs, picked) + 0.5, 0.0)
 
 
+def _finish(
+    img: Tensor,  # [C, H, W, D'] colours then depth
+    alphas: Tensor,  # [C, H, W, 1]
+    backgrounds: Tensor | None,
+    render_mode: RenderMode,
+    d_rgb: int,
+    k: int,
+) -> Tensor:
+    """Backgrounds behind the colours (only the first k channels' fill depends on alpha for the
+    gradient) and expected depth."""
+    if backgrounds is not None and d_rgb > 0:
+        bg = backgrounds[:, None, None, :]  # [C, 1, 1, D]
+        fill_geo = (1.0 - alphas) * bg[..., :k]
+        fill_free = (1.0 - alphas.detach()) * bg[..., k:]
+        fill = torch.cat([fill_geo, fill_free], -1)
+        img = torch.cat([img[..., :d_rgb] + fill, img[..., d_rgb:]], -1)
+    if render_mode in ("ED", "RGB+ED"):
+        img = torch.cat([img[..., :-1], img[..., -1:] / alphas.clamp_min(1e-10)], -1)
+    return img
+
+
 def _rasterize_torch(
     means, quats, scales, opacities, colors, viewmats, Ks, width, height, near_plane, far_plane,
     sh_degree, backgrounds, render_mode, packed, absgrad, eps2d, geometry_grad_channels,
     python_only,
 ) -> tuple[Tensor, Tensor, dict]:  # fmt: skip
-    n_cams, n = viewmats.shape[0], means.shape[0]
-    fast = not python_only and _cpp.usable(means, quats, scales, opacities, viewmats, Ks)
-    if absgrad and not fast:
+    fast = not python_only and _cpp.usable(means, quats, scales, opacities, viewmats, Ks, colors)
+    if fast:
+        return _rasterize_cpp(
+            means, quats, scales, opacities, colors, viewmats, Ks, width, height, near_plane,
+            far_plane, sh_degree, backgrounds, render_mode, packed, absgrad, eps2d,
+            geometry_grad_channels,
+        )  # fmt: skip
+    if absgrad:
         raise NotImplementedError("absgrad needs the C++ kernels (float32 CPU) or gsplat")
-    kernels = _cpp if fast else _project
-    proj = kernels.project(
+    n_cams, n = viewmats.shape[0], means.shape[0]
+    proj = _project.project(
         means, quats, scales, opacities, viewmats, Ks, width, height, near_plane, far_plane, eps2d
     )
     cam, gid = proj.camera_ids, proj.gaussian_ids
@@ -150,62 +191,103 @@ def _rasterize_torch(
     if rgb is not None:
         parts.append(rgb[:, k:])
     entry_cols = torch.cat(parts, 1) if parts else proj.means2d.new_zeros(0, 0)
-    n_geo = k + int(want_depth)
-
-    isect = kernels.intersect_tiles(proj, n_cams, width, height)
-    if fast and entry_cols.dtype == torch.float32:
-
-        def store_absgrad(v_abs: Tensor) -> None:  # [M, 2], laid out like info["means2d"]
-            dense = v_abs if packed else v_abs.new_zeros(n_cams, n, 2).index_put((cam, gid), v_abs)
-            means2d.absgrad = dense
-
-        img, alphas = _cpp.composite(
-            m2d, proj.conics, proj.opacities, entry_cols, proj.radii, isect, n_cams, width,
-            height, n_geo, store_absgrad if absgrad else None,
-        )  # fmt: skip
-    else:
-        img, alphas = composite_torch(
-            m2d, proj.conics, proj.opacities, entry_cols, isect, n_cams, width, height, n_geo
-        )
-    # back to the caller's channel order: colours, then depth
-    if want_depth:
+    isect = _project.intersect_tiles(proj, n_cams, width, height)
+    img, alphas = composite_torch(
+        m2d, proj.conics, proj.opacities, entry_cols, isect, n_cams, width, height, k + want_depth
+    )
+    if want_depth:  # back to the caller's channel order: colours, then depth
         depth = img[..., k : k + 1]
         img = torch.cat([img[..., :k], img[..., k + 1 :], depth], -1)
-    if backgrounds is not None and want_rgb:
-        bg = backgrounds[:, None, None, :]  # [C, 1, 1, D]
-        fill_geo = (1.0 - alphas) * bg[..., :k]
-        fill_free = (1.0 - alphas.detach()) * bg[..., k:]
-        fill = torch.cat([fill_geo, fill_free], -1)
-        img = torch.cat([img[..., :d_rgb] + fill, img[..., d_rgb:]], -1)
-    if render_mode in ("ED", "RGB+ED"):
-        img = torch.cat([img[..., :-1], img[..., -1:] / alphas.clamp_min(1e-10)], -1)
+    img = _finish(img, alphas, backgrounds, render_mode, d_rgb, k)
 
-    radii = proj.radii
-    depths, conics, opac = proj.depths, proj.conics, proj.opacities
+    radii, depths, conics = proj.radii, proj.depths, proj.conics
+    opac = proj.opacities
     if not packed:
         radii = radii.new_zeros(n_cams, n, 2).index_put((cam, gid), radii)
         depths = depths.new_zeros(n_cams, n).index_put((cam, gid), depths)
         conics = conics.new_zeros(n_cams, n, 3).index_put((cam, gid), conics)
-        opac = opac.new_zeros(n_cams, n).index_put((cam, gid), opac)
-    info = {
+        opac = torch.broadcast_to(opacities, (n_cams, n))
+        tiles_per_gauss = isect.tiles_per_gauss.new_zeros(n_cams, n).index_put(
+            (cam, gid), isect.tiles_per_gauss
+        )
+        flatten_ids = (cam * n + gid)[isect.flatten_ids]
+    else:
+        tiles_per_gauss, flatten_ids = isect.tiles_per_gauss, isect.flatten_ids
+    info = _info(
+        packed, cam, gid, radii, means2d, depths, conics, opac, tiles_per_gauss, flatten_ids, isect,
+        width, height, n_cams,
+    )  # fmt: skip
+    return img, alphas, info
+
+
+def _info(
+    packed, cam, gid, radii, means2d, depths, conics, opacities, tiles_per_gauss, flatten_ids,
+    isect, width, height, n_cams,
+) -> dict:  # fmt: skip
+    """gsplat's info dict."""
+    return {
         "camera_ids": cam if packed else None,
         "gaussian_ids": gid if packed else None,
         "radii": radii,
         "means2d": means2d,
         "depths": depths,
         "conics": conics,
-        "opacities": opac,
+        "opacities": opacities,
         "tile_width": isect.tiles_x,
         "tile_height": isect.tiles_y,
-        "tiles_per_gauss": isect.tiles_per_gauss,
-        "flatten_ids": isect.flatten_ids,
-        "isect_offsets": isect.offsets,
+        "tiles_per_gauss": tiles_per_gauss,
+        "flatten_ids": flatten_ids,
+        "isect_offsets": isect.offsets[:-1].reshape(n_cams, isect.tiles_y, isect.tiles_x),
         "width": width,
         "height": height,
         "tile_size": TILE,
         "n_batches": 1,
         "n_cameras": n_cams,
     }
+
+
+def _rasterize_cpp(
+    means, quats, scales, opacities, colors, viewmats, Ks, width, height, near_plane, far_plane,
+    sh_degree, backgrounds, render_mode, packed, absgrad, eps2d, geometry_grad_channels,
+) -> tuple[Tensor, Tensor, dict]:  # fmt: skip
+    """The C++ path: dense or packed layouts throughout, colour tables read in place."""
+    n_cams, n = viewmats.shape[0], means.shape[0]
+    want_rgb = render_mode in ("RGB", "RGB+D", "RGB+ED")
+    want_depth = render_mode != "RGB"
+    per_cam = _check_colors(colors, n_cams, n, sh_degree) if want_rgb else False
+    means2d, conics, depths, radii, rows = _cpp.project(
+        means, quats, scales, opacities, viewmats, Ks, width, height, near_plane, far_plane, eps2d,
+        packed,
+    )  # fmt: skip
+    if means2d.requires_grad:
+        means2d.retain_grad()
+    if not want_rgb:
+        table = means.new_zeros(n, 0)
+    elif sh_degree is not None:
+        table = _sh_colors(colors, means, viewmats, sh_degree).reshape(n_cams * n, 3)
+    elif per_cam:
+        table = colors.reshape(n_cams * n, colors.shape[-1])
+    else:
+        table = colors
+    d_rgb = table.shape[1]
+    k = d_rgb if geometry_grad_channels is None else min(geometry_grad_channels, d_rgb)
+    isect = _cpp.intersect_tiles(means2d, radii, depths, rows, packed, n, n_cams, width, height)
+
+    def store_absgrad(v_abs: Tensor) -> None:  # laid out like info["means2d"]
+        means2d.absgrad = v_abs
+
+    img, alphas = _cpp.composite(
+        means2d, conics, depths if want_depth else None, opacities, table, radii,
+        rows if packed else None, isect, n_cams, width, height, k,
+        store_absgrad if absgrad else None,
+    )  # fmt: skip
+    img = _finish(img, alphas, backgrounds, render_mode, d_rgb, k)
+    cam, gid = (rows // n, rows % n) if packed else (None, None)
+    opac = opacities[gid] if packed else torch.broadcast_to(opacities, (n_cams, n))
+    info = _info(
+        packed, cam, gid, radii, means2d, depths, conics, opac, isect.tiles_per_gauss,
+        isect.flatten_ids, isect, width, height, n_cams,
+    )  # fmt: skip
     return img, alphas, info
 
 
