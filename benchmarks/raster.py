@@ -29,6 +29,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fit3d.runs import benchmark_output  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 CASES = [(10_000, 256, 192), (50_000, 512, 384), (100_000, 512, 384)]
 CHANNELS = [3, 64]
@@ -184,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--baseline", type=Path, default=ROOT.parent / "shared/baselines/raster_baseline.py"
     )
-    ap.add_argument("--out", type=Path, default=ROOT / "outputs/bench/raster.json")
+    ap.add_argument("--out", type=Path, default=ROOT / benchmark_output("raster"))
     ap.add_argument("--cases", default="all", help="'all' or e.g. '100000x512x384x64'")
     ap.add_argument("--worker", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
