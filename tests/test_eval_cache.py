@@ -14,7 +14,10 @@ SPEC = {"maps": ("float16", (2, 3, "h", "w")), "cls": ("float16", (3,))}
 def _record(k: int, h: int, w: int) -> dict[str, torch.Tensor]:
     """A record whose every value says which view it belongs to."""
     gen = torch.Generator().manual_seed(k)
-    return {"maps": torch.randn(2, 3, h, w, generator=gen).half(), "cls": torch.full((3,), k).half()}
+    return {
+        "maps": torch.randn(2, 3, h, w, generator=gen).half(),
+        "cls": torch.full((3,), k).half(),
+    }
 
 
 def _sizes(k: int) -> tuple[int, int]:
