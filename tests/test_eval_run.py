@@ -103,7 +103,7 @@ def test_demo_linear_and_dpt_heads_original_and_control(demo_out, capsys):
     assert "1/4-resolution pixels" in md
 
 
-def test_four_feature_sets_and_weights_that_do_not_load(demo_out, tmp_path):
+def test_four_feature_sets_and_weights_that_do_not_load(demo_out, tmp_path, capsys):
     good = _weights(tmp_path / "ft.safetensors", 1)
     args = [*TINY, f"run.out={demo_out}", "run.name=fit", f"eval.finetuned_weights={good}"]
     assert main([*args, "eval.probes=[seg,corr]", "eval.lrs=[0.1]"]) == 0
@@ -124,6 +124,7 @@ def test_four_feature_sets_and_weights_that_do_not_load(demo_out, tmp_path):
         t0 = time.time()
         code = main([*TINY, f"run.out={tmp_path}", f"eval.finetuned_weights={bad}"])
         assert code == 2 and time.time() - t0 < 30  # before any dataset or feature work
+        assert why in capsys.readouterr().err
         assert not (tmp_path / "eval").exists()  # nothing half-written
     # the one line the user sees
     proc = subprocess.run(

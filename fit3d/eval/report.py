@@ -174,6 +174,10 @@ def protocol(results: dict) -> str:
     name = results.get("protocol", ec.get("protocol", "fast"))
     data = results.get("dataset") or {}
     lrs = {s: lr for s, lr in results["lr"].items() if lr}
+    batch16 = ec.get("paper_batch_size", 16)
+    seg_iters, depth_iters = ec.get("seg_iters", 40000), ec.get("depth_iters", 38400)
+    dpt_lr, dpt_epochs = ec.get("dpt_lr", 5e-4), ec.get("dpt_epochs", 10)
+    dpt_hidden, corr_block = ec.get("dpt_hidden", 512), ec.get("corr_block", -1)
     where = (
         f"trained on {prov['views']['train']} views ({len(prov['train_scenes'])} groups) of "
         f"{data.get('name', 'the scenes')} {data.get('train_split') or 'train'} and scored on "
@@ -185,9 +189,9 @@ def protocol(results: dict) -> str:
         text = (
             "Protocol: paper. Segmentation and depth probes follow FiT3D's evaluation configs "
             "(augmented crops with features recomputed each iteration, 40k / 38.4k iterations at "
-            f"global batch 16 scaled to {ec.get('paper_batch_size', 16)} ({ec.get('seg_iters', 40000)} / "
-            f"{ec.get('depth_iters', 38400)} at batch 16 here), AdamW, poly / cosine with warm-up, slide "
-            "inference 512/341, flip test-time augmentation, no checkpoint picked); "
+            f"global batch 16 scaled to {batch16} ({seg_iters} / {depth_iters} at batch 16 "
+            "here), AdamW, poly / cosine with warm-up, slide inference 512/341, flip test-time "
+            "augmentation, no checkpoint picked); "
         )
     else:
         text = (
@@ -201,10 +205,10 @@ def protocol(results: dict) -> str:
         f"Heads {where} Segmentation reads the last block after the final norm; linear depth "
         "and normals read it before the final norm (depth also gets the original CLS token). "
         "DPT heads (Probe3D) read the raw outputs of the four quarter blocks and train with "
-        f"Probe3D's schedule (AdamW lr {ec.get('dpt_lr', 5e-4)}, {ec.get('dpt_epochs', 10)} epochs, 15% warm-up, "
-        f"cosine; width {ec.get('dpt_hidden', 512)}). Correspondence (zero-shot, as Probe3D computes it): "
-        f"raw output of block {ec.get('corr_block', -1)}, no final norm; depth and K at 1/4 resolution, "
-        "matches only between pixels with valid depth in both views, ratio-test weight, top "
+        f"Probe3D's schedule (AdamW lr {dpt_lr}, {dpt_epochs} epochs, 15% warm-up, cosine; "
+        f"width {dpt_hidden}). Correspondence (zero-shot, as Probe3D computes it): raw output of "
+        f"block {corr_block}, no final norm; depth and K at 1/4 resolution, matches only "
+        "between pixels with valid depth in both views, ratio-test weight, top "
         f"{ec['top_k']} matches of up to {ec['pairs_per_scene']} covisible pairs per test group; "
         "errors and the 5/10/20 px thresholds in 1/4-resolution pixels (x4 at full "
         "resolution); recall@10 binned by relative rotation [0,15), [15,30), [30,60), [60,180] "
