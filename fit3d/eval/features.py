@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from fit3d.eval.cache import ViewStore, fill, keys_digest
+from fit3d.eval.cache import ViewStore, keys_digest
 
 FEATURE_SETS: dict[str, tuple[str, ...]] = {
     "original": ("original",),
@@ -98,22 +98,22 @@ def feature_store(
     return store
 
 
-def _images(split, positions: list[int], num_workers: int) -> list[tuple[int, Tensor]]:
-    """(position, image [H, W, 3]) of the chosen views, read in `num_workers` processes."""
-    if num_workers <= 0:
-        return [(n, split.ds[split.views[n]].image) for n in positions]
-    from torch.utils.data import DataLoader
+class _Images(torch.utils.data.Dataset):
+    """(position, image [H, W, 3]) of the chosen views of a split, from `start` on."""
 
-    class _Views(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return len(positions)
+    def __init__(self, split, start: int):
+        self.split, self.start = split, start
 
-        def __getitem__(self, k: int) -> tuple[int, Tensor]:
-            n = positions[k]
-            return n, split.ds[split.views[n]].image
+    def __len__(self) -> int:
+        return len(self.split) - self.start
 
-    loader = DataLoader(_Views(), batch_size=1, num_workers=num_workers, collate_fn=lambda b: b)
-    return [item for batch in loader for item in batch]
+    def __getitem__(self, k: int) -> tuple[int, Tensor]:
+        n = self.start + k
+        return n, self.split.ds[self.split.views[n]].image
+
+
+def _as_list(items: list) -> list:
+    return items
 
 
 def fill_features(
@@ -127,29 +127,35 @@ def fill_features(
     num_workers: int,
     desc: str,
 ) -> None:
-    """Extract the views `store` lacks (resuming after a kill), `batch` images per pass."""
-
-    def make(idx: list[int]) -> list[dict[str, Tensor]]:
-        loaded = _images(split, idx, num_workers)
-        recs: list[dict[str, Tensor]] = [{} for _ in idx]
-        by_size: dict[tuple[int, int], list[int]] = {}
-        for k, (_, img) in enumerate(loaded):
-            by_size.setdefault(tuple(img.shape[:2]), []).append(k)
-        for ks in by_size.values():
-            images = torch.stack([loaded[k][1] for k in ks]).to(device)
-            out = extract(backbone, images, plan, precision)
-            maps, cls = out["maps"].half().cpu(), out["cls"].half().cpu()
-            for j, k in enumerate(ks):
-                recs[k] = {name: maps[j, m] for m, name in enumerate(plan.names)}
-                recs[k]["cls"] = cls[j]
-        return recs
+    """Extract the views `store` lacks (resuming after a kill), `batch` images per pass, images
+    read by `num_workers` DataLoader processes."""
+    from torch.utils.data import DataLoader
 
     if store.complete:
         return
+    loader = DataLoader(
+        _Images(split, store.done),
+        batch_size=batch,
+        num_workers=num_workers,
+        collate_fn=_as_list,  # images of a split may differ in size
+    )
     with tqdm(
         total=store.num_views, initial=store.done, desc=desc, unit="view", disable=None
     ) as bar:
-        fill(store, make, batch, bar.update)
+        for items in loader:
+            recs: list[dict[str, Tensor]] = [{} for _ in items]
+            by_size: dict[tuple[int, int], list[int]] = {}
+            for k, (_, img) in enumerate(items):
+                by_size.setdefault(tuple(img.shape[:2]), []).append(k)
+            for ks in by_size.values():
+                images = torch.stack([items[k][1] for k in ks]).to(device)
+                out = extract(backbone, images, plan, precision)
+                maps, cls = out["maps"].half().cpu(), out["cls"].half().cpu()
+                for j, k in enumerate(ks):
+                    recs[k] = {name: maps[j, m] for m, name in enumerate(plan.names)}
+                    recs[k]["cls"] = cls[j]
+            store.append(recs)
+            bar.update(len(items))
 
 
 @dataclass
