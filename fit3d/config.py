@@ -258,7 +258,9 @@ class EvalConfig:
     """Global batch (views) of every trained head except protocol=paper's FiT3D probes."""
     micro_batch: int = 0
     """Views per forward/backward pass; the global batch accumulates gradients over
-    batch_size / micro_batch passes (0 = the whole batch at once)."""
+    batch_size / micro_batch passes (0 = the whole batch at once). Losses that are means over a
+    whole batch (SigLoss's variance, BatchNorm statistics) then become view-weighted means of
+    per-micro-batch values."""
     label_stride: int = 1
     """protocol=fast: linear heads train on every label_stride-th label pixel each way."""
     val_fraction: float = 0.2

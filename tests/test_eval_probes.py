@@ -152,3 +152,20 @@ def test_strided_resample_matches_full_resolution(size):
     torch.testing.assert_close(resample(x, size, 3), full[:, :, 1::3, 1::3])
     cubic = F.interpolate(x, size=size, mode="bicubic", align_corners=False)
     torch.testing.assert_close(resample(x, size, 2, "bicubic"), cubic[:, :, 1::2, 1::2])
+
+
+def test_micro_batches_accumulate_to_the_global_batch():
+    """eval.micro_batch: for a loss that is a mean over equally many pixels per view (normals,
+    every pixel valid; a head without BatchNorm), 4 + 4 views give the gradient of 8."""
+    gen = torch.Generator().manual_seed(1)
+    x = [torch.randn(8, 6, 2, 3, generator=gen) for _ in range(4)]
+    y = F.normalize(torch.randn(8, 20, 30, 3, generator=gen), dim=-1)
+    heads = []
+    for split in (8, 4):
+        torch.manual_seed(0)
+        head = DPTHead([6] * 4, "normals", hidden=4)
+        steps = [[([t[i : i + split] for t in x], y[i : i + split]) for i in range(0, 8, split)]]
+        heads.append(train_head(head, steps * 3, 3, 1e-2, fast_schedule(3),
+                                loss_fn("normals", "dpt"), torch.device("cpu")))  # fmt: skip
+    for a, b in zip(heads[0].parameters(), heads[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

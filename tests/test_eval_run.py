@@ -288,3 +288,13 @@ def test_extract_matches_backbone_accessors():
         torch.testing.assert_close(out["maps"][:, 2], bb.features(x, blocks=(-1,)).blocks[0])
         torch.testing.assert_close(out["maps"][:, 1], bb.features(x, blocks=(0,)).blocks[0])
         torch.testing.assert_close(out["cls"], bb.features(x, cls=True).cls)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_with_bf16_autocast(demo_out):
+    args = [*TINY, f"run.out={demo_out}", "run.name=cuda", "run.device=cuda",
+            "eval.precision=bf16", "eval.finetune_run=", "eval.probes=[seg,corr]"]  # fmt: skip
+    assert main(args) == 0
+    res = _results(demo_out, "cuda")
+    assert res["provenance"]["device"].startswith("cuda")
+    assert res["metrics"]["original"]["eval/seg/miou"]["mean"] is not None
