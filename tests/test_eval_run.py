@@ -99,7 +99,8 @@ def test_demo_linear_and_dpt_heads_original_and_control(demo_out, capsys):
     for f in ("results.md", "results.png", "pca.png", "config.yaml", "results.html"):
         assert (out / f).is_file(), f
     md = (out / "results.md").read_text()
-    assert "Protocol: fast" in md and "differs from protocol=paper" in md
+    assert "Protocol: fast" in md and "How protocol=fast differs from protocol=paper" in md
+    assert "- the learning rate is picked from eval.lrs" in md
     assert "1/4-resolution pixels" in md
 
 

@@ -197,9 +197,7 @@ def protocol(results: dict) -> str:
         text = (
             f"Protocol: fast (cached features; {ec['epochs']} epochs, batch {ec['batch_size']}, "
             f"learning rate from {ec['lrs']} picked on a validation part of the train split, "
-            f"chosen: {lrs}). It differs from protocol=paper (FiT3D's configs) in: "
-            + "; ".join(FAST_DIFFERENCES)
-            + ". "
+            f"chosen: {lrs}); see the list below for how it differs from protocol=paper. "
         )
     text += (
         f"Heads {where} Segmentation reads the last block after the final norm; linear depth "
@@ -214,6 +212,9 @@ def protocol(results: dict) -> str:
         "resolution); recall@10 binned by relative rotation [0,15), [15,30), [30,60), [60,180] "
         "degrees.\n"
     )
+    if name != "paper":
+        text += "\nHow protocol=fast differs from protocol=paper (FiT3D's configs):\n"
+        text += "".join(f"- {d}\n" for d in FAST_DIFFERENCES)
     return text
 
 
