@@ -233,7 +233,7 @@ def augmented_batches(
         count = 0
         for images, labels in loader:
             x = live_features(backbones, parts, images.to(device), views.task, precision)
-            step.append((x.cpu(), labels))
+            step.append((x, labels))  # features stay on the device
             count += len(labels)
             if count >= batch:
                 yield step
