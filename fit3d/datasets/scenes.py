@@ -10,7 +10,7 @@ the scan meshes. The anonymisation mask is the `eval_mask`.
 Classes: demo -> `<root>/classes.json`; ScanNet++ -> `SCANNETPP_CLASSES`, the 100 classes of the
 official semantic benchmark (toolkit `metadata/semantic_benchmark/top100.txt`, in that order, as
 FiT3D's ScanNet++ segmentation config lists them). Depth range: ScanNet++ 20 m (FiT3D's config),
-demo 10 m (the demo preset's `eval.max_depth`).
+demo 10 m.
 """
 
 from __future__ import annotations
