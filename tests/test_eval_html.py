@@ -137,7 +137,7 @@ def test_cells_equal_results_json_and_winners_are_marked(tmp_path):
     texts = {(c["data-set"], c["data-key"]): " ".join(c["text"].split()) for c in parser.cells}
     assert texts["assembled", "eval/seg/miou"] == "34.00 ± 1.41 (+3.00)"  # mean ± s.d., change
     assert "cd" * 32 in page and "0123abc" in page and "a note &lt;with&gt; markup" in page
-    assert "Protocol: linear probes" in page
+    assert "Protocol: fast" in page  # the protocol is named in every report
 
 
 @pytest.mark.slow

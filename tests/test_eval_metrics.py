@@ -55,6 +55,23 @@ def test_depth_metrics_hand_computed():
     assert m["delta1"] == pytest.approx((0.5 + 1.0) / 2)
 
 
+def test_all_depth_metrics_of_the_toolbox_hand_computed():
+    pred = torch.tensor([[[2.0, 1.0, 1.3, 7.0]]])
+    gt = torch.tensor([[[1.0, 1.0, 1.0, 0.0]]])  # last pixel invalid
+    m = depth_metrics(pred, gt)
+    assert m["delta1"] == pytest.approx(1 / 3)  # ratios 2, 1, 1.3
+    assert m["delta2"] == pytest.approx(2 / 3)  # 1.3 < 1.5625
+    assert m["delta3"] == pytest.approx(2 / 3)  # 2 > 1.953125
+    assert m["absrel"] == pytest.approx((1 + 0 + 0.3) / 3)
+    assert m["sqrel"] == pytest.approx((1 + 0 + 0.09) / 3)
+    logs = [math.log(2.0), 0.0, math.log(1.3)]
+    assert m["rmse_log"] == pytest.approx(math.sqrt(sum(v * v for v in logs) / 3))
+    assert m["log10"] == pytest.approx(sum(abs(v) for v in logs) / math.log(10) / 3)
+    mean = sum(logs) / 3
+    silog = math.sqrt(sum(v * v for v in logs) / 3 - mean**2) * 100
+    assert m["silog"] == pytest.approx(silog)
+
+
 def test_normal_metrics_hand_computed():
     angles = torch.deg2rad(torch.tensor([0.0, 10.0, 20.0, 45.0]))
     pred = torch.stack([torch.zeros(4), -torch.sin(angles), torch.cos(angles)], -1) * 3.0

@@ -1,4 +1,5 @@
-"""Probe losses against hand-computed values; heads learn separable synthetic problems."""
+"""Probe losses and schedules against hand-computed values; heads learn separable synthetic
+problems; the DPT head's output grid."""
 
 import math
 
@@ -7,14 +8,21 @@ import torch
 import torch.nn.functional as F
 
 from fit3d.eval.probes import (
-    TASKS,
     DepthHead,
+    DPTHead,
+    SegHead,
     angular_nll,
-    evaluate_probe,
+    fast_schedule,
     gradient_loss,
+    loss_fn,
+    mmcv_cosine,
+    mmcv_poly,
+    one_cycle_beta1,
+    probe3d_schedule,
+    probe3d_sig_loss,
     resample,
     sig_loss,
-    train_probe,
+    train_head,
 )
 
 
@@ -27,19 +35,33 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def test_sig_loss_is_scale_invariant_up_to_lambda():
-    gt = torch.rand(2, 5, 7) + 0.5
-    gt[0, 0, 0] = 0.0  # invalid pixel ignored
-    assert float(sig_loss(2 * gt, gt)) == pytest.approx(math.sqrt(0.15) * math.log(2), rel=1e-4)
+def test_sig_loss_hand_computed():
+    gt = torch.tensor([[[1.0, 2.0, 0.0, 3.0]]])  # the 0 is invalid
+    pred = torch.tensor([[[2.0, 3.0, 5.0, 2.0]]])
+    g = [math.log(2.001 / 1.001), math.log(3.001 / 2.001), math.log(2.001 / 3.001)]
+    mean = sum(g) / 3
+    var = sum((x - mean) ** 2 for x in g) / 2  # unbiased, as torch.var
+    assert float(sig_loss(pred, gt)) == pytest.approx(math.sqrt(var + 0.15 * mean**2), rel=1e-5)
+    warm = sig_loss(pred, gt, mean_only=True)  # FiT3D's SigLoss warm-up: mean term only
+    assert float(warm) == pytest.approx(math.sqrt(0.15 * mean**2), rel=1e-5)
+    mse = sum(x * x for x in g) / 3
+    ref = math.sqrt(mse - 0.85 * mean**2)
+    assert float(probe3d_sig_loss(pred, gt)) == pytest.approx(ref, rel=1e-5)
 
 
 def test_gradient_loss_hand_computed():
-    gt = torch.ones(1, 1, 3)
-    pred = torch.tensor([[[1.0, math.e, math.e]]])  # log difference 0, 1, 1
-    # stride 1: (1 + 0) / 2 pairs; stride 2: columns 0, 2 -> 1 / 1 pair; strides 4, 8: no pairs
-    assert float(gradient_loss(pred, gt)) == pytest.approx(0.5 + 1.0, rel=1e-5)
-    gt = torch.rand(1, 4, 4) + 0.5
-    assert float(gradient_loss(3 * gt, gt)) == pytest.approx(0.0, abs=1e-6)
+    # one row; log difference d = 0, 0, 1, 1, 1 (+eps terms) at pixels 0..4; gt all valid
+    gt = torch.ones(1, 1, 5)
+    pred = torch.tensor([[[1.0, 1.0, math.e, math.e, math.e]]])
+    d = [0.0, 0.0, math.log(math.e + 1e-3) - math.log(1.001)] + [0.0] * 2
+    d[3] = d[4] = d[2]
+    # stride 1: |d0 - d2| + |d1 - d3| + |d2 - d4| over 5 valid pixels; stride 2 (pixels 0, 2, 4):
+    # |d0 - d4| over 3 pixels; stride 4 (pixels 0, 4): no pair 2 apart; stride 6: one pixel
+    s1 = (abs(d[0] - d[2]) + abs(d[1] - d[3]) + abs(d[2] - d[4])) / 5
+    s2 = abs(d[0] - d[4]) / 3
+    assert float(gradient_loss(pred, gt)) == pytest.approx(s1 + s2, rel=1e-5)
+    gt = torch.rand(2, 9, 9) + 0.5
+    assert float(gradient_loss(3 * gt, gt)) < 1e-3  # a global scale has (almost) no gradient
 
 
 def test_angular_nll_hand_computed():
@@ -50,33 +72,77 @@ def test_angular_nll_hand_computed():
     assert float(angular_nll(out, gt)) == pytest.approx(ref, rel=1e-5)
 
 
+def test_schedules_hand_computed():
+    poly = mmcv_poly(total=100, warmup=10, power=1.0, ratio=1e-6)
+    assert poly(0) == pytest.approx(1e-6)  # warm-up starts at ratio x the regular lr
+    assert poly(5) == pytest.approx((1 - 0.05) * (1 - 0.5 * (1 - 1e-6)))
+    assert poly(50) == pytest.approx(0.5) and poly(100) == 0.0
+    cos = mmcv_cosine(total=100, warmup=0, min_ratio=0.0)
+    assert cos(0) == pytest.approx(1.0) and cos(50) == pytest.approx(0.5)
+    assert cos(100) == pytest.approx(0.0, abs=1e-12)
+    beta1 = one_cycle_beta1(100)
+    assert beta1(0) == pytest.approx(0.95) and beta1(30) == pytest.approx(0.85)
+    assert beta1(15) == pytest.approx(0.90) and beta1(100) == pytest.approx(0.95)
+    p3 = probe3d_schedule(total=100, warmup=15)
+    assert p3(0) == pytest.approx(0.01) and p3(15) == pytest.approx(1.0)
+    assert p3(100) == pytest.approx(0.01)
+    fast = fast_schedule(total=100)
+    assert fast(0) == pytest.approx(0.1) and fast(9) == pytest.approx(1.0)
+    assert fast(100) == 0.0
+
+
 def test_depth_head_conv_before_upsample_is_exact():
-    head = DepthHead(6, max_depth=5.0).eval()
-    x = torch.randn(2, 6, 3, 4)
-    up = F.interpolate(x, scale_factor=4, mode="bilinear", align_corners=False)
-    p = torch.relu(head.conv(head.bn(up))) + 0.1
-    ref = ((p / p.sum(1, keepdim=True)) * head.centres[None, :, None, None]).sum(1)
-    torch.testing.assert_close(head(x, (12, 16)), ref, rtol=1e-5, atol=1e-5)
+    for bn in (True, False):
+        head = DepthHead(6, max_depth=5.0, batch_norm=bn).eval()
+        x = torch.randn(2, 6, 3, 4)
+        up = F.interpolate(x, scale_factor=4, mode="bilinear", align_corners=False)
+        p = torch.relu(head.conv(head.bn(up))) + 0.1
+        ref = ((p / p.sum(1, keepdim=True)) * head.centres[None, :, None, None]).sum(1)
+        torch.testing.assert_close(head(x, (12, 16)), ref, rtol=1e-5, atol=1e-5)
+    assert not any(
+        isinstance(m, torch.nn.BatchNorm2d) for m in DepthHead(6, 5.0, batch_norm=False).modules()
+    )
+
+
+def test_dpt_head_output_is_16x_the_token_grid():
+    head = DPTHead([8, 8, 8, 12], "depth", hidden=4, max_depth=5.0).eval()
+    feats = [torch.randn(2, c, 3, 5) for c in (8, 8, 8, 12)]
+    with torch.no_grad():
+        assert head.raw(feats).shape == (2, 256, 48, 80)
+        depth = head(feats, (40, 70))
+        normals = DPTHead([8] * 4, "normals", hidden=4)(feats[:3] + [feats[0]], (40, 70))
+    assert depth.shape == (2, 40, 70) and float(depth.min()) >= 1e-3 and float(depth.max()) <= 5.0
+    assert normals.shape == (2, 40, 70, 4)
+    torch.testing.assert_close(normals[..., :3].norm(dim=-1), torch.ones(2, 40, 70))
+    assert float(normals[..., 3].min()) > 0.01
 
 
 def _synthetic(n: int, gen: torch.Generator):
-    """Features [n, 8, 4, 6]; class = argmax of 3 channels; depth = 1 + 0.5 * channel 3."""
+    """Features [n, 8, 4, 6]; class = argmax of 3 channels; depth = 2 + 0.5 * channel 3."""
     x = torch.randn(n, 8, 4, 6, generator=gen)
     return x, x[:, :3].argmax(1), 2.0 + 0.5 * x[:, 3].clamp(-2, 2)
+
+
+def _batches(x, y, batch: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        for idx in torch.randperm(len(x), generator=gen).split(batch):
+            yield [(x[idx], y[idx])]
 
 
 def test_probes_learn_separable_problems():
     gen = torch.Generator().manual_seed(0)
     x, seg, depth = _synthetic(48, gen)
     xt, segt, deptht = _synthetic(16, gen)
-    task = TASKS["seg"]
-    head = train_probe(task.head(8, num_classes=3), task, x, seg, 1e-1, 20, 8, seed=0)
-    assert evaluate_probe(head, task, xt, segt, num_classes=3)["miou"] > 0.7
-    task = TASKS["depth"]
-    head = train_probe(task.head(8, max_depth=4.0), task, x, depth, 3e-2, 20, 8, seed=0)
-    m = evaluate_probe(head, task, xt, deptht)
-    assert m["rmse"] < 0.2  # a constant prediction gives ~0.45
-    assert m["delta1"] > 0.8
+    cpu = torch.device("cpu")
+    head = train_head(SegHead(8, 3), _batches(x, seg, 8, 0), 120, 1e-1, fast_schedule(120),
+                      loss_fn("seg", "linear"), cpu)  # fmt: skip
+    pred = head(xt, (4, 6)).argmax(1)
+    assert float((pred == segt).float().mean()) > 0.85
+    head = train_head(DepthHead(8, 4.0), _batches(x, depth, 8, 0), 120, 3e-2, fast_schedule(120),
+                      loss_fn("depth", "linear"), cpu)  # fmt: skip
+    rmse = float(((head(xt, (4, 6)).detach() - deptht) ** 2).mean().sqrt())
+    assert rmse < 0.2  # a constant prediction gives ~0.45
 
 
 @pytest.mark.parametrize("size", [(16, 24), (13, 22)])
@@ -84,5 +150,22 @@ def test_strided_resample_matches_full_resolution(size):
     x = torch.randn(2, 5, 4, 6)
     full = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     torch.testing.assert_close(resample(x, size, 3), full[:, :, 1::3, 1::3])
-    head = TASKS["normals"].head(5).eval()
-    torch.testing.assert_close(head(x, size, 2), head(x, size)[:, 1::2, 1::2])
+    cubic = F.interpolate(x, size=size, mode="bicubic", align_corners=False)
+    torch.testing.assert_close(resample(x, size, 2, "bicubic"), cubic[:, :, 1::2, 1::2])
+
+
+def test_micro_batches_accumulate_to_the_global_batch():
+    """eval.micro_batch: for a loss that is a mean over equally many pixels per view (normals,
+    every pixel valid; a head without BatchNorm), 4 + 4 views give the gradient of 8."""
+    gen = torch.Generator().manual_seed(1)
+    x = [torch.randn(8, 6, 2, 3, generator=gen) for _ in range(4)]
+    y = F.normalize(torch.randn(8, 20, 30, 3, generator=gen), dim=-1)
+    heads = []
+    for split in (8, 4):
+        torch.manual_seed(0)
+        head = DPTHead([6] * 4, "normals", hidden=4)
+        steps = [[([t[i : i + split] for t in x], y[i : i + split]) for i in range(0, 8, split)]]
+        heads.append(train_head(head, steps * 3, 3, 1e-2, fast_schedule(3),
+                                loss_fn("normals", "dpt"), torch.device("cpu")))  # fmt: skip
+    for a, b in zip(heads[0].parameters(), heads[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

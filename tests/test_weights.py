@@ -470,3 +470,59 @@ def test_cli_lists_every_alias(offline: Path, capsys: pytest.CaptureFixture) -> 
     dinov2 = next(line for line in out.splitlines() if line.startswith("dinov2 "))
     assert sha in dinov2 or "timm" in dinov2
     assert W.main(["--prepare"]) == 0
+
+
+def _released_state_dict(timm_name: str) -> dict[str, torch.Tensor]:
+    """A synthetic FiT3D release: the plain state dict of the model their hubconf.py builds
+    (`timm.create_model(name, num_classes=0, dynamic_img_size=True)`), random values."""
+    torch.manual_seed(7)
+    model = timm.create_model(timm_name, pretrained=False, num_classes=0, dynamic_img_size=True)
+    return {
+        k: torch.randn_like(v) if v.is_floating_point() else v
+        for k, v in model.state_dict().items()
+    }
+
+
+def test_released_model_by_name_loads_with_provenance(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub.constants as hfc
+
+    monkeypatch.setenv("FIT3D_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(hfc, "HF_HUB_CACHE", str(tmp_path / "hf_empty"))
+    sd = _released_state_dict(W.ALIASES["dinov2"])
+    path = tmp_path / "cache" / "fit3d_released" / "dinov2_small_finetuned.pth"
+    path.parent.mkdir(parents=True)
+    torch.save(sd, path)  # FiT3D's files are torch.save'd state dicts
+    bb = Backbone("dinov2", "fit3d:dinov2_small")
+    assert bb.weights_info.source == "fit3d:dinov2_small"
+    assert bb.weights_info.path == str(path)
+    assert bb.weights_info.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    for k, v in bb.model.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+
+    del sd["blocks.3.mlp.fc1.weight"]  # a file that is not the model it claims: the key check
+    torch.save(sd, path)
+    with pytest.raises(UserError, match=r"does not fit .*missing blocks\.3\.mlp\.fc1\.weight"):
+        Backbone("dinov2", "fit3d:dinov2_small")
+
+
+def test_released_model_offline_wrong_backbone_and_unknown_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub.constants as hfc
+
+    monkeypatch.setenv("FIT3D_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hfc, "HF_HUB_CACHE", str(tmp_path / "hf_empty"))
+    with pytest.raises(UserError) as err:
+        W.released_weights("fit3d:clip_base", W.ALIASES["clip"])
+    line = str(err.value)
+    want = tmp_path / "cache" / "fit3d_released" / "clip_base_finetuned.pth"
+    assert "\n" not in line and str(want) in line
+    assert "https://huggingface.co/yuanwenyue/FiT3D/resolve/main/clip_base_finetuned.pth" in line
+    with pytest.raises(UserError, match="fine-tune of vit_base_patch16_224.mae.*backbone.name=mae"):
+        W.released_weights("fit3d:mae_base", W.ALIASES["dinov2"])
+    with pytest.raises(UserError, match="unknown FiT3D release 'fit3d:dinov3'"):
+        W.released_weights("fit3d:dinov3")
+    assert set(W.RELEASED.values()) <= set(W.ALIASES)

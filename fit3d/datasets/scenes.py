@@ -10,7 +10,7 @@ the scan meshes. The anonymisation mask is the `eval_mask`.
 Classes: demo -> `<root>/classes.json`; ScanNet++ -> `SCANNETPP_CLASSES`, the 100 classes of the
 official semantic benchmark (toolkit `metadata/semantic_benchmark/top100.txt`, in that order, as
 FiT3D's ScanNet++ segmentation config lists them). Depth range: ScanNet++ 20 m (FiT3D's config),
-demo 10 m (the demo preset's `eval.max_depth`).
+demo 10 m.
 """
 
 from __future__ import annotations
@@ -107,6 +107,8 @@ class ScenesSet(EvalSet):
         if resolution is None:
             resolution = 0.5 if kind == "scannetpp" else 1.0
         self.scenes: list[Scene] = [open_scene(self.root, s, resolution) for s in ids]
+        self.notes: list[str] = []
+        """Why a task that some scenes label is left out of the split (one line each)."""
         self._index: list[tuple[int, int]] = [
             (si, vi)
             for si, scene in enumerate(self.scenes)
@@ -132,11 +134,11 @@ class ScenesSet(EvalSet):
         for task, flags in present.items():
             if all(flags):
                 tasks.add(task)
-            elif any(flags):
+            elif any(flags):  # the other tasks stay usable: say which scene lacks this one
                 lacking = self.scenes[flags.index(False)].dslr_dir / GT_DIRS[_GT_TASKS[task]]
-                raise UserError(
-                    f"{lacking}: expected {task} labels like the other scenes of this split; "
-                    f"render them with `{LABEL_COMMAND}`"
+                self.notes.append(
+                    f"{lacking}: expected {task} labels like the other scenes of this split "
+                    f"(render them with `{LABEL_COMMAND}`): {task} left out of this split"
                 )
         if not tasks and self.kind == "scannetpp":
             gt = self.scenes[0].dslr_dir / GT_DIRS["depth"]

@@ -1,18 +1,19 @@
-"""Zero-shot multiview correspondence (Probe3D's protocol).
+"""Zero-shot multiview correspondence, computed as Probe3D computes it.
 
-docs/method.md, "Evaluation: 3D-awareness probes (Probe3D)".
-
-For a view pair (0, 1): dense features are bilinearly upsampled (align_corners=False) to 1/4 of
-the image resolution and L2-normalised; every view-0 grid pixel with valid depth is matched to its
-nearest view-1 grid pixel by cosine similarity; each match is weighted by 1 - d1/d2 (d1, d2 = the
-distances to the nearest and second nearest neighbour, L2 on unit vectors; the ranking is the same
-for squared distances) and the 1000 best are kept. The error of a match is the distance, in
-full-resolution pixels of view 1, between the matched pixel and the ground-truth reprojection of
-the view-0 pixel through its depth and the relative pose.
-
-Grid pixel (r, c) of the 1/4 grid sits at the full-resolution pixel nearest to its centre
-(`fit3d.geometry.grid_pixels`) and its depth is read there (no interpolation across depth edges).
-Reprojection and pixel conventions: `fit3d.geometry`.
+docs/method.md, "Evaluation: 3D-awareness probes (Probe3D)". For a view pair (0, 1):
+- both depth maps go to 1/4 resolution by nearest-neighbour resizing (`F.interpolate`, scale
+  0.25: pixel (i, j) of the small map is pixel (4i, 4j) of the full one) and both intrinsics are
+  scaled by 1/4 (K[:2] *= 0.25), so pixel centres stay at +0.5 (docs/method.md "Conventions");
+- every 1/4-resolution pixel with depth > 0, in either view, is a 3D point; its feature is the
+  token map bilinearly resampled (align_corners=False) at its pixel centre, L2-normalised;
+- each view-0 point is matched to the view-1 point of highest cosine similarity, weighted by
+  1 - d1/d2 with d = 1 - cosine to the nearest and second nearest view-1 point, and the
+  `top_k` (1000) best-weighted matches are kept;
+- a match's error is the distance, in pixels of the 1/4-resolution image, between the view-0
+  point projected into view 1 (relative pose, scaled K1) and the matched view-1 pixel centre.
+Recall is then taken at 5, 10 and 20 of those pixels (`fit3d.eval.metrics.correspondence_recall`),
+so Probe3D's "10 px" is 40 full-resolution pixels. No visibility test is made: an occluded view-0
+point counts as Probe3D counts it.
 """
 
 from __future__ import annotations
@@ -21,28 +22,39 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fit3d.geometry import grid_pixels, reproject
+from fit3d.geometry import reproject
+
+SCALE = 0.25
+"""Probe3D's correspondence resolution (a quarter of the image)."""
 
 
-def dense_unit_features(feat: Tensor, height: int, width: int, stride: int = 4) -> Tensor:
-    """Token map [C, h, w] -> unit features [h4*w4, C] on the 1/stride grid of an HxW image."""
-    size = (max(height // stride, 1), max(width // stride, 1))
+def quarter(depth: Tensor, K: Tensor) -> tuple[Tensor, Tensor]:
+    """depth [H, W] -> ([H//4, W//4] nearest-resized depth, K [3, 3] with rows 0, 1 x 0.25)."""
+    small = F.interpolate(depth[None, None].float(), scale_factor=SCALE, mode="nearest")[0, 0]
+    Kq = K.double().clone()
+    Kq[:2] *= SCALE
+    return small, Kq
+
+
+def unit_features(feat: Tensor, size: tuple[int, int]) -> Tensor:
+    """Token map [C, h, w] -> L2-normalised features [H4*W4, C] at the pixel centres of an
+    H4 x W4 image (bilinear, align_corners=False), row-major."""
     up = F.interpolate(feat[None].float(), size=size, mode="bilinear", align_corners=False)[0]
     return F.normalize(up.flatten(1).T, dim=1)
 
 
-def ratio_matches(f0: Tensor, f1: Tensor, chunk: int = 4096) -> tuple[Tensor, Tensor]:
-    """Nearest neighbour in f1 [N1, C] of every row of f0 [N0, C] (unit vectors).
+def ratio_matches(f0: Tensor, f1: Tensor, max_elems: int = 1 << 24) -> tuple[Tensor, Tensor]:
+    """Nearest neighbour in f1 [N1, C] of every row of f0 [N0, C] (unit vectors) by cosine.
 
-    Returns (index [N0] into f1, weight [N0] = 1 - d1/d2).
+    Returns (index [N0] into f1, weight [N0] = 1 - d1/d2, d = 1 - cosine clamped at 1e-9).
     """
+    chunk = max(max_elems // max(f1.shape[0], 1), 1)
     idx, weight = [], []
     for start in range(0, f0.shape[0], chunk):
         sim = f0[start : start + chunk] @ f1.T  # [n, N1]
         top = sim.topk(min(2, f1.shape[0]), dim=1)
-        dist = (2 - 2 * top.values).clamp_min(0).sqrt()  # [n, 2]
-        d2 = dist[:, -1]
-        ratio = torch.where(d2 > 0, dist[:, 0] / d2.clamp_min(1e-12), torch.ones_like(d2))
+        dist = (1 - top.values).clamp_min(1e-9)  # [n, 1 or 2]
+        ratio = dist[:, 0] / dist[:, -1] if dist.shape[1] == 2 else torch.ones_like(dist[:, 0])
         idx.append(top.indices[:, 0])
         weight.append(1 - ratio)
     return torch.cat(idx), torch.cat(weight)
@@ -52,29 +64,32 @@ def pair_errors(
     feat0: Tensor,
     feat1: Tensor,
     depth0: Tensor,
+    depth1: Tensor,
     K0: Tensor,
     K1: Tensor,
     viewmat0: Tensor,
     viewmat1: Tensor,
-    size1: tuple[int, int],
     top_k: int = 1000,
-    stride: int = 4,
 ) -> Tensor:
-    """Reprojection errors [M <= top_k] (pixels of view 1) of the best-weighted feature matches.
+    """Errors [M <= top_k] of the best-weighted matches, in 1/4-resolution pixels of view 1.
 
-    feat0, feat1: token maps [C, h, w]; depth0: [H0, W0] metres (0 = invalid); size1: (H1, W1).
+    feat0, feat1: token maps [C, h, w]; depth0, depth1: [H, W] metres (0 = invalid) at full
+    resolution; K0, K1: [3, 3] full-resolution intrinsics; viewmat0, viewmat1: [4, 4]
+    world-to-camera.
     """
-    h0, w0 = depth0.shape
-    h1, w1 = size1
-    xy0 = grid_pixels(h0, w0, stride)  # [N0, 2]
-    xy1_grid = grid_pixels(h1, w1, stride)  # [N1, 2]
-    d0 = depth0[xy0[:, 1], xy0[:, 0]]  # [N0]
-    valid = d0 > 0
-    if not valid.any():
+    d0, K0q = quarter(depth0, K0)
+    d1, K1q = quarter(depth1, K1)
+    v0, v1 = d0.flatten() > 0, d1.flatten() > 0
+    if not v0.any() or not v1.any():
         return torch.zeros(0, dtype=torch.float64)
-    f0 = dense_unit_features(feat0, h0, w0, stride)[valid]
-    f1 = dense_unit_features(feat1, h1, w1, stride)
+    f0 = unit_features(feat0, tuple(d0.shape))[v0]
+    f1 = unit_features(feat1, tuple(d1.shape))[v1]
     idx, weight = ratio_matches(f0, f1)
     keep = weight.topk(min(top_k, weight.numel())).indices
-    gt_xy1, _ = reproject(xy0[valid][keep], d0[valid][keep], K0, K1, viewmat0, viewmat1)
-    return (xy1_grid[idx[keep]].double() - gt_xy1).norm(dim=1)
+    w0, w1 = d0.shape[1], d1.shape[1]
+    pix0 = v0.nonzero()[:, 0][keep]  # flat indices into the 1/4 map of view 0
+    pix1 = v1.nonzero()[:, 0][idx[keep]]
+    xy0 = torch.stack([pix0 % w0, pix0 // w0], 1)  # [M, 2] pixel indices (x, y)
+    xy1 = torch.stack([pix1 % w1, pix1 // w1], 1).double()
+    gt_xy1, _ = reproject(xy0, d0.flatten()[pix0], K0q, K1q, viewmat0, viewmat1)
+    return (gt_xy1 - xy1).norm(dim=1)

@@ -1,29 +1,31 @@
-"""Frozen features and labels of evaluation views, extracted once and cached on disk.
+"""Frozen features of evaluation views: extracted once per (backbone, split) into a `ViewStore`
+(fp16, memory-mapped, resumable), then streamed to the probes batch by batch.
 
-Per (backbone, scene) one safetensors file under `<eval run>/features/<tag>/<scene_id>.safetensors`
-holds, for the scene's chosen views, fp16:
-- `norm [V, C, h, w]`: last block after the final norm, patch tokens (segmentation probe and
-  correspondence; the FiT3D teacher/student output),
-- `raw [V, C, h, w]`: last block before the final norm (depth and normals probes; docs/method.md,
-  "Evaluation: linear probes (FiT3D)"),
-- `cls [V, C]`: the CLS token before the final norm (mean patch token for models without one).
-All three come from one pass of the backbone (`Backbone.features`). A cached file
-is reused only if its metadata (weights sha256, model, views, resolution) match; random-init
-backbones (no sha256) are never cached.
-Feature sets are channel concatenations of these per-backbone tensors (`FEATURE_SETS`).
+Per view the store keeps, from one pass of the backbone (`Backbone.features`, the one route):
+- `final`: last block after the final norm, patch tokens (the FiT3D teacher/student output;
+  segmentation probe, docs/method.md "Evaluation: linear probes (FiT3D)"),
+- `block<k>`: raw outputs of the blocks the probes read (no final norm): the last block (depth
+  and normals linear probes), the four quarter blocks (`Backbone.quarter_blocks`, DPT heads) and
+  `eval.corr_block` (correspondence; docs/method.md "Evaluation: 3D-awareness probes (Probe3D)"),
+- `cls`: CLS token of the last block before the final norm (mean patch token without one).
+A store is reused only when its model, weights sha256, extraction precision, maps, dataset split,
+view keys and image options all match; random-init backbones (no sha256) are never reused.
+Feature sets are channel concatenations of the per-backbone maps (`FEATURE_SETS`).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
+import contextlib
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
+from tqdm import tqdm
 
-from fit3d.io import write_safetensors
+from fit3d.eval.cache import ViewStore, keys_digest
 
 FEATURE_SETS: dict[str, tuple[str, ...]] = {
     "original": ("original",),
@@ -34,102 +36,169 @@ FEATURE_SETS: dict[str, tuple[str, ...]] = {
 """Feature set -> backbones whose features are concatenated along channels (FiT3D section 3)."""
 
 
+@dataclass(frozen=True)
+class MapPlan:
+    """Which dense maps to keep per view: `final` and raw `blocks` (0-based, sorted)."""
+
+    final: bool
+    blocks: tuple[int, ...]
+
+    @property
+    def names(self) -> list[str]:
+        return (["final"] if self.final else []) + [f"block{b}" for b in self.blocks]
+
+
+def autocast(device: torch.device, precision: str):
+    """`torch.autocast` for `eval.precision` (`fp32` = no autocast)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device.type, dtype=dtype)
+
+
 @torch.no_grad()
-def extract(backbone, images: Tensor) -> dict[str, Tensor]:
-    """images [B, H, W, 3] in [0, 1] -> {"norm", "raw": [B, C, h, w], "cls": [B, C]} float32."""
-    out = backbone.features(
-        backbone.preprocess(images.permute(0, 3, 1, 2)), blocks=(-1,), final=True, cls=True
-    )
-    return {"norm": out.final, "raw": out.blocks[0].contiguous(), "cls": out.cls.contiguous()}
+def extract(backbone, images: Tensor, plan: MapPlan, precision: str = "fp32") -> dict[str, Tensor]:
+    """images [B, H, W, 3] in [0, 1] (on the backbone's device) -> {"maps": [B, M, C, h, w]
+    float32 in `plan.names` order, "cls": [B, C]}."""
+    x = backbone.preprocess(images.permute(0, 3, 1, 2))
+    with autocast(images.device, precision):
+        out = backbone.features(x, blocks=plan.blocks, final=plan.final, cls=True)
+    maps = ([out.final] if plan.final else []) + list(out.blocks)
+    return {"maps": torch.stack([m.float() for m in maps], 1), "cls": out.cls.float()}
 
 
-def scene_features(
-    backbone, scene, views: list[int], cache: Path, batch_size: int = 4
-) -> dict[str, Tensor]:
-    """Cached features of `views` of `scene` ({"norm", "raw", "cls"} fp16, see module doc)."""
-    meta = {
-        "timm_name": backbone.timm_name,
-        "weights_sha256": backbone.weights_info.sha256 or "",
-        "scene_id": scene.scene_id,
-        "views": json.dumps(views),
-        "resolution": str(scene.resolution),
+def feature_store(
+    folder: Path,
+    backbone,
+    plan: MapPlan,
+    split,
+    options: str,
+    precision: str,
+    notes: list[str],
+) -> ViewStore:
+    """The (possibly partial) store of `backbone`'s features for the views of `split`."""
+    sha = backbone.weights_info.sha256
+    if not sha and folder.exists():
+        shutil.rmtree(folder)  # random init: nothing to reuse, nothing to report
+    identity = {
+        "model": backbone.timm_name,
+        "weights_sha256": sha or "random-init",
+        "precision": precision,
+        "maps": plan.names,
+        "dataset": split.ds.name,
+        "split": split.ds.split,
+        "keys_sha256": keys_digest(split.keys),
+        "options": options,
     }
-    cacheable = bool(meta["weights_sha256"])
-    if cacheable and cache.is_file():
-        with safe_open(str(cache), framework="pt") as f:
-            if f.metadata() == meta:
-                return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    parts: dict[str, list[Tensor]] = {"norm": [], "raw": [], "cls": []}
-    for b in range(0, len(views), batch_size):
-        images = torch.stack([scene.load_image(i) for i in views[b : b + batch_size]])
-        for k, v in extract(backbone, images).items():
-            parts[k].append(v.half())
-    feats = {k: torch.cat(v) for k, v in parts.items()}
-    if cacheable:
-        write_safetensors(cache, feats, meta)
-    return feats
+    spec = {name: ("float16", (backbone.embed_dim, "h", "w")) for name in plan.names}
+    spec["cls"] = ("float16", (backbone.embed_dim,))  # each map apart: a probe reads only its own
+    store = ViewStore(folder, spec, identity, len(split))
+    if store.note:
+        notes.append(store.note)
+    return store
+
+
+class _Images(torch.utils.data.Dataset):
+    """(position, image [H, W, 3]) of the chosen views of a split, from `start` on."""
+
+    def __init__(self, split, start: int):
+        self.split, self.start = split, start
+
+    def __len__(self) -> int:
+        return len(self.split) - self.start
+
+    def __getitem__(self, k: int) -> tuple[int, Tensor]:
+        n = self.start + k
+        return n, self.split.ds[self.split.views[n]].image
+
+
+def _as_list(items: list) -> list:
+    return items
+
+
+def fill_features(
+    store: ViewStore,
+    backbone,
+    plan: MapPlan,
+    split,
+    device: torch.device,
+    precision: str,
+    batch: int,
+    num_workers: int,
+    desc: str,
+) -> None:
+    """Extract the views `store` lacks (resuming after a kill), `batch` images per pass, images
+    read by `num_workers` DataLoader processes."""
+    from torch.utils.data import DataLoader
+
+    if store.complete:
+        return
+    loader = DataLoader(
+        _Images(split, store.done),
+        batch_size=batch,
+        num_workers=num_workers,
+        collate_fn=_as_list,  # images of a split may differ in size
+    )
+    with tqdm(
+        total=store.num_views, initial=store.done, desc=desc, unit="view", disable=None
+    ) as bar:
+        for items in loader:
+            recs: list[dict[str, Tensor]] = [{} for _ in items]
+            by_size: dict[tuple[int, int], list[int]] = {}
+            for k, (_, img) in enumerate(items):
+                by_size.setdefault(tuple(img.shape[:2]), []).append(k)
+            for ks in by_size.values():
+                images = torch.stack([items[k][1] for k in ks]).to(device)
+                out = extract(backbone, images, plan, precision)
+                maps, cls = out["maps"].half().cpu(), out["cls"].half().cpu()
+                for j, k in enumerate(ks):
+                    recs[k] = {name: maps[j, m] for m, name in enumerate(plan.names)}
+                    recs[k]["cls"] = cls[j]
+            store.append(recs)
+            bar.update(len(items))
 
 
 @dataclass
-class Labels:
-    """Ground truth and cameras of a list of views (anonymised pixels already invalidated)."""
+class SplitFeatures:
+    """Feature stores of one split, per backbone role, and the plan they follow."""
 
-    seg: Tensor | None = None  # [V, H, W] uint8, 255 = ignore
-    depth: Tensor | None = None  # [V, H, W] float32 metres, 0 = invalid
-    normals: Tensor | None = None  # [V, H, W, 3] float16 camera frame, 0 = invalid
-    Ks: list[Tensor] = field(default_factory=list)  # [3, 3] each
-    viewmats: list[Tensor] = field(default_factory=list)  # [4, 4] each
-    sizes: list[tuple[int, int]] = field(default_factory=list)  # (H, W) each
+    stores: dict[str, ViewStore]
+    plan: MapPlan
 
+    def size(self, n: int) -> tuple[int, int]:
+        """Token grid (h, w) of view n."""
+        return next(iter(self.stores.values())).size(n)
 
-def load_labels(scene, views: list[int]) -> Labels:
-    """Ground truth of `views`; a kind missing for any view is None for the whole scene."""
-    seg, depth, normals = [], [], []
-    out = Labels()
-    for i in views:
-        mask = scene.load_mask(i)
-        s, d, n = scene.load_semantics(i), scene.load_depth(i), scene.load_normals(i)
-        if mask is not None:
-            s = None if s is None else s.masked_fill(~mask, 255)
-            d = None if d is None else d * mask
-            n = None if n is None else n * mask[..., None]
-        seg.append(s)
-        depth.append(d)
-        normals.append(n)
-        out.Ks.append(scene.K(i))
-        out.viewmats.append(scene.viewmat(i))
-        out.sizes.append((scene.height(i), scene.width(i)))
-    if all(s is not None for s in seg):
-        out.seg = torch.stack(seg).clamp(0, 255).to(torch.uint8)
-    if all(d is not None for d in depth):
-        out.depth = torch.stack(depth).float()
-    if all(n is not None for n in normals):
-        out.normals = torch.stack(normals).half()
-    return out
+    def maps(self, n: int, parts: Sequence[str], name: str) -> Tensor:
+        """Channel concat [sum C, h, w] of map `name` of the backbones `parts` for view n."""
+        read: dict[str, Tensor] = {}
+        for p in dict.fromkeys(parts):
+            read[p] = self.stores[p].read(n, (name,))[name]
+        return torch.cat([read[p] for p in parts], 0)
+
+    def cls(self, n: int, role: str = "original") -> Tensor:
+        """CLS token [C] of view n from backbone `role`."""
+        return self.stores[role].read(n, ("cls",))["cls"]
 
 
-def concat_labels(parts: list[Labels]) -> Labels:
-    """Labels of several scenes, stacked; a kind missing in any scene is None."""
-    out = Labels()
-    for kind in ("seg", "depth", "normals"):
-        vals = [getattr(p, kind) for p in parts]
-        if vals and all(v is not None for v in vals):
-            setattr(out, kind, torch.cat(vals))
-    for p in parts:
-        out.Ks += p.Ks
-        out.viewmats += p.viewmats
-        out.sizes += p.sizes
-    return out
-
-
-def compose(feats: dict[str, dict[str, Tensor]], parts: tuple[str, ...], kind: str) -> Tensor:
-    """Channel concat [V, sum C, h, w] of `kind` ("norm" or "raw") of the named backbones."""
-    return torch.cat([feats[p][kind] for p in parts], dim=1)
-
-
-def depth_input(feats: dict[str, dict[str, Tensor]], parts: tuple[str, ...]) -> Tensor:
-    """Depth/normals probe input: pre-norm patch features ++ the original model's CLS token,
-    broadcast over the token grid: [V, sum C + C, h, w]."""
-    raw = compose(feats, parts, "raw")
-    cls = feats["original"]["cls"][:, :, None, None].expand(-1, -1, *raw.shape[2:])
-    return torch.cat([raw, cls], dim=1)
+def probe_input(
+    feats: SplitFeatures, n: int, parts: Sequence[str], kind: str, quarter: Sequence[int] = ()
+) -> Tensor | list[Tensor]:
+    """One view's input to a probe (fp16, CPU):
+    - `seg`: final-norm last block [C', h, w] (C' = sum over parts),
+    - `depth`: raw last block ++ the original model's CLS broadcast over the grid [C' + C, h, w]
+      (FiT3D's linear depth input),
+    - `normals`: raw last block [C', h, w],
+    - `dpt`: the four quarter blocks, raw, [C', h, w] each."""
+    last = f"block{max(feats.plan.blocks)}"
+    if kind == "seg":
+        return feats.maps(n, parts, "final")
+    if kind == "normals":
+        return feats.maps(n, parts, last)
+    if kind == "depth":
+        raw = feats.maps(n, parts, last)
+        cls = feats.cls(n)[:, None, None].expand(-1, *raw.shape[1:])
+        return torch.cat([raw, cls], 0)
+    if kind == "dpt":
+        return [feats.maps(n, parts, f"block{b}") for b in quarter]
+    raise ValueError(f"unknown probe input {kind!r}")

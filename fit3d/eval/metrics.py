@@ -4,9 +4,11 @@ Conventions follow the evaluation code the papers used:
 - segmentation (mmseg): one confusion matrix accumulated over the whole test set; per-class IoU and
   accuracy are NaN for classes absent from both labels and predictions (IoU) or from the labels
   (accuracy) and are skipped by the mean; aAcc is the overall pixel accuracy.
-- depth (DINOv2 / Probe3D): metrics per image over pixels with valid ground truth, then averaged.
+- depth (DINOv2 depth toolbox / Probe3D): metrics per image over pixels with valid ground truth,
+  then averaged.
 - normals (Probe3D): angular error per pixel; per-image percentages and RMSE, then averaged.
-- correspondence (Probe3D): recall per view pair, averaged over pairs (and per rotation bin).
+- correspondence (Probe3D): recall per view pair, averaged over pairs (and per rotation bin), in
+  1/4-resolution pixels.
 """
 
 from __future__ import annotations
@@ -50,27 +52,51 @@ def seg_metrics(conf: Tensor) -> dict[str, float]:
     }
 
 
-def depth_metrics(pred: Tensor, gt: Tensor, valid: Tensor | None = None) -> dict[str, float]:
-    """RMSE (metres), AbsRel and delta1 per image, averaged over images with a valid pixel.
+DEPTH_KEYS = ("delta1", "delta2", "delta3", "absrel", "sqrel", "rmse", "rmse_log", "log10", "silog")
+"""Depth metrics of the DINOv2 depth toolbox (FiT3D's), per image then averaged."""
 
-    pred, gt: [B, H, W] metres; valid: [B, H, W] bool (default gt > 0).
+
+def depth_per_image(pred: Tensor, gt: Tensor, valid: Tensor | None = None) -> list[dict]:
+    """Depth metrics of each image with a valid pixel: delta1..3 (fractions, thresholds 1.25^k),
+    AbsRel, SqRel, RMSE (metres), RMSE_log, log10, SILog (x100, as the toolbox).
+
+    pred, gt: [B, H, W] metres; valid: [B, H, W] bool (default gt > 0; the evaluator has already
+    zeroed ground truth outside the protocol's depth range).
     """
     valid = gt > 0 if valid is None else valid & (gt > 0)
-    rmse, absrel, delta1 = [], [], []
+    out = []
     for p, g, m in zip(pred, gt, valid, strict=True):
         if not m.any():
             continue
-        p, g = p[m].double().clamp_min(1e-6), g[m].double()
-        rmse.append(((p - g) ** 2).mean().sqrt())
-        absrel.append(((p - g).abs() / g).mean())
-        delta1.append((torch.maximum(p / g, g / p) < 1.25).double().mean())
-    if not rmse:
-        return {"rmse": math.nan, "absrel": math.nan, "delta1": math.nan}
-    return {
-        "rmse": float(torch.stack(rmse).mean()),
-        "absrel": float(torch.stack(absrel).mean()),
-        "delta1": float(torch.stack(delta1).mean()),
-    }
+        p, g = p[m].double().clamp_min(1e-3), g[m].double()
+        ratio = torch.maximum(p / g, g / p)
+        err = torch.log(p) - torch.log(g)
+        out.append(
+            {
+                "delta1": float((ratio < 1.25).double().mean()),
+                "delta2": float((ratio < 1.25**2).double().mean()),
+                "delta3": float((ratio < 1.25**3).double().mean()),
+                "absrel": float(((p - g).abs() / g).mean()),
+                "sqrel": float(((p - g) ** 2 / g).mean()),
+                "rmse": float(((p - g) ** 2).mean().sqrt()),
+                "rmse_log": float((err**2).mean().sqrt()),
+                "log10": float((torch.log10(p) - torch.log10(g)).abs().mean()),
+                "silog": float(((err**2).mean() - err.mean() ** 2).clamp_min(0).sqrt() * 100),
+            }
+        )
+    return out
+
+
+def mean_metrics(per_image: list[dict], keys: tuple[str, ...]) -> dict[str, float]:
+    """Average of per-image metric dicts (NaN for every key when there is none)."""
+    if not per_image:
+        return dict.fromkeys(keys, math.nan)
+    return {k: float(sum(d[k] for d in per_image) / len(per_image)) for k in keys}
+
+
+def depth_metrics(pred: Tensor, gt: Tensor, valid: Tensor | None = None) -> dict[str, float]:
+    """`DEPTH_KEYS` per image (`depth_per_image`), averaged over images with a valid pixel."""
+    return mean_metrics(depth_per_image(pred, gt, valid), DEPTH_KEYS)
 
 
 def angular_error(pred: Tensor, gt: Tensor) -> Tensor:
@@ -80,34 +106,48 @@ def angular_error(pred: Tensor, gt: Tensor) -> Tensor:
     return torch.rad2deg(torch.acos(cos.clamp(-1.0, 1.0)))
 
 
-def normal_metrics(pred: Tensor, gt: Tensor, valid: Tensor | None = None) -> dict[str, float]:
-    """% of pixels within 11.25/22.5/30 deg and angular RMSE (deg), per image then averaged.
+NORMAL_KEYS = ("within_11", "within_22", "within_30", "ang_rmse")
 
-    pred, gt: [B, H, W, 3] (gt unit vectors, 0 = invalid); valid: [B, H, W] bool.
-    """
+
+def normal_per_image(pred: Tensor, gt: Tensor, valid: Tensor | None = None) -> list[dict]:
+    """% of pixels within 11.25/22.5/30 deg and angular RMSE (deg) of each image with a valid
+    pixel. pred, gt: [B, H, W, 3] (gt unit vectors, 0 = invalid); valid: [B, H, W] bool."""
     has = gt.norm(dim=-1) > 0.5
     valid = has if valid is None else valid & has
-    keys = ("within_11", "within_22", "within_30", "ang_rmse")
-    per_image: list[list[Tensor]] = [[] for _ in keys]
+    out = []
     for p, g, m in zip(pred, gt, valid, strict=True):
         if not m.any():
             continue
         ang = angular_error(p[m], g[m])  # [P]
-        for i, t in enumerate((11.25, 22.5, 30.0)):
-            per_image[i].append((ang < t).double().mean() * 100)
-        per_image[3].append((ang**2).mean().sqrt())
-    if not per_image[0]:
-        return dict.fromkeys(keys, math.nan)
-    return {k: float(torch.stack(v).mean()) for k, v in zip(keys, per_image, strict=True)}
+        out.append(
+            {
+                "within_11": float((ang < 11.25).double().mean() * 100),
+                "within_22": float((ang < 22.5).double().mean() * 100),
+                "within_30": float((ang < 30.0).double().mean() * 100),
+                "ang_rmse": float((ang**2).mean().sqrt()),
+            }
+        )
+    return out
+
+
+def normal_metrics(pred: Tensor, gt: Tensor, valid: Tensor | None = None) -> dict[str, float]:
+    """`NORMAL_KEYS` per image (`normal_per_image`), then averaged."""
+    return mean_metrics(normal_per_image(pred, gt, valid), NORMAL_KEYS)
+
+
+CORR_THRESHOLDS = (5.0, 10.0, 20.0)
+"""Probe3D's recall thresholds, in pixels of the 1/4-resolution image (x4 at full resolution)."""
 
 
 def correspondence_recall(
-    errors: list[Tensor], rotations: Tensor, thresholds: tuple[float, ...] = (5.0, 10.0, 20.0)
+    errors: list[Tensor], rotations: Tensor, thresholds: tuple[float, ...] = CORR_THRESHOLDS
 ) -> dict[str, float]:
-    """Recall@t px per pair averaged over pairs, and recall@10px per rotation bin.
+    """Recall@t per pair averaged over pairs, and recall@10 per rotation bin (Probe3D).
 
-    errors: one tensor [M_i] of reprojection errors (pixels) per view pair;
-    rotations: [P] relative rotation of each pair in degrees. Empty bins give NaN.
+    errors: one tensor [M_i] of match errors per view pair, in the units of `thresholds`
+    (1/4-resolution pixels); rotations: [P] relative rotation of each pair in degrees. Empty
+    bins give NaN. With M_i equal for every pair (Probe3D's 1000 matches) the mean over pairs is
+    Probe3D's mean over all matches.
     """
     rec = {t: torch.tensor([(e < t).double().mean() for e in errors]) for t in (*thresholds, 10.0)}
     out = {f"recall_{t:g}px": float(rec[t].mean()) if errors else math.nan for t in thresholds}

@@ -1,67 +1,89 @@
-"""Probe heads, their losses and one training loop, on cached frozen features.
+"""Probe heads, their losses, learning-rate schedules and one training loop.
 
-Heads (all linear in the features; BatchNorm is a per-channel affine map at test time):
-- segmentation (DINOv2 linear): BatchNorm + 1x1 conv, logits bilinearly upsampled to label size,
-  cross-entropy ignoring 255.
-- depth (DINOv2 "linear" AdaBins): BatchNorm + 1x1 conv to 256 bins uniform over
-  [min_depth, max_depth], x4 bilinear upsample, ReLU, +0.1, normalise, depth = sum(p * bin
-  centre); the prediction is bilinearly resized to label size. The 1x1 conv runs before the x4
-  upsample: both are linear and bilinear weights sum to 1, so conv(up(x)) == up(conv(x)) exactly,
-  at 1/16 of the cost; the x4 upsample is two small matmuls (exact, faster than F.interpolate on
-  CPU). Loss: SigLoss (lambda 0.15) + 0.5 x gradient loss on log depth.
-- normals (our CPU-scale choice, not Probe3D's DPT head): BatchNorm + 1x1 conv to 4 channels,
-  bilinear upsample to label size, xyz normalised, kappa = ELU + 1.01; Probe3D's
-  uncertainty-aware angular loss (Bae et al. 2021).
-Training: AdamW (weight decay 1e-4), linear warm-up then poly decay, shuffled and seeded. For CPU
-speed the loss may be taken on a regular subset of label pixels (`label_stride`), where the head
-is evaluated exactly as at full resolution; test metrics always use every label pixel.
+Heads (docs/method.md, the two "Evaluation" sections):
+- segmentation (FiT3D / DINOv2 linear): BatchNorm + 1x1 conv; logits bilinearly resized to the
+  label size; cross-entropy ignoring 255.
+- depth, linear (FiT3D / DINOv2 "linear" AdaBins): [BatchNorm +] 1x1 conv to 256 bins uniform over
+  [min_depth, max_depth], x4 bilinear upsample, ReLU, +0.1, normalise, depth = sum(p * bin);
+  bilinearly resized to the label size. FiT3D's head has no BatchNorm (protocol=paper); the fast
+  protocol keeps one. The 1x1 conv runs before the x4 upsample: both are linear and bilinear
+  weights sum to 1, so conv(up(x)) == up(conv(x)) exactly, at 1/16 of the cost.
+  Loss: SigLoss (lambda 0.15, the first `sigloss_warmup` steps on the mean term only) + 0.5 x the
+  multi-scale gradient loss.
+- normals, linear: BatchNorm + 1x1 conv to (x, y, z, kappa), bilinear to the label size; Probe3D's
+  uncertainty-aware angular loss (Bae et al. 2021), kappa = ELU + 1.01.
+- DPT (Probe3D, `eval.head=dpt`): the four quarter blocks each projected by a 1x1 conv to
+  `hidden` channels and upsampled x2 (nearest), fused deep to shallow by residual conv units
+  (3x3), then x4 (nearest), 3x3 conv + ReLU + 3x3 conv, x2 (nearest): output at 16x the token
+  grid, resized to the label size (depth bilinear, normals bicubic, as Probe3D). Depth: 256 bins
+  as above, loss 10 x SigLoss(lambda 0.85) + 0.5 x gradient loss; normals: as the linear head.
+
+Gradient loss (MegaDepth, as the DINOv2 depth toolbox and Probe3D define it): at strides 1, 2, 4,
+6, the sum of |d(i) - d(i+2)| of the masked log-depth difference d = log(pred + eps) - log(gt +
+eps) along rows and columns over pixel pairs both valid, divided by the number of valid pixels.
+(The authors' code applies it to 4-D [B, 1, H, W] tensors, so its slicing runs over batch and
+channel and the term vanishes at 2 images per GPU; we apply it over rows and columns, as its
+definition says.)
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
-from fit3d.eval.metrics import IGNORE_INDEX, confusion_matrix, depth_metrics, normal_metrics
-from fit3d.eval.metrics import seg_metrics as _seg_metrics
+from fit3d.eval.metrics import IGNORE_INDEX
+
+EPS = 1e-3
+"""Added inside the logarithms of SigLoss and the gradient loss (DINOv2 toolbox, Probe3D)."""
 
 
-def resample(x: Tensor, size: tuple[int, int], stride: int = 1) -> Tensor:
-    """Bilinear (align_corners=False) resize of x [B, C, h, w] to `size`, evaluated only at the
-    pixel centres (i*stride + stride//2, j*stride + stride//2) of that size.
+def resample(x: Tensor, size: tuple[int, int], stride: int = 1, mode: str = "bilinear") -> Tensor:
+    """Resize x [B, C, h, w] to `size` (align_corners=False), evaluated only at the pixel centres
+    (i*stride + stride//2, j*stride + stride//2) of that size.
 
-    stride 1 is `F.interpolate(x, size)`; a larger stride gives exactly those values on a strided
-    subset of pixels (`grid_sample` at the same coordinates), which lets probes train on a
-    regular subset of label pixels at a fraction of the cost.
+    stride 1 is `F.interpolate(x, size, mode)`; a larger stride gives the same values on a strided
+    subset of pixels (`grid_sample` at those coordinates), so probes can train on a regular
+    subset of label pixels at a fraction of the cost.
     """
     if stride == 1:
-        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        if tuple(x.shape[-2:]) == tuple(size):
+            return x
+        return F.interpolate(x, size=size, mode=mode, align_corners=False)
     off = stride // 2
-    ys = (2 * torch.arange(off, size[0], stride, dtype=x.dtype) + 1) / size[0] - 1
-    xs = (2 * torch.arange(off, size[1], stride, dtype=x.dtype) + 1) / size[1] - 1
+    ys = (2 * torch.arange(off, size[0], stride, dtype=x.dtype, device=x.device) + 1) / size[0] - 1
+    xs = (2 * torch.arange(off, size[1], stride, dtype=x.dtype, device=x.device) + 1) / size[1] - 1
     gy, gx = torch.meshgrid(ys, xs, indexing="ij")
     grid = torch.stack([gx, gy], -1)[None].expand(x.shape[0], -1, -1, -1)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)
 
 
-def _upsample_matrix(n_in: int, n_out: int) -> Tensor:
+def _upsample_matrix(n_in: int, n_out: int, device: torch.device | None = None) -> Tensor:
     """[n_out, n_in] weights of 1-D bilinear resizing with align_corners=False (edges clamped)."""
-    src = ((torch.arange(n_out) + 0.5) * n_in / n_out - 0.5).clamp(min=0)
+    src = ((torch.arange(n_out, device=device) + 0.5) * n_in / n_out - 0.5).clamp(min=0)
     i0 = src.floor().long().clamp(max=n_in - 1)
     i1 = (i0 + 1).clamp(max=n_in - 1)
     w1 = src - i0
-    m = torch.zeros(n_out, n_in)
-    m.index_put_((torch.arange(n_out), i0), 1 - w1, accumulate=True)
-    m.index_put_((torch.arange(n_out), i1), w1, accumulate=True)
+    m = torch.zeros(n_out, n_in, device=device)
+    rows = torch.arange(n_out, device=device)
+    m.index_put_((rows, i0), 1 - w1, accumulate=True)
+    m.index_put_((rows, i1), w1, accumulate=True)
     return m
 
 
+def bins_to_depth(logits: Tensor, centres: Tensor) -> Tensor:
+    """AdaBins "linear" normalisation: logits [B, K, H, W] -> depth [B, H, W] = sum(p * centre),
+    p = (ReLU(logits) + 0.1) / sum."""
+    p = torch.relu(logits) + 0.1
+    return torch.einsum("bkhw,k->bhw", p, centres.to(p.dtype)) / p.sum(1)
+
+
 class SegHead(nn.Module):
-    """BatchNorm + 1x1 conv; logits upsampled to the label size."""
+    """BatchNorm + 1x1 conv; logits resized to the label size."""
 
     def __init__(self, in_channels: int, num_classes: int):
         super().__init__()
@@ -74,13 +96,18 @@ class SegHead(nn.Module):
 
 
 class DepthHead(nn.Module):
-    """BatchNorm + 1x1 conv to depth bins, x4 upsample, ReLU-normalised expected depth."""
+    """[BatchNorm +] 1x1 conv to depth bins, x4 upsample, ReLU-normalised expected depth."""
 
     def __init__(
-        self, in_channels: int, max_depth: float, min_depth: float = 1e-3, bins: int = 256
+        self,
+        in_channels: int,
+        max_depth: float,
+        min_depth: float = 1e-3,
+        bins: int = 256,
+        batch_norm: bool = True,
     ):
         super().__init__()
-        self.bn = nn.BatchNorm2d(in_channels)
+        self.bn = nn.BatchNorm2d(in_channels) if batch_norm else nn.Identity()
         self.conv = nn.Conv2d(in_channels, bins, 1)
         self.register_buffer("centres", torch.linspace(min_depth, max_depth, bins))
 
@@ -88,15 +115,15 @@ class DepthHead(nn.Module):
         """x [B, C, h, w] -> depth [B, H, W] metres (H, W = size, strided by `stride`)."""
         logits = self.conv(self.bn(x))  # [B, bins, h, w]
         h, w = logits.shape[2:]
-        up_h, up_w = _upsample_matrix(h, 4 * h), _upsample_matrix(w, 4 * w)
+        up_h = _upsample_matrix(h, 4 * h, logits.device).to(logits.dtype)
+        up_w = _upsample_matrix(w, 4 * w, logits.device).to(logits.dtype)
         logits = up_h @ logits @ up_w.T  # exact x4 bilinear upsample, [B, bins, 4h, 4w]
-        p = torch.relu(logits) + 0.1
-        depth = torch.einsum("bkhw,k->bhw", p, self.centres) / p.sum(1)  # [B, 4h, 4w]
+        depth = bins_to_depth(logits, self.centres)  # [B, 4h, 4w]
         return resample(depth[:, None], size, stride)[:, 0]
 
 
 class NormalHead(nn.Module):
-    """BatchNorm + 1x1 conv to (x, y, z, kappa); upsampled to the label size."""
+    """BatchNorm + 1x1 conv to (x, y, z, kappa); resized to the label size."""
 
     def __init__(self, in_channels: int):
         super().__init__()
@@ -105,40 +132,121 @@ class NormalHead(nn.Module):
 
     def forward(self, x: Tensor, size: tuple[int, int], stride: int = 1) -> Tensor:
         """x [B, C, h, w] -> [B, H, W, 4]: unit normal (camera frame) and kappa > 1."""
-        out = resample(self.conv(self.bn(x)), size, stride)
-        normal = F.normalize(out[:, :3], dim=1)
-        kappa = F.elu(out[:, 3:]) + 1.01
-        return torch.cat([normal, kappa], 1).permute(0, 2, 3, 1)
+        return _normals_out(resample(self.conv(self.bn(x)), size, stride))
 
 
-def sig_loss(pred: Tensor, gt: Tensor, lam: float = 0.15, eps: float = 1e-3) -> Tensor:
-    """Scale-invariant log loss sqrt(var(g) + lam * mean(g)^2), g = log pred - log gt, gt > eps."""
-    m = gt > eps
-    g = torch.log(pred[m].clamp_min(eps)) - torch.log(gt[m])
+def _normals_out(out: Tensor) -> Tensor:
+    """[B, 4, H, W] raw -> [B, H, W, 4]: normalised xyz and kappa = ELU + 1.01."""
+    normal = F.normalize(out[:, :3], dim=1)
+    kappa = F.elu(out[:, 3:]) + 1.01
+    return torch.cat([normal, kappa], 1).permute(0, 2, 3, 1)
+
+
+class _ResidualConvUnit(nn.Module):
+    """x + ReLU(conv(ReLU(conv(x)))), 3x3 convolutions (Probe3D's refinement unit)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + torch.relu(self.conv2(torch.relu(self.conv1(x))))
+
+
+class DPTHead(nn.Module):
+    """Probe3D's DPT-style head on four feature maps (see the module docstring).
+
+    Args:
+        in_channels: channels of each of the four maps (shallow to deep).
+        out_channels: 256 depth bins or 4 normal outputs.
+        hidden: fusion width (Probe3D: 512).
+        task: `depth` (bins -> metres over [min_depth, max_depth]) or `normals`.
+    """
+
+    def __init__(
+        self,
+        in_channels: list[int],
+        task: str,
+        hidden: int = 512,
+        max_depth: float = 10.0,
+        min_depth: float = 1e-3,
+        bins: int = 256,
+    ):
+        super().__init__()
+        if len(in_channels) != 4:
+            raise ValueError(f"DPT head takes 4 maps, got {len(in_channels)}")
+        self.task = task
+        self.proj = nn.ModuleList(nn.Conv2d(c, hidden, 1) for c in in_channels)
+        self.skip = nn.ModuleList(_ResidualConvUnit(hidden) for _ in range(3))  # levels 0..2
+        self.refine = nn.ModuleList(_ResidualConvUnit(hidden) for _ in range(4))
+        out = bins if task == "depth" else 4
+        self.out1 = nn.Conv2d(hidden, hidden, 3, padding=1)
+        self.out2 = nn.Conv2d(hidden, out, 3, padding=1)
+        self.register_buffer("centres", torch.linspace(min_depth, max_depth, bins))
+
+    def raw(self, feats: list[Tensor]) -> Tensor:
+        """Four maps [B, C_k, h, w] -> raw output [B, out, 16h, 16w]."""
+        p = [F.interpolate(conv(f), scale_factor=2, mode="nearest")
+             for conv, f in zip(self.proj, feats, strict=True)]  # fmt: skip
+        y = self.refine[3](p[3])
+        for k in (2, 1, 0):
+            y = self.refine[k](self.skip[k](p[k]) + y)
+        y = F.interpolate(y, scale_factor=4, mode="nearest")
+        y = self.out2(torch.relu(self.out1(y)))
+        return F.interpolate(y, scale_factor=2, mode="nearest")
+
+    def forward(self, feats: list[Tensor], size: tuple[int, int], stride: int = 1) -> Tensor:
+        """-> depth [B, H, W] metres, or normals [B, H, W, 4] (unit xyz, kappa)."""
+        out = self.raw(feats)
+        if self.task == "depth":
+            depth = bins_to_depth(out, self.centres)
+            return resample(depth[:, None], size, stride, "bilinear")[:, 0]
+        return _normals_out(resample(out, size, stride, "bicubic"))
+
+
+# --- losses --------------------------------------------------------------------------------
+def sig_loss(
+    pred: Tensor, gt: Tensor, lam: float = 0.15, mean_only: bool = False, eps: float = EPS
+) -> Tensor:
+    """SigLoss over pixels with gt > 0: sqrt(var(g) + lam * mean(g)^2), g = log(pred + eps) -
+    log(gt + eps); the warm-up form (`mean_only`) is sqrt(lam * mean(g)^2). var is unbiased,
+    as torch.var (the DINOv2 toolbox)."""
+    m = gt > 0
+    g = torch.log(pred[m].clamp_min(0) + eps) - torch.log(gt[m] + eps)
     if g.numel() < 2:
         return pred.sum() * 0
+    if mean_only:
+        return torch.sqrt(lam * g.mean() ** 2 + 1e-12)
     return torch.sqrt(g.var() + lam * g.mean() ** 2 + 1e-12)
 
 
-def gradient_loss(pred: Tensor, gt: Tensor, scales: int = 4, eps: float = 1e-3) -> Tensor:
-    """Multi-scale gradient matching of the log-depth difference (MegaDepth / Probe3D style).
+def probe3d_sig_loss(pred: Tensor, gt: Tensor, sigma: float = 0.85, eps: float = EPS) -> Tensor:
+    """Probe3D's depth term: sqrt(mean(g^2) - sigma * mean(g)^2) over pixels with gt > 0."""
+    m = gt > 0
+    g = torch.log(pred[m].clamp_min(0) + eps) - torch.log(gt[m] + eps)
+    if g.numel() == 0:
+        return pred.sum() * 0
+    return torch.sqrt((g.pow(2).mean() - sigma * g.mean() ** 2).clamp_min(0) + 1e-12)
 
-    pred, gt: [B, H, W]; at strides 1, 2, 4, 8 the mean |d/dx| + |d/dy| of log(pred) - log(gt)
-    over neighbour pairs that both have valid ground truth.
-    """
-    m = (gt > eps).float()
-    g = (torch.log(pred.clamp_min(eps)) - torch.log(gt.clamp_min(eps))) * m
+
+def gradient_loss(pred: Tensor, gt: Tensor, eps: float = EPS) -> Tensor:
+    """Multi-scale gradient loss of pred, gt [B, H, W] (see the module docstring)."""
     total = pred.sum() * 0
-    for s in range(scales):
-        gs, ms = g[:, :: 2**s, :: 2**s], m[:, :: 2**s, :: 2**s]
-        mx, my = ms[:, :, 1:] * ms[:, :, :-1], ms[:, 1:] * ms[:, :-1]
-        gx = ((gs[:, :, 1:] - gs[:, :, :-1]).abs() * mx).sum()
-        gy = ((gs[:, 1:] - gs[:, :-1]).abs() * my).sum()
-        total = total + (gx + gy) / (mx.sum() + my.sum()).clamp_min(1)
+    for s in (1, 2, 4, 6):
+        p, g = pred[:, ::s, ::s], gt[:, ::s, ::s]
+        m = (g > 0).to(p.dtype)
+        n = m.sum()
+        if n == 0:
+            continue
+        d = (torch.log(p.clamp_min(0) + eps) - torch.log(g + eps)) * m
+        gy = (d[:, :-2] - d[:, 2:]).abs() * m[:, :-2] * m[:, 2:]
+        gx = (d[:, :, :-2] - d[:, :, 2:]).abs() * m[:, :, :-2] * m[:, :, 2:]
+        total = total + (gx.sum() + gy.sum()) / n
     return total
 
 
-def angular_nll(out: Tensor, gt: Tensor) -> Tensor:
+def angular_nll(out: Tensor, gt: Tensor, eps: float = 1e-4) -> Tensor:
     """Uncertainty-aware angular loss, mean over pixels with a ground-truth normal.
 
     out: [B, H, W, 4] (unit normal, kappa); gt: [B, H, W, 3] (0 = invalid). Per pixel:
@@ -148,7 +256,7 @@ def angular_nll(out: Tensor, gt: Tensor) -> Tensor:
     normal, kappa = out[m][:, :3], out[m][:, 3]
     if kappa.numel() == 0:
         return out.sum() * 0
-    cos = (normal * F.normalize(gt[m], dim=-1)).sum(-1).clamp(-0.999, 0.999)
+    cos = (normal * F.normalize(gt[m].to(normal.dtype), dim=-1)).sum(-1).clamp(-1 + eps, 1 - eps)
     nll = (
         -torch.log(kappa**2 + 1)
         + kappa * torch.acos(cos)
@@ -157,105 +265,145 @@ def angular_nll(out: Tensor, gt: Tensor) -> Tensor:
     return nll.mean()
 
 
-@dataclass(frozen=True)
-class Task:
-    """One probe task: head factory, loss, metrics and the metric that picks the learning rate."""
-
-    name: str
-    select: str
-    higher_is_better: bool
-
-    def head(self, in_channels: int, num_classes: int = 0, max_depth: float = 10.0) -> nn.Module:
-        """A fresh head for features with `in_channels` channels."""
-        if self.name == "seg":
-            return SegHead(in_channels, num_classes)
-        if self.name == "depth":
-            return DepthHead(in_channels, max_depth)
-        return NormalHead(in_channels)
-
-    def loss(self, out: Tensor, y: Tensor) -> Tensor:
-        """Training loss of head output `out` against labels `y`."""
-        if self.name == "seg":
-            return F.cross_entropy(out, y.long(), ignore_index=IGNORE_INDEX)
-        if self.name == "depth":
-            return sig_loss(out, y.float()) + 0.5 * gradient_loss(out, y.float())
-        return angular_nll(out, y.float())
+def loss_fn(
+    task: str, head: str, sigloss_warmup: int = 0
+) -> Callable[[Tensor, Tensor, int], Tensor]:
+    """Training loss `f(out, y, step)` of a probe (`task` seg/depth/normals, `head` linear/dpt)."""
+    if task == "seg":
+        return lambda out, y, step: F.cross_entropy(out, y.long(), ignore_index=IGNORE_INDEX)
+    if task == "normals":
+        return lambda out, y, step: angular_nll(out, y.float())
+    if head == "dpt":
+        return lambda out, y, step: (
+            10 * probe3d_sig_loss(out, y.float()) + 0.5 * gradient_loss(out, y.float())
+        )
+    return lambda out, y, step: (
+        sig_loss(out, y.float(), mean_only=step < sigloss_warmup)
+        + 0.5 * gradient_loss(out, y.float())
+    )
 
 
-TASKS = {
-    "seg": Task("seg", "miou", True),
-    "depth": Task("depth", "rmse", False),
-    "normals": Task("normals", "ang_rmse", False),
-}
-
-
-def train_probe(
-    head: nn.Module,
-    task: Task,
-    x: Tensor,
-    y: Tensor,
-    lr: float,
-    epochs: int,
-    batch_size: int,
-    seed: int,
-    label_stride: int = 1,
-    warmup_frac: float = 0.1,
-    weight_decay: float = 1e-4,
-) -> nn.Module:
-    """Train `head` on cached features x [V, C, h, w] and labels y [V, H, W, ...]; returns it.
-
-    Mini-batches are drawn from a seeded shuffle every epoch; AdamW with linear warm-up over
-    `warmup_frac` of the steps, then poly decay (power 0.9) to zero. The loss is taken on the
-    label pixels (i, j) * label_stride + label_stride // 2, where the head is evaluated exactly
-    as at full resolution (`resample`).
-    """
-    gen = torch.Generator().manual_seed(seed)
-    n = x.shape[0]
-    steps_per_epoch = math.ceil(n / batch_size)
-    total = max(epochs * steps_per_epoch, 1)
+# --- schedules (factor of the base learning rate at a step) --------------------------------
+def fast_schedule(total: int, warmup_frac: float = 0.1) -> Callable[[int], float]:
+    """protocol=fast: linear warm-up over `warmup_frac` of the steps, then poly (power 0.9)."""
     warmup = max(int(warmup_frac * total), 1)
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        return (1 - (step - warmup) / max(total - warmup, 1)) ** 0.9
+        return max(1 - (step - warmup) / max(total - warmup, 1), 0.0) ** 0.9
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    head.train()
-    size = tuple(y.shape[1:3])
-    off = label_stride // 2
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=gen)
-        for b in range(steps_per_epoch):
-            idx = order[b * batch_size : (b + 1) * batch_size]
-            target = y[idx][:, off::label_stride, off::label_stride]
-            loss = task.loss(head(x[idx].float(), size, label_stride), target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    return head.eval()
+    return factor
 
 
-@torch.no_grad()
-def evaluate_probe(
-    head: nn.Module, task: Task, x: Tensor, y: Tensor, batch_size: int = 8, num_classes: int = 0
-) -> dict[str, float]:
-    """Metrics of a trained head on features x [V, C, h, w] against labels y [V, H, W, ...]."""
-    head.eval()
-    size = tuple(y.shape[1:3])
-    preds: list[Tensor] = []
-    conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    for b in range(0, x.shape[0], batch_size):
-        out = head(x[b : b + batch_size].float(), size)
-        if task.name == "seg":
-            conf += confusion_matrix(out.argmax(1), y[b : b + batch_size], num_classes)
+def mmcv_poly(total: int, warmup: int, power: float = 1.0, ratio: float = 1e-6):
+    """FiT3D's segmentation schedule (mmcv `poly`, min_lr 0, with `linear` warm-up): factor
+    (1 - t/T)^power, times 1 - (1 - t/W)(1 - ratio) during the first W steps."""
+
+    def factor(step: int) -> float:
+        f = max(1 - step / max(total, 1), 0.0) ** power
+        if step < warmup:
+            f *= 1 - (1 - step / warmup) * (1 - ratio)
+        return f
+
+    return factor
+
+
+def mmcv_cosine(total: int, warmup: int, ratio: float = 1e-3, min_ratio: float = 1e-8):
+    """FiT3D's depth schedule (mmcv `CosineAnnealing`, min_lr_ratio 1e-8, `linear` warm-up with
+    ratio 1e-3): min + (1 - min)(1 + cos(pi t/T))/2, times the warm-up factor."""
+
+    def factor(step: int) -> float:
+        f = min_ratio + 0.5 * (1 - min_ratio) * (1 + math.cos(math.pi * min(step / total, 1.0)))
+        if step < warmup:
+            f *= 1 - (1 - step / warmup) * (1 - ratio)
+        return f
+
+    return factor
+
+
+def one_cycle_beta1(total: int, pct: float = 0.3, lo: float = 0.85, hi: float = 0.95):
+    """FiT3D's depth momentum (mmcv `OneCycle` momentum defaults): Adam's beta1 anneals (cosine)
+    from 0.95 to 0.85 over the first 30% of the steps, then back to 0.95."""
+
+    def beta1(step: int) -> float:
+        up = max(pct * total, 1.0)
+        if step <= up:
+            t, a, b = step / up, hi, lo
         else:
-            preds.append(out[..., :3] if task.name == "normals" else out)
-    if task.name == "seg":
-        return _seg_metrics(conf)
-    pred = torch.cat(preds)
-    if task.name == "depth":
-        return depth_metrics(pred, y.float())
-    return normal_metrics(pred, y.float())
+            t, a, b = (step - up) / max(total - up, 1.0), lo, hi
+        return b + (a - b) * (1 + math.cos(math.pi * min(t, 1.0))) / 2
+
+    return beta1
+
+
+def probe3d_schedule(total: int, warmup: float, min_factor: float = 0.01):
+    """Probe3D's schedule: linear warm-up from `min_factor` to 1 over `warmup` steps, then cosine
+    (a quarter period) down to `min_factor`."""
+
+    def factor(step: int) -> float:
+        if step <= warmup:
+            return (1 - min_factor) * step / max(warmup, 1e-9) + min_factor
+        t = (step - warmup) / max(total - warmup, 1e-9)
+        return (1 - min_factor) * math.cos(0.5 * math.pi * min(t, 1.0)) + min_factor
+
+    return factor
+
+
+# --- training ------------------------------------------------------------------------------
+Batch = list[tuple[Tensor | list[Tensor], Tensor]]
+"""One optimiser step: micro-batches (input [b, C, h, w] or four such maps, labels [b, H, W,
+...]) whose gradients add up; weights are the micro-batch sizes."""
+
+
+def _to(x: Tensor | list[Tensor], device: torch.device) -> Tensor | list[Tensor]:
+    if isinstance(x, list):
+        return [t.to(device, non_blocking=True).float() for t in x]
+    return x.to(device, non_blocking=True).float()
+
+
+def train_head(
+    head: nn.Module,
+    batches: Iterable[Batch],
+    steps: int,
+    lr: float,
+    schedule: Callable[[int], float],
+    loss: Callable[[Tensor, Tensor, int], Tensor],
+    device: torch.device,
+    weight_decay: float = 1e-4,
+    label_stride: int = 1,
+    grad_clip: float = 0.0,
+    beta1: Callable[[int], float] | None = None,
+    amp=None,
+    desc: str = "",
+) -> nn.Module:
+    """Train `head` for `steps` optimiser steps drawn from `batches` (AdamW, betas (0.9, 0.999),
+    `schedule(step)` x lr; `beta1(step)` overrides Adam's beta1). The loss is taken on the label
+    pixels (i, j) * label_stride + label_stride // 2. Returns the head in eval mode."""
+    import contextlib
+
+    head.to(device).train()
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    off = label_stride // 2
+    it = iter(batches)
+    for step in tqdm(range(steps), desc=desc, unit="step", leave=False, disable=None):
+        if beta1 is not None:
+            for group in opt.param_groups:
+                group["betas"] = (beta1(step), group["betas"][1])
+        micro = next(it)
+        total = sum(len(y) for _, y in micro)
+        opt.zero_grad(set_to_none=True)
+        for x, y in micro:
+            y = y.to(device, non_blocking=True)
+            size = tuple(y.shape[1:3])
+            target = y[:, off::label_stride, off::label_stride]
+            with amp or contextlib.nullcontext():
+                out = head(_to(x, device), size, label_stride)
+            value = loss(out.float(), target, step) * (len(y) / total)
+            value.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(head.parameters(), grad_clip)
+        opt.step()
+        sched.step()
+    return head.eval()

@@ -1,22 +1,29 @@
 """The evaluator's run: before/after report of FiT3D features (`python -m fit3d.eval`).
 
 Feature sets (docs/method.md, "Evaluation: linear probes (FiT3D)"): `original` (the base backbone),
-`fine-tuned` (stage 2's `<run.out>/finetune/<eval.finetune_run>/backbone.safetensors`), `assembled`
-(original ++ fine-tuned, FiT3D's default) and `control` (original ++ original). Frozen features of
-every view are extracted once per backbone and cached under `<run.out>/eval/<run.name>/features/`.
+`fine-tuned` (stage 2's `<run.out>/finetune/<eval.finetune_run>/backbone.safetensors`, a file, or
+FiT3D's released model `fit3d:<name>`), `assembled` (original ++ fine-tuned, FiT3D's default)
+and `control` (original ++ original).
 
-Probes train on the train scenes' views and are scored on the held-out (val) scenes. The learning
-rate is picked per (probe, feature set) from `eval.lrs` on a validation split made of some train
-scenes (never held-out views); then one probe per seed in `eval.seeds` trains on all train views.
-Correspondence is zero-shot (Probe3D) on covisible view pairs of the held-out scenes.
-Writes `results.json`, `results.md`, `results.png`, `pca.png` and `config.yaml`; prints the tables.
+One code path for every dataset (`fit3d.eval.data`): inputs are checked first (weights, dataset
+roots, ground truth), then frozen features of every view are extracted once per backbone into an
+on-disk cache (`fit3d.eval.features`), then the probes stream from it: memory does not grow with
+the number of views. Probes train on the train split and are scored on the test split:
+- protocol=fast: linear heads on cached features; the learning rate is picked per (probe, feature
+  set) from `eval.lrs` on a validation part of the train split, then one head per seed trains on
+  all train views;
+- protocol=paper: FiT3D's segmentation and depth probes exactly as its configs state
+  (`fit3d.eval.paper`);
+- `eval.head=dpt`: Probe3D's DPT head for depth and normals (Probe3D's schedule), in both;
+- correspondence is zero-shot, computed as Probe3D computes it (`fit3d.eval.correspondence`).
+Writes `results.json`, `results.md`, `results.png`, `pca.png`, `results.html` and `config.yaml`.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -25,82 +32,108 @@ from tqdm import tqdm
 
 from fit3d.config import Config, to_dict
 from fit3d.errors import UserError
+from fit3d.eval import data as D
+from fit3d.eval import paper as P
 from fit3d.eval.correspondence import pair_errors
 from fit3d.eval.features import (
     FEATURE_SETS,
-    Labels,
-    compose,
-    concat_labels,
-    depth_input,
-    load_labels,
-    scene_features,
+    MapPlan,
+    SplitFeatures,
+    autocast,
+    feature_store,
+    fill_features,
+    probe_input,
 )
 from fit3d.eval.html import write_html
-from fit3d.eval.metrics import correspondence_recall
-from fit3d.eval.probes import TASKS, Task, evaluate_probe, train_probe
+from fit3d.eval.metrics import (
+    DEPTH_KEYS,
+    NORMAL_KEYS,
+    confusion_matrix,
+    correspondence_recall,
+    depth_per_image,
+    mean_metrics,
+    normal_per_image,
+    seg_metrics,
+)
+from fit3d.eval.probes import (
+    DepthHead,
+    DPTHead,
+    NormalHead,
+    SegHead,
+    fast_schedule,
+    loss_fn,
+    mmcv_cosine,
+    mmcv_poly,
+    one_cycle_beta1,
+    probe3d_schedule,
+    train_head,
+)
 from fit3d.eval.report import pca_panel, summarize, write_report
-from fit3d.geometry import select_pairs
+from fit3d.geometry import relative_rotation, select_pairs
 from fit3d.runs import (
     BACKBONE_FILE,
     META_FILE,
     build_backbone,
     provenance,
     read_meta,
+    resolve_device,
     run_dir,
     write_config,
 )
-from fit3d.scenes import open_scene, resolve_scenes
 
-PROBES = (*TASKS, "corr")
-
-
-@dataclass
-class Split:
-    """Cached features and labels of the chosen views of some scenes, stacked in scene order."""
-
-    scene_ids: list[str]
-    counts: list[int]  # views per scene
-    feats: dict[str, dict[str, Tensor]]  # backbone tag -> {"norm", "raw", "cls"}
-    labels: Labels
-    num_classes: int | None
+PROBES = ("seg", "depth", "normals", "corr")
+PROTOCOLS = ("fast", "paper")
+HEADS = ("linear", "dpt", "both")
+PRECISIONS = ("fp32", "bf16", "fp16")
+SELECT = {"seg": ("miou", True), "depth": ("rmse", False), "normals": ("ang_rmse", False)}
+"""Metric that picks the learning rate of each task (fast protocol) and its direction."""
 
 
-def _spaced(n: int, k: int) -> list[int]:
-    """k evenly spaced indices of range(n) (all if k <= 0 or k >= n)."""
-    if k <= 0 or k >= n:
-        return list(range(n))
-    if k == 1:
-        return [0]
-    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
-
-
-def _load_split(cfg: Config, split: str, backbones: dict, cache: Path) -> Split:
-    """Open the split's scenes, extract (or reuse) features of every backbone, load labels."""
-    root, ids, resolution = resolve_scenes(cfg, split)
-    parts: dict[str, list[dict[str, Tensor]]] = {tag: [] for tag in backbones}
-    labels, counts, classes = [], [], None
-    for sid in tqdm(ids, desc=f"features ({split})", unit="scene", file=sys.stdout):
-        scene = open_scene(root, sid, resolution)
-        views = _spaced(len(scene), cfg.eval.max_views)
-        for tag, bb in backbones.items():
-            parts[tag].append(scene_features(bb, scene, views, cache / tag / f"{sid}.safetensors"))
-        labels.append(load_labels(scene, views))
-        counts.append(len(views))
-        classes = classes or scene.classes
-    feats = {tag: {k: torch.cat([p[k] for p in ps]) for k in ps[0]} for tag, ps in parts.items()}
-    return Split(ids, counts, feats, concat_labels(labels), len(classes) if classes else None)
+# --- inputs ---------------------------------------------------------------------------------
+def _check(cfg: Config) -> None:
+    """Config values that would only fail later: a one-line UserError now."""
+    ec = cfg.eval
+    for key, value, known in (
+        ("probes", ec.probes, PROBES),
+        ("feature_sets", ec.feature_sets, tuple(FEATURE_SETS)),
+    ):
+        bad = [v for v in value if v not in known]
+        if bad:
+            raise UserError(f"unknown eval.{key} {bad} (known: {list(known)})")
+    for key, value, known in (
+        ("protocol", ec.protocol, PROTOCOLS),
+        ("head", ec.head, HEADS),
+        ("precision", ec.precision, PRECISIONS),
+    ):
+        if value not in known:
+            raise UserError(f"eval.{key} must be one of {list(known)}, got {value!r}")
+    if not ec.seeds or not ec.lrs:
+        raise UserError("eval.seeds and eval.lrs must not be empty")
+    for key in ("batch_size", "paper_batch_size", "extract_batch", "label_stride"):
+        if getattr(ec, key) < 1:
+            raise UserError(f"eval.{key} must be >= 1, got {getattr(ec, key)}")
+    for key in ("batch_size", "paper_batch_size"):
+        if ec.micro_batch and getattr(ec, key) % ec.micro_batch:
+            raise UserError(
+                f"eval.{key}={getattr(ec, key)} (a global batch) is not a multiple of "
+                f"eval.micro_batch={ec.micro_batch}: the global batch cannot be honoured"
+            )
+    if ec.depth_crop and len(ec.depth_crop) != 2:
+        raise UserError(f"eval.depth_crop must be [h, w], got {list(ec.depth_crop)}")
 
 
 def _finetuned(cfg: Config, original, notes: list[str]) -> tuple[object | None, dict]:
-    """The fine-tuned backbone (or None with a note saying why) and its stage-2 meta.json."""
+    """The fine-tuned backbone and its stage-2 meta.json. An explicit `eval.finetuned_weights`
+    that does not load is a UserError (before any work); a missing stage-2 run is a note."""
     ec = cfg.eval
-    if ec.finetuned_weights:
-        path = Path(ec.finetuned_weights)
-    elif ec.finetune_run:
-        path = run_dir(cfg, "finetune", ec.finetune_run) / BACKBONE_FILE
-    else:
+    if ec.finetuned_weights:  # a file or fit3d:<name>; anything that does not load stops here
+        tuned = build_backbone(cfg, weights=ec.finetuned_weights)
+        meta_path = Path(tuned.weights_info.path).parent / META_FILE
+        return tuned, read_meta(meta_path) if meta_path.is_file() else {}
+    if not ec.finetune_run:
         notes.append("no fine-tuned run set (eval.finetune_run=''): original and control only")
         return None, {}
+    path = run_dir(cfg, "finetune", ec.finetune_run) / BACKBONE_FILE
     if not path.is_file():
         notes.append(
             f"no fine-tuned backbone at {path} (run stage 2 first, or set eval.finetune_run / "
@@ -109,7 +142,7 @@ def _finetuned(cfg: Config, original, notes: list[str]) -> tuple[object | None, 
         return None, {}
     meta_path = path.parent / META_FILE
     meta = read_meta(meta_path) if meta_path.is_file() else {}
-    if not meta and not ec.finetuned_weights:
+    if not meta:
         notes.append(f"{path.parent} has no meta.json: stage 2 may not have finished")
     try:
         tuned = build_backbone(cfg, weights=str(path))
@@ -125,215 +158,494 @@ def _finetuned(cfg: Config, original, notes: list[str]) -> tuple[object | None, 
     return tuned, meta
 
 
-def _val_split(counts: list[int], fraction: float) -> tuple[Tensor, Tensor]:
-    """(fit, val) view indices of the train split: the last max(1, fraction * n) train scenes
-    validate (with a single train scene, every round(1 / fraction)-th view)."""
-    total = sum(counts)
-    if len(counts) == 1:
-        idx = torch.arange(total)
-        k = min(max(round(1 / max(fraction, 1e-6)), 2), max(total, 2))
-        return idx[idx % k != k - 1], idx[idx % k == k - 1]
-    n_val = min(max(round(fraction * len(counts)), 1), len(counts) - 1)
-    start = sum(counts[: len(counts) - n_val])
-    return torch.arange(start), torch.arange(start, total)
+def _heads(cfg: Config) -> tuple[str, ...]:
+    return {"linear": ("linear",), "dpt": ("dpt",), "both": ("linear", "dpt")}[cfg.eval.head]
 
 
-def _probe_input(task: Task, feats: dict[str, dict[str, Tensor]], parts: tuple[str, ...]) -> Tensor:
-    """Probe input: seg -> final-norm features; depth -> pre-norm ++ original CLS; normals ->
-    pre-norm features."""
-    if task.name == "seg":
-        return compose(feats, parts, "norm")
-    if task.name == "depth":
-        return depth_input(feats, parts)
-    return compose(feats, parts, "raw")
-
-
-def _run_probe(
-    task: Task, sets: list[str], train: Split, test: Split, cfg: Config, notes: list[str]
-) -> tuple[dict, dict]:
-    """Sweep the learning rate on the validation split (per feature set; with
-    eval.sweep_each_set=false only on the first, reused for the rest), then train one probe per
-    seed on all train views and score it on the test views.
-    Returns ({set: {key: summary}}, {set: lr})."""
+def _plan(cfg: Config, backbone, need_final: bool) -> MapPlan:
+    """Maps every probe of this run reads from the cache."""
     ec = cfg.eval
-    y_tr, y_te = getattr(train.labels, task.name), getattr(test.labels, task.name)
-    if y_tr is None or y_te is None:
-        which = "train" if y_tr is None else "held-out"
-        notes.append(f"{which} scenes have no {task.name} labels: {task.name} probe skipped")
+    n = backbone.num_blocks
+    blocks = {n - 1}
+    if "dpt" in _heads(cfg) and {"depth", "normals"} & set(ec.probes) & set(ec.dpt_probes):
+        blocks |= set(backbone.quarter_blocks())
+    if "corr" in ec.probes:
+        blocks.add(ec.corr_block % n)
+    return MapPlan(final=need_final, blocks=tuple(sorted(blocks)))
+
+
+# --- batches from the cache -----------------------------------------------------------------
+def _stack(items: list) -> Tensor | list[Tensor]:
+    if isinstance(items[0], list):
+        return [torch.stack([it[k] for it in items]) for k in range(len(items[0]))]
+    return torch.stack(items)
+
+
+def _groups(feats: SplitFeatures, split: D.Split, positions: list[int]) -> list[list[int]]:
+    """Positions grouped by (token grid, label size): each group stacks into one tensor."""
+    groups: dict[tuple, list[int]] = {}
+    for n in positions:
+        key = (feats.size(n), split.labels.size(n) if split.labels is not None else None)
+        groups.setdefault(key, []).append(n)
+    return list(groups.values())
+
+
+def _micro(
+    feats: SplitFeatures, split: D.Split, positions: list[int], parts, kind: str, task: str, quarter
+) -> list[tuple]:
+    out = []
+    for group in _groups(feats, split, positions):
+        x = _stack([probe_input(feats, n, parts, kind, quarter) for n in group])
+        y = torch.stack(D.label_batch(split, group, task))
+        out.append((x, y))
+    return out
+
+
+def cached_batches(
+    feats: SplitFeatures,
+    split: D.Split,
+    positions: list[int],
+    parts,
+    kind: str,
+    task: str,
+    batch: int,
+    micro: int,
+    seed: int,
+    quarter=(),
+) -> Iterator[list[tuple]]:
+    """Endless optimiser steps of `batch` cached views (a seeded shuffle per epoch), read from
+    the stores one micro-batch at a time."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        order = [positions[k] for k in torch.randperm(len(positions), generator=gen).tolist()]
+        for chunk in D.chunked(order, batch):
+            step = []
+            for m in D.chunked(chunk, micro or batch):
+                step += _micro(feats, split, m, parts, kind, task, quarter)
+            yield step
+
+
+@torch.no_grad()
+def _score(
+    task: str,
+    predict,
+    split: D.Split,
+    positions: list[int],
+    num_classes: int,
+    device: torch.device,
+    batch: int = 8,
+) -> dict[str, float]:
+    """Metrics of `predict(group) -> (prediction [B, H, W(, 3)], labels)` over the positions."""
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    per_image: list[dict] = []
+    for chunk in D.chunked(positions, batch):
+        for pred, y in predict(chunk):
+            if task == "seg":
+                conf += confusion_matrix(pred.argmax(1).cpu(), y, num_classes)
+            elif task == "depth":
+                per_image += depth_per_image(pred.float().cpu(), y.float())
+            else:
+                per_image += normal_per_image(pred[..., :3].float().cpu(), y.float())
+    if task == "seg":
+        return seg_metrics(conf)
+    return mean_metrics(per_image, DEPTH_KEYS if task == "depth" else NORMAL_KEYS)
+
+
+class Context:
+    """Everything the probes share in one run."""
+
+    def __init__(self, cfg: Config, device: torch.device, backbones: dict, notes: list[str]):
+        self.cfg, self.device, self.backbones, self.notes = cfg, device, backbones, notes
+        self.amp = autocast(device, cfg.eval.precision) if cfg.eval.precision != "fp32" else None
+        self.train: D.Split | None = None
+        self.test: D.Split
+        self.feats: dict[str, SplitFeatures] = {}
+        self.quarter: tuple[int, ...] = backbones["original"].quarter_blocks()
+        self.num_classes = 0
+        self.max_depth = 10.0
+        self.min_depth = 1e-3
+
+
+def _new_head(task: str, head: str, ctx: Context, x_example) -> torch.nn.Module:
+    """A fresh head for inputs shaped like `x_example` (one view's probe input)."""
+    ec = ctx.cfg.eval
+    paper = ec.protocol == "paper"
+    if head == "dpt":
+        chans = [t.shape[0] for t in x_example]
+        return DPTHead(chans, task, ec.dpt_hidden, ctx.max_depth, ctx.min_depth)
+    c = x_example.shape[0]
+    if task == "seg":
+        return SegHead(c, ctx.num_classes)
+    if task == "depth":
+        return DepthHead(c, ctx.max_depth, ctx.min_depth, batch_norm=not paper)
+    return NormalHead(c)
+
+
+def _input_kind(task: str, head: str) -> str:
+    return "dpt" if head == "dpt" else task
+
+
+def _fit_cached(
+    task: str, head: str, parts, ctx: Context, lr: float, seed: int, positions: list[int],
+    probe3d: bool,
+) -> torch.nn.Module:  # fmt: skip
+    """Train one head on cached features of `positions` of the train split."""
+    ec = ctx.cfg.eval
+    feats, split = ctx.feats["train"], ctx.train
+    kind = _input_kind(task, head)
+    epochs = ec.dpt_epochs if probe3d else ec.epochs
+    steps = epochs * D.steps_per_epoch(len(positions), ec.batch_size)
+    if probe3d:  # Probe3D: AdamW (wd 0.01), 1.5 of 10 epochs warm-up, cosine
+        schedule, wd, stride = probe3d_schedule(steps, 0.15 * steps), 0.01, 1
+    else:
+        schedule, wd, stride = fast_schedule(steps), 1e-4, ec.label_stride
+    torch.manual_seed(seed)
+    module = _new_head(task, head, ctx, probe_input(feats, positions[0], parts, kind, ctx.quarter))
+    batches = cached_batches(
+        feats, split, positions, parts, kind, task, ec.batch_size, ec.micro_batch, seed,
+        ctx.quarter,
+    )  # fmt: skip
+    return train_head(
+        module, batches, steps, lr, schedule, loss_fn(task, head), ctx.device, wd, stride,
+        amp=ctx.amp, desc=f"{task} {head} lr {lr:g} seed {seed}",
+    )  # fmt: skip
+
+
+def _score_cached(task: str, head: str, parts, module, ctx: Context, role: str, positions) -> dict:
+    feats, split = ctx.feats[role], ctx.train if role == "train" else ctx.test
+    kind = _input_kind(task, head)
+
+    def predict(chunk):
+        for x, y in _micro(feats, split, chunk, parts, kind, task, ctx.quarter):
+            x = [t.to(ctx.device).float() for t in x] if isinstance(x, list) else x.to(ctx.device)
+            with ctx.amp or _null():
+                out = module(x if isinstance(x, list) else x.float(), tuple(y.shape[1:3]))
+            yield out, y
+
+    return _score(task, predict, split, positions, ctx.num_classes, ctx.device)
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def _fit_paper(task: str, parts, ctx: Context, seed: int) -> torch.nn.Module:
+    """FiT3D's segmentation or depth probe, features recomputed on augmented crops."""
+    ec = ctx.cfg.eval
+    split = ctx.train
+    batch = ec.paper_batch_size
+    if batch > len(split):
+        ctx.notes.append(
+            f"eval.paper_batch_size={batch} (global) is more than the {len(split)} train views: "
+            f"each {task} step uses {len(split)}"
+        )
+    if task == "seg":
+        iters = P.scaled_iters(ec.seg_iters, batch)
+        warm = P.scaled_iters(ec.seg_warmup, batch) if ec.seg_warmup else 0
+        schedule, lr, wd, clip, beta1 = mmcv_poly(iters, warm), 1e-3, 1e-4, 0.0, None
+    else:
+        iters = P.scaled_iters(ec.depth_iters, batch)
+        warm = P.scaled_iters(ec.depth_warmup, batch) if ec.depth_warmup else 0
+        schedule, lr, wd, clip = mmcv_cosine(iters, warm), 1e-4, 0.01, 35.0
+        beta1 = one_cycle_beta1(iters)
+    crop = tuple(ec.depth_crop) or P.DEPTH_CROP.get(split.ds.name, (416, 544))
+    views = P.AugmentedViews(split, task, seed, ec.seg_crop, ec.seg_scale, crop)
+    torch.manual_seed(seed)
+    first = views[0][0][None].to(ctx.device)
+    example = P.live_features(ctx.backbones, parts, first, task, ec.precision)[0]
+    module = _new_head(task, "linear", ctx, example)
+    batches = P.augmented_batches(
+        views, ctx.backbones, parts, batch, ec.micro_batch or batch, ctx.device, ec.precision,
+        ec.num_workers,
+    )  # fmt: skip
+    warmup = P.scaled_iters(ec.sigloss_warmup, batch) if ec.sigloss_warmup else 0
+    return train_head(
+        module, batches, iters, lr, schedule, loss_fn(task, "linear", warmup), ctx.device, wd,
+        1, clip, beta1, ctx.amp, desc=f"{task} paper seed {seed}",
+    )  # fmt: skip
+
+
+def _score_paper(task: str, parts, module, ctx: Context) -> dict:
+    ec = ctx.cfg.eval
+    split = ctx.test
+
+    def predict(chunk):
+        for n in chunk:
+            s = split.ds[split.views[n]]
+            y = D.label_batch(split, [n], task)[0]
+            image = s.image.to(ctx.device)
+            if task == "seg":
+                img = P.seg_test_image(image, tuple(ec.seg_scale))
+                logits = P.slide_logits(
+                    module, ctx.backbones, parts, img, ec.seg_crop, P.SEG_STRIDE, ec.precision
+                )
+                logits = torch.nn.functional.interpolate(
+                    logits[None], size=tuple(y.shape), mode="bilinear", align_corners=False
+                )
+                yield logits, y[None]
+            else:
+                pred = P.flip_depth(module, ctx.backbones, parts, image, tuple(y.shape),
+                                    ec.precision)  # fmt: skip
+                yield pred[None], y[None]
+
+    return _score(task, predict, split, list(range(len(split))), ctx.num_classes, ctx.device, 1)
+
+
+def _run_task(task: str, head: str, sets: list[str], ctx: Context) -> tuple[dict, dict]:
+    """Train and score one probe for every feature set. Returns ({set: {key: summary}},
+    {set: lr})."""
+    ec = ctx.cfg.eval
+    name = task if head == "linear" else f"{task}_dpt"
+    need = "seg" if task == "seg" else task
+    missing = [
+        r for r, s in (("train", ctx.train), ("test", ctx.test)) if s is None or need not in s.tasks
+    ]
+    if missing:
+        ctx.notes.append(
+            f"{' and '.join(missing)} split has no usable {need} labels: {name} probe skipped"
+        )
         return {}, {}
-    num_classes = train.num_classes or int(
-        max(y[y != 255].max() if (y != 255).any() else 0 for y in (y_tr, y_te)) + 1
-    )
-    kwargs = {"num_classes": num_classes, "max_depth": ec.max_depth}
-    fit, val = _val_split(train.counts, ec.val_fraction)
+    paper_linear = ec.protocol == "paper" and head == "linear" and task in ("seg", "depth")
+    probe3d = head == "dpt" or (ec.protocol == "paper" and task == "normals")
+    all_train = list(range(len(ctx.train)))
+    test_pos = list(range(len(ctx.test)))
+    fit, val = D.fit_val_views(ctx.train, ec.val_fraction)
     metrics, lrs = {}, {}
+    key, higher = SELECT[task]
     for s in sets:
-        x_tr = _probe_input(task, train.feats, FEATURE_SETS[s])
-        x_te = _probe_input(task, test.feats, FEATURE_SETS[s])
-        scores = {}
-        sweep = len(ec.lrs) > 1 and (ec.sweep_each_set or s == sets[0])
-        for lr in ec.lrs if sweep else ():
-            torch.manual_seed(ec.seeds[0])
-            head = task.head(x_tr.shape[1], **kwargs)
-            head = train_probe(
-                head,
-                task,
-                x_tr[fit],
-                y_tr[fit],
-                lr,
-                ec.epochs,
-                ec.batch_size,
-                ec.seeds[0],
-                ec.label_stride,
-            )
-            m = evaluate_probe(head, task, x_tr[val], y_tr[val], num_classes=num_classes)
-            scores[lr] = m[task.select] if task.higher_is_better else -m[task.select]
-        lrs[s] = max(scores, key=scores.get) if scores else lrs.get(sets[0], ec.lrs[0])
+        parts = FEATURE_SETS[s]
+        if paper_linear:
+            lrs[s] = 1e-3 if task == "seg" else 1e-4
+        elif probe3d:
+            lrs[s] = ec.dpt_lr
+        else:
+            sweep = len(ec.lrs) > 1 and (ec.sweep_each_set or s == sets[0]) and val
+            scores = {}
+            for lr in ec.lrs if sweep else ():
+                m = _fit_cached(task, head, parts, ctx, lr, ec.seeds[0], fit, False)
+                got = _score_cached(task, head, parts, m, ctx, "train", val)[key]
+                scores[lr] = got if higher else -got
+            lrs[s] = max(scores, key=scores.get) if scores else lrs.get(sets[0], ec.lrs[0])
         per_seed: dict[str, list[float]] = {}
         for seed in ec.seeds:
-            torch.manual_seed(seed)
-            head = task.head(x_tr.shape[1], **kwargs)
-            head = train_probe(
-                head, task, x_tr, y_tr, lrs[s], ec.epochs, ec.batch_size, seed, ec.label_stride
-            )
-            m = evaluate_probe(head, task, x_te, y_te, num_classes=num_classes)
+            if paper_linear:
+                module = _fit_paper(task, parts, ctx, seed)
+                m = _score_paper(task, parts, module, ctx)
+            else:
+                module = _fit_cached(task, head, parts, ctx, lrs[s], seed, all_train, probe3d)
+                m = _score_cached(task, head, parts, module, ctx, "test", test_pos)
             for k, v in m.items():
-                per_seed.setdefault(f"eval/{task.name}/{k}", []).append(v)
+                per_seed.setdefault(f"eval/{name}/{k}", []).append(v)
         metrics[s] = {k: summarize(v) for k, v in per_seed.items()}
-        print(f"  {task.name:8s} {s:11s} lr {lrs[s]:g}: " + _short(metrics[s]), flush=True)
+        print(f"  {name:11s} {s:11s} lr {lrs[s]:g}: " + _short(metrics[s]), flush=True)
     return metrics, lrs
 
 
 def _short(m: dict) -> str:
-    return ", ".join(f"{k.split('/')[-1]} {v['mean']:.4g}" for k, v in m.items())
+    keys = [k for k in m if k.split("/")[-1] in ("miou", "rmse", "absrel", "within_30", "ang_rmse")
+            or "/corr/" in k]  # fmt: skip
+    return ", ".join(f"{k.split('/')[-1]} {m[k]['mean']:.4g}" for k in keys or m)
 
 
-def _run_corr(sets: list[str], test: Split, cfg: Config, notes: list[str]) -> dict:
-    """Zero-shot correspondence recall of every feature set on covisible held-out view pairs."""
-    lab = test.labels
-    if lab.depth is None:
-        notes.append("held-out scenes have no depth: correspondence probe skipped")
-        return {}
-    pairs, start = [], 0
-    for n in test.counts:
-        sl = slice(start, start + n)
+# --- correspondence ---------------------------------------------------------------------------
+def _pairs(ctx: Context) -> list[tuple[int, int, float]]:
+    """(position i, position j, rotation deg) of the test split's correspondence pairs: the
+    dataset's fixed pairs, else covisible pairs picked per group (`fit3d.geometry`)."""
+    ec, split = ctx.cfg.eval, ctx.test
+    pos = {v: n for n, v in enumerate(split.views)}
+    infos = [split.ds.info(v) for v in split.views]
+    fixed = split.ds.pairs()
+    if fixed:
+        out = [(pos[i], pos[j]) for i, j in fixed if i in pos and j in pos]
+        return [(i, j, relative_rotation(infos[i].viewmat, infos[j].viewmat)) for i, j in out]
+    by_group: dict[str, list[int]] = {}
+    for n, info in enumerate(infos):
+        by_group.setdefault(info.group, []).append(n)
+    pairs = []
+    for members in by_group.values():
+        depths, Ks = [], []
+        for n in members:  # 1/4-resolution depth: pair selection needs no more
+            d = D.label_batch(split, [n], "depth")[0]
+            small = torch.nn.functional.interpolate(d[None, None], scale_factor=0.25)[0, 0]
+            K = infos[n].K.double().clone()
+            K[:2] *= 0.25
+            depths.append(small)
+            Ks.append(K)
         found = select_pairs(
-            list(lab.depth[sl]),
-            lab.Ks[sl],
-            lab.viewmats[sl],
-            cfg.eval.pairs_per_scene,
-            cfg.eval.min_overlap,
-            cfg.run.seed,
-        )
-        pairs += [(start + i, start + j, rot) for i, j, rot in found]
-        start += n
-    if not pairs:
-        notes.append(f"no held-out view pair overlaps >= {cfg.eval.min_overlap}: corr skipped")
+            depths, Ks, [infos[n].viewmat for n in members], ec.pairs_per_scene, ec.min_overlap,
+            ctx.cfg.run.seed,
+        )  # fmt: skip
+        pairs += [(members[i], members[j], rot) for i, j, rot in found]
+    return pairs
+
+
+def _run_corr(sets: list[str], ctx: Context) -> dict:
+    """Zero-shot correspondence recall of every feature set on the test split's pairs."""
+    ec, split = ctx.cfg.eval, ctx.test
+    if "corr" not in split.tasks:
+        ctx.notes.append("test split has no usable depth and poses: corr probe skipped")
         return {}
+    pairs = _pairs(ctx)
+    if not pairs:
+        ctx.notes.append(f"no test view pair overlaps >= {ec.min_overlap}: corr skipped")
+        return {}
+    infos = [split.ds.info(v) for v in split.views]
     rots = torch.tensor([r for _, _, r in pairs])
+    block = f"block{ec.corr_block % ctx.backbones['original'].num_blocks}"
+    feats = ctx.feats["test"]
     out = {}
     for s in sets:
-        f = compose(test.feats, FEATURE_SETS[s], "norm")
-        errors = [
-            pair_errors(
-                f[i],
-                f[j],
-                lab.depth[i],
-                lab.Ks[i],
-                lab.Ks[j],
-                lab.viewmats[i],
-                lab.viewmats[j],
-                lab.sizes[j],
-                cfg.eval.top_k,
+        parts = FEATURE_SETS[s]
+        errors = []
+        for i, j, _ in tqdm(pairs, desc=f"corr {s}", leave=False, disable=None):
+            d0, d1 = D.label_batch(split, [i], "depth")[0], D.label_batch(split, [j], "depth")[0]
+            errors.append(
+                pair_errors(
+                    feats.maps(i, parts, block),
+                    feats.maps(j, parts, block),
+                    d0,
+                    d1,
+                    infos[i].K,
+                    infos[j].K,
+                    infos[i].viewmat,
+                    infos[j].viewmat,
+                    ec.top_k,
+                )
             )
-            for i, j, _ in pairs
-        ]
         rec = correspondence_recall(errors, rots)
         out[s] = {f"eval/corr/{k}": summarize([v]) for k, v in rec.items()}
-        print(f"  corr     {s:11s} ({len(pairs)} pairs): " + _short(out[s]), flush=True)
+        print(f"  corr        {s:11s} ({len(pairs)} pairs): " + _short(out[s]), flush=True)
     return out
 
 
-def _pca(path: Path, sets: list[str], test: Split, cfg: Config) -> None:
-    """pca.png of the first view of up to `eval.pca_views` held-out scenes (cycling if fewer)."""
-    root, ids, resolution = resolve_scenes(cfg, "val")
-    starts = [sum(test.counts[:k]) for k in range(len(test.counts))]
-    picks = [(k % len(ids), k // len(ids)) for k in range(cfg.eval.pca_views)]
-    images, index = [], []
-    for scene_k, offset in picks:
-        if offset >= test.counts[scene_k]:
-            continue
-        scene = open_scene(root, ids[scene_k], resolution)
-        views = _spaced(len(scene), cfg.eval.max_views)
+def _pca(path: Path, sets: list[str], ctx: Context) -> None:
+    """pca.png: the middle view of up to `eval.pca_views` test groups (cycling if fewer)."""
+    split, feats = ctx.test, ctx.feats["test"]
+    groups = split.groups
+    by_group: dict[str, list[int]] = {}
+    for n, g in enumerate(groups):
+        by_group.setdefault(g, []).append(n)
+    members = list(by_group.values())
+    picks = []
+    for k in range(ctx.cfg.eval.pca_views):
+        views = members[k % len(members)]
         step = max(len(views) // 2, 1)
-        images.append(scene.load_image(views[(offset * step) % len(views)]))
-        index.append(starts[scene_k] + (offset * step) % len(views))
-    maps = {s: [compose(test.feats, FEATURE_SETS[s], "norm")[i] for i in index] for s in sets}
+        n = views[((k // len(members)) * step) % len(views)]
+        if n not in picks:
+            picks.append(n)
+    images = [split.ds[split.views[n]].image for n in picks]
+    maps = {s: [feats.maps(n, FEATURE_SETS[s], "final").float() for n in picks] for s in sets}
     pca_panel(path, images, maps)
 
 
+# --- the run --------------------------------------------------------------------------------
 def run(cfg: Config) -> dict:
     """Evaluate the configured feature sets; writes the report into `<run.out>/eval/<run.name>/`
     and returns the results dict (what results.json holds)."""
+    _check(cfg)
     ec = cfg.eval
-    unknown = [p for p in ec.probes if p not in PROBES]
-    if unknown:
-        raise UserError(f"unknown eval.probes {unknown} (known: {list(PROBES)})")
-    unknown = [s for s in ec.feature_sets if s not in FEATURE_SETS]
-    if unknown:
-        raise UserError(f"unknown eval.feature_sets {unknown} (known: {list(FEATURE_SETS)})")
-    if not ec.seeds or not ec.lrs:
-        raise UserError("eval.seeds and eval.lrs must not be empty")
     t0, c0 = time.time(), time.process_time()
-    out_dir = run_dir(cfg, "eval")
-    write_config(cfg, out_dir)
+    device = resolve_device(cfg.run.device)
     torch.manual_seed(cfg.run.seed)
     notes: list[str] = []
 
-    original = build_backbone(cfg)
+    original = build_backbone(cfg).to(device)
     finetuned, ft_meta = _finetuned(cfg, original, notes)
+    if finetuned is not None:
+        finetuned.to(device)
     backbones = {"original": original} | ({"finetuned": finetuned} if finetuned else {})
     sets = [s for s in ec.feature_sets if all(p in backbones for p in FEATURE_SETS[s])]
+    train, test = D.open_splits(cfg)  # roots and split files checked here
+
+    out_dir = run_dir(cfg, "eval")
+    write_config(cfg, out_dir)
+    cache = Path(ec.cache_dir) if ec.cache_dir else out_dir / "cache"
+    ctx = Context(cfg, device, backbones, notes)
+    ctx.train, ctx.test = train, test
+    name = D.dataset_name(cfg)
+    for split in (s for s in (train, test) if s is not None):
+        D.store_labels(cfg, split, cache / "labels" / f"{name}_{split.ds.split}", notes)
+    ctx.num_classes = test.ds.num_classes or (train.ds.num_classes if train else 0)
+    ctx.min_depth, ctx.max_depth = D.depth_range(cfg, test.ds)
     for n in notes:
         print(f"warning: {n}", file=sys.stderr)
+    n_notes = len(notes)
+    if train is not None and ec.batch_size > len(train):
+        notes.append(
+            f"eval.batch_size={ec.batch_size} (global) is more than the {len(train)} train views: "
+            f"each step uses {len(train)}"
+        )
 
-    cache = out_dir / "features"
-    train = _load_split(cfg, "train", backbones, cache)
-    test = _load_split(cfg, "val", backbones, cache)
+    paper = ec.protocol == "paper"
+    cached_probes = {"corr"} | ({"normals"} if paper else {"seg", "depth", "normals"})
+    if "dpt" in _heads(cfg):
+        cached_probes |= {"depth", "normals"} & set(ec.dpt_probes)
+    need_cache = {p for p in ec.probes if p in cached_probes} or ec.pca_views > 0
+    need_final = "seg" in ec.probes and not paper or ec.pca_views > 0
+    plan = _plan(cfg, original, need_final)
+    options = f"resolution={cfg.scenes.resolution}" if name in D.SCENE_SETS else ""
+    for split in (s for s in (train, test) if s is not None and need_cache):
+        stores = {}
+        for role, bb in backbones.items():
+            folder = cache / "features" / role / f"{name}_{split.ds.split}"
+            stores[role] = feature_store(folder, bb, plan, split, options, ec.precision, notes)
+            fill_features(
+                stores[role], bb, plan, split, device, ec.precision, ec.extract_batch,
+                ec.num_workers, f"features {role} ({split.role})",
+            )  # fmt: skip
+        ctx.feats[split.role] = SplitFeatures(stores, plan)
     print(
-        f"eval: {len(train.scene_ids)} train scenes ({sum(train.counts)} views), "
-        f"{len(test.scene_ids)} held-out scenes ({sum(test.counts)} views), sets {sets}",
+        f"eval ({ec.protocol} protocol, {name}): {len(train) if train else 0} train views, "
+        f"{len(test)} test views, sets {sets}, device {device}",
         flush=True,
     )
+
     metrics: dict[str, dict] = {s: {} for s in sets}
     lrs: dict[str, dict] = {s: {} for s in sets}
-    n_notes = len(notes)
     for probe in ec.probes:
         if probe == "corr":
-            found = _run_corr(sets, test, cfg, notes)
-        else:
-            found, chosen = _run_probe(TASKS[probe], sets, train, test, cfg, notes)
+            found = _run_corr(sets, ctx)
+            for s, m in found.items():
+                metrics[s].update(m)
+            continue
+        if train is None:
+            notes.append(f"dataset {name} has no train split: {probe} probe skipped")
+            continue
+        heads = _heads(cfg) if probe in ec.dpt_probes and probe != "seg" else ("linear",)
+        for head in heads:
+            found, chosen = _run_task(probe, head, sets, ctx)
+            label = probe if head == "linear" else f"{probe}_dpt"
             for s, lr in chosen.items():
-                lrs[s][probe] = lr
-        for s, m in found.items():
-            metrics[s].update(m)
+                lrs[s][label] = lr
+            for s, m in found.items():
+                metrics[s].update(m)
     for n in notes[n_notes:]:
         print(f"warning: {n}", file=sys.stderr)
-    if ec.pca_views > 0:
-        _pca(out_dir / "pca.png", sets, test, cfg)
+    if ec.pca_views > 0 and "test" in ctx.feats:
+        _pca(out_dir / "pca.png", sets, ctx)
 
     results = {
         "feature_sets": sets,
         "metrics": metrics,
         "lr": lrs,
         "notes": notes,
+        "protocol": ec.protocol,
+        "dataset": {
+            "name": name,
+            "train_split": train.ds.split if train else None,
+            "test_split": test.ds.split,
+        },  # fmt: skip
+        "paper": _paper_numbers(test.ds, cfg.backbone.name, sets),
         "provenance": {
             **provenance(original, weights_key="original_weights"),
             "finetuned_weights": finetuned.weights_info.to_dict() if finetuned else None,
             "finetune_meta": ft_meta,
-            "train_scenes": train.scene_ids,
-            "test_scenes": test.scene_ids,
-            "views": {"train": sum(train.counts), "test": sum(test.counts)},
+            "train_scenes": list(dict.fromkeys(train.groups)) if train else [],
+            "test_scenes": list(dict.fromkeys(test.groups)),
+            "views": {"train": len(train) if train else 0, "test": len(test)},
+            "device": str(device),
             "seconds": round(time.time() - t0, 1),
             "cpu_seconds": round(time.process_time() - c0, 1),
         },
@@ -345,3 +657,17 @@ def run(cfg: Config) -> dict:
     prov = results["provenance"]
     print(f"eval: report in {out_dir} ({prov['seconds']:.0f} s, {prov['cpu_seconds']:.0f} CPU s)")
     return results
+
+
+def _paper_numbers(ds, alias: str, sets: list[str]) -> dict:
+    """Published numbers for this dataset and backbone: {"original": {key: v}, "assembled":
+    {key: v}} (FiT3D's before/after; NaN-free), empty when the paper has none."""
+    import math
+
+    table = (ds.paper or {}).get(alias, {})
+    out: dict[str, dict[str, float]] = {}
+    for key, (before, after) in table.items():
+        out.setdefault("original", {})[key] = before
+        if not math.isnan(after):
+            out.setdefault("assembled", {})[key] = after
+    return out
