@@ -11,6 +11,8 @@ SCENES ?= demo
 BACKBONE ?= dinov2
 ARGS ?=
 PYTEST_ARGS ?=
+DATASET ?=
+DATASET_ROOT ?=
 
 # Large per-step temporaries otherwise go back to the OS and are page-faulted in again every step
 # (measured 4-5x slower on CPU); keep them in the heap for the long-running targets.
@@ -23,6 +25,7 @@ STAGE_ARGS = --preset $(SCENES) backbone.name=$(BACKBONE) $(ARGS)
 help: ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
 	@echo "  variables: SCENES=$(SCENES) (demo|scannetpp)  BACKBONE=$(BACKBONE)  ARGS='key.sub=value ...'"
+	@echo "             DATASET=(nyuv2|ade20k|voc2012|kitti|scannet|navi|scannet1500|nyu_normals) DATASET_ROOT=..." 
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -60,9 +63,12 @@ finetune: setup ## Stage 2: fine-tune the backbone on features rendered from the
 	$(DEMO_SCENES)
 	$(RUN_ENV) $(PY) -m stage2_finetune $(STAGE_ARGS)
 
-eval: setup ## Evaluate original / fine-tuned / assembled / control features with all probes
+# DATASET=nyuv2 DATASET_ROOT=/data/nyuv2: score a benchmark (README "Datasets") instead of the scenes.
+EVAL_DATA = $(if $(DATASET),eval.dataset=$(DATASET) $(if $(DATASET_ROOT),eval.dataset_root=$(DATASET_ROOT)),)
+
+eval: setup ## Evaluate original / fine-tuned / assembled / control features (DATASET=nyuv2 ...)
 	$(DEMO_SCENES)
-	$(RUN_ENV) $(PY) -m fit3d.eval $(STAGE_ARGS)
+	$(RUN_ENV) $(PY) -m fit3d.eval $(STAGE_ARGS) $(EVAL_DATA)
 
 demo: setup ## Whole pipeline on the embedded demo scenes: scenes -> lift -> finetune -> eval
 	@echo "[1/4] demo scenes" && $(PY) -m fit3d.scenes.demo --preset demo $(ARGS)
@@ -82,9 +88,10 @@ view: setup ## 3D viewer of a lifted scene (+ fine-tuned feature maps once stage
 	$(PY) -m fit3d.view outputs/lift/$(RUN)/$(SCENE) --port $(PORT) \
 	  $(if $(wildcard outputs/finetune/$(RUN)/backbone.safetensors),--finetune outputs/finetune/$(RUN))
 
-bench: setup ## Speed/memory benchmarks (renderer vs baseline, fine-tuning step overhead)
+bench: setup ## Speed/memory benchmarks (renderer vs baseline, fine-tuning step, evaluator memory)
 	$(PY) benchmarks/raster.py
 	$(PY) benchmarks/finetune.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/eval_memory.py
 
 # Without CUDA: one line, nothing installed beyond the venv, nothing run (exit 0).
 gpu-check: $(STAMP) ## On a GPU: gpu tests, a small CUDA pipeline, speed/memory table (~5 min)
