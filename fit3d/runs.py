@@ -85,6 +85,16 @@ def finetune_checkpoint(finetune_run: Path) -> Path:
     return Path(finetune_run) / "checkpoints" / "last.ckpt"
 
 
+def eval_cache_dir(cfg: Config, eval_run: Path) -> Path:
+    """The evaluator's feature and label cache: `eval.cache_dir`, else `<eval run>/cache`."""
+    return Path(cfg.eval.cache_dir) if cfg.eval.cache_dir else Path(eval_run) / "cache"
+
+
+def finetune_target_dir(finetune_run: Path) -> Path:
+    """Where stage 2 writes the rendered target windows of a fine-tune run."""
+    return Path(finetune_run) / "targets"
+
+
 def demo_scenes_dir(cfg: Config) -> Path:
     """Where the demo scene set of `cfg` lives: `scenes.root`, else `<run.out>/scenes/demo`."""
     return Path(cfg.scenes.root) if cfg.scenes.root else Path(cfg.run.out) / "scenes" / "demo"

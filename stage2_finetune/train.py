@@ -34,6 +34,7 @@ from fit3d.runs import (
     build_backbone,
     check_settings,
     finetune_checkpoint,
+    finetune_target_dir,
     provenance,
     read_meta,
     run_dir,
@@ -213,7 +214,7 @@ def run(cfg: Config, callbacks: list[Callback] | None = None) -> dict[str, Any]:
         seed=cfg.run.seed,
         val_run=val_lift,
         val_views=f.val_views,
-        target_dir=out / "targets",
+        target_dir=finetune_target_dir(out),
         val_batch_size=plan.device_batch,
     )
     module = FinetuneModule(backbone, f.lr, f.weight_decay, f.grad_clip, plan.device_batch)

@@ -74,6 +74,7 @@ from fit3d.runs import (
     BACKBONE_FILE,
     META_FILE,
     build_backbone,
+    eval_cache_dir,
     provenance,
     read_meta,
     resolve_device,
@@ -561,7 +562,7 @@ def run(cfg: Config) -> dict:
 
     out_dir = run_dir(cfg, "eval")
     write_config(cfg, out_dir)
-    cache = Path(ec.cache_dir) if ec.cache_dir else out_dir / "cache"
+    cache = eval_cache_dir(cfg, out_dir)
     ctx = Context(cfg, device, backbones, notes)
     ctx.train, ctx.test = train, test
     name = D.dataset_name(cfg)
