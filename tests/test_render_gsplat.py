@@ -10,6 +10,7 @@ import inspect
 import gsplat
 import pytest
 import torch
+from _brute_force_render import render_one
 from test_render import PARAMS, H, W, _cams, _scene
 
 from fit3d.render import rasterization
@@ -394,6 +395,26 @@ def test_bad_arguments_raise_on_every_backend(backend: str) -> None:
     with pytest.raises(TypeError):  # gsplat arguments beyond channel_chunk are not taken
         _render(x, backend, camera_model="fisheye")
     assert STAND_IN_CALLS == []
+
+
+def test_camera_gradients_on_cpu_like_gsplat() -> None:
+    """gsplat differentiates through viewmats; so does the torch backend (brute force reference),
+    and the other gradients stay those of fixed cameras."""
+    s = _scene(12, n=30, d=3)
+    viewmats, Ks = _cams(2)
+    viewmats = viewmats[1:].clone().requires_grad_(True)  # the rotated, shifted camera
+    params = [s[k].clone().requires_grad_(True) for k in PARAMS]
+    img, alpha, _ = rasterization(*params, viewmats, Ks[:1], W, H, backend="torch")
+    w = _weights(img.shape)
+    grads = torch.autograd.grad((img * w).sum() + alpha.sum(), [*params, viewmats])
+    ref = [s[k].double().requires_grad_(True) for k in PARAMS]
+    ref_view = viewmats.detach()[0].double().requires_grad_(True)
+    out, a, _ = render_one(*ref, ref_view, Ks[0].double(), W, H)
+    ref_grads = torch.autograd.grad((out * w[0].double()).sum() + a.sum(), [*ref, ref_view])
+    grads = [*grads[:-1], grads[-1][0]]  # viewmats: [1, 4, 4] -> [4, 4]
+    for name, g, r in zip([*PARAMS, "viewmats"], grads, ref_grads, strict=True):
+        scale = float(r.abs().max())
+        assert scale > 0 and float((g.double() - r).abs().max()) < 1e-3 * scale, name
 
 
 # --- GPU: the real gsplat against our CPU backend -------------------------------------------------

@@ -112,6 +112,8 @@ def rasterization(
         - The CPU info has no `isect_ids`. Its `means2d.absgrad` sums over all channels;
           gsplat's sums over one `channel_chunk` only when the rendered channels (depth
           included) exceed `channel_chunk`, as every chunk's backward overwrites it.
+        - Camera gradients: `viewmats` that require grad get theirs, as on gsplat, through the
+          pure torch path (the C++ kernels have none), so not with `absgrad`.
         - `info["means2d"]` retains its gradient on every backend (gsplat leaves that to the
           caller, e.g. a strategy's `step_pre_backward`).
     """
@@ -226,7 +228,10 @@ def _rasterize_torch(
     sh_degree, backgrounds, render_mode, packed, absgrad, eps2d, geometry_grad_channels,
     python_only,
 ) -> tuple[Tensor, Tensor, dict]:  # fmt: skip
-    fast = not python_only and _cpp.usable(means, quats, scales, opacities, viewmats, Ks, colors)
+    # the C++ projection has no camera gradient: pose gradients (gsplat has them) take pure torch
+    camera_grad = torch.is_grad_enabled() and viewmats.requires_grad
+    fast = not python_only and not camera_grad
+    fast = fast and _cpp.usable(means, quats, scales, opacities, viewmats, Ks, colors)
     if fast:
         return _rasterize_cpp(
             means, quats, scales, opacities, colors, viewmats, Ks, width, height, near_plane,
