@@ -100,7 +100,7 @@ def rasterization(
         `tile_height`, `tiles_per_gauss`, `flatten_ids`, `isect_offsets`, and
         `batch_ids`/`camera_ids`/`gaussian_ids` when packed.
 
-    Differences from gsplat 1.5.3's `rasterization` (every one raises rather than being ignored):
+    Differences from gsplat 1.5.3's `rasterization` (an argument we cannot honour raises):
         - `packed` defaults to False (gsplat: True): callers such as the stage-1 densification
           read the dense [C, N] info. The gsplat backend passes `packed` explicitly.
         - No batch dimensions: means [N, 3] and viewmats [C, 4, 4] only (gsplat takes
@@ -108,7 +108,7 @@ def rasterization(
         - gsplat's later arguments (distributed, camera_model, segmented, covars, with_ut,
           with_eval3d, distortion and rolling-shutter coefficients) are not accepted.
         - The CPU backends support only radius_clip=0, tile_size=16, rasterize_mode="classic",
-          sparse_grad=False; other values raise ValueError (use backend="gsplat").
+          sparse_grad=False; other values raise ValueError (gsplat on CUDA has them).
         - The CPU info has no `isect_ids`. Its `means2d.absgrad` sums over all channels;
           gsplat's sums over one `channel_chunk` only when the rendered channels (depth
           included) exceed `channel_chunk`, as every chunk's backward overwrites it.
@@ -138,8 +138,8 @@ def rasterization(
     for name, (value, supported) in cpu_only.items():
         if value != supported:
             raise ValueError(
-                f"{name}={value!r} needs backend='gsplat'; the CPU backends support only "
-                f"{name}={supported!r}"
+                f"{name}={value!r} needs the gsplat backend (CUDA tensors); the CPU backends "
+                f"support only {name}={supported!r}"
             )
     return _rasterize_torch(
         means, quats, scales, opacities, colors, viewmats, Ks, width, height, near_plane,
