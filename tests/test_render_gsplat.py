@@ -447,7 +447,7 @@ def _gpu_scene(seed: int, n: int, width: int, height: int, d: int) -> dict:
 
 def _on(scene: dict, device: str) -> tuple[dict, dict]:
     """(leaf parameters, cameras) of a scene on a device."""
-    params = {k: scene[k].to(device).requires_grad_(True) for k in PARAMS}
+    params = {k: scene[k].detach().to(device).clone().requires_grad_(True) for k in PARAMS}
     cams = {k: scene[k].to(device) for k in ("viewmats", "Ks", "backgrounds")}
     return params, cams
 
@@ -502,13 +502,13 @@ def test_gpu_gsplat_matches_the_cpu_backend(
         w_a = _weights(alpha.shape, 8).to(device)
         ((img * w).sum() + (alpha * w_a).sum()).backward()
         m2d = info["means2d"]
-        out[device] = dict(
+        out[backend] = dict(
             img=img.detach().cpu(), alpha=alpha.detach().cpu(),
             grads={k_: p.grad.cpu() for k_, p in params.items()},
             means2d=_dense(info, m2d.grad, n).cpu(),
             absgrad=_dense(info, m2d.absgrad, n).cpu() if absgrad else None,
         )  # fmt: skip
-    cpu, gpu = out["cpu"], out["cuda"]
+    cpu, gpu = out["torch"], out["gsplat"]
     assert 0 < float(cpu["alpha"].mean()) < 1
     for name in ("img", "alpha"):
         diff = (gpu[name] - cpu[name]).abs()
