@@ -33,6 +33,7 @@ from ._sh import spherical_harmonics
 
 RenderMode = Literal["RGB", "D", "ED", "RGB+D", "RGB+ED"]
 Backend = Literal["auto", "gsplat", "torch", "torch-python"]
+RasterizeMode = Literal["classic", "antialiased"]
 
 
 def rasterization(
@@ -47,16 +48,25 @@ def rasterization(
     height: int,
     near_plane: float = 0.01,
     far_plane: float = 1e10,
+    radius_clip: float = 0.0,
+    eps2d: float = 0.3,
     sh_degree: int | None = None,
+    packed: bool = False,
+    tile_size: int = TILE,
     backgrounds: Tensor | None = None,  # [C, D]
     render_mode: RenderMode = "RGB",
-    packed: bool = False,
+    sparse_grad: bool = False,
     absgrad: bool = False,
-    eps2d: float = 0.3,
+    rasterize_mode: RasterizeMode = "classic",
+    channel_chunk: int = 32,
+    *,
     backend: Backend = "auto",
     geometry_grad_channels: int | None = None,
 ) -> tuple[Tensor, Tensor, dict]:
-    """Render 3D Gaussians into C pinhole cameras (gsplat `rasterization`, classic mode).
+    """Render 3D Gaussians into C pinhole cameras (gsplat 1.5 `rasterization`, pinhole cameras).
+
+    The arguments up to `channel_chunk` are gsplat's, in gsplat's order; `backend` and
+    `geometry_grad_channels` are ours (keyword only).
 
     Args:
         means: [N, 3] centres. quats: [N, 4] wxyz rotations, any norm. scales: [N, 3] activated
@@ -66,40 +76,100 @@ def rasterization(
         viewmats: [C, 4, 4] world-to-camera, OpenCV axes. Ks: [C, 3, 3] pinhole intrinsics.
         width, height: image size in pixels.
         near_plane, far_plane: camera-depth range kept. eps2d: 2D low-pass added to covariances.
+        radius_clip: Gaussians whose 2D radius is <= this many pixels are skipped (gsplat only).
+        packed: info holds [nnz] rows with `camera_ids`/`gaussian_ids` instead of [C, N] arrays.
+        tile_size: tile edge in pixels (16; other values gsplat only).
         backgrounds: [C, D] colour behind the Gaussians (zero for the depth channel).
         render_mode: "RGB", "D" (accumulated depth), "ED" (expected depth = D / alpha), "RGB+D",
             "RGB+ED" (depth as the last channel).
-        packed: info holds [nnz] rows with `camera_ids`/`gaussian_ids` instead of [C, N] arrays.
+        sparse_grad: COO gradients for means/quats/scales (gsplat only, with `packed`).
         absgrad: also store gsplat's absolute means2d gradient (per-pixel |grad| summed) as
             `info["means2d"].absgrad` after backward (not with "torch-python").
+        rasterize_mode: "classic", or "antialiased" (opacity compensation, gsplat only).
+        channel_chunk: gsplat composites at most this many channels per kernel call; the CPU
+            backends composite all channels in one pass (same values).
         backend: "gsplat" (CUDA), "torch" (CPU: C++ kernels, pure torch if they cannot be built),
             "torch-python" (CPU, always pure torch), "auto" (gsplat on CUDA tensors, else torch).
-        geometry_grad_channels: k -> only the first k colour channels send gradient to geometry
-            (module docstring); None -> all of them.
+        geometry_grad_channels: k >= 0 -> only the first k colour channels (and the depth
+            channel) send gradient to geometry (module docstring); None -> all of them.
 
     Returns:
         renders [C, H, W, D'] (D' = D, 1 or D + 1 by mode), alphas [C, H, W, 1], info dict with
-        `means2d` (gradient retained), `radii` (int32), `depths`, `conics`, `opacities`, `width`,
-        `height`, `n_cameras`, `tile_size`, `tile_width`, `tile_height`, `flatten_ids`,
-        `isect_offsets`, and `camera_ids`/`gaussian_ids` when packed.
+        `means2d` (gradient retained, on every backend), `radii` (int32), `depths`, `conics`,
+        `opacities`, `width`, `height`, `n_cameras`, `n_batches`, `tile_size`, `tile_width`,
+        `tile_height`, `tiles_per_gauss`, `flatten_ids`, `isect_offsets`, and
+        `batch_ids`/`camera_ids`/`gaussian_ids` when packed.
+
+    Differences from gsplat 1.5.3's `rasterization` (an argument we cannot honour raises):
+        - `packed` defaults to False (gsplat: True): callers such as the stage-1 densification
+          read the dense [C, N] info. The gsplat backend passes `packed` explicitly.
+        - No batch dimensions: means [N, 3] and viewmats [C, 4, 4] only (gsplat takes
+          [..., N, 3] / [..., C, 4, 4]); loop over the batch instead.
+        - gsplat's later arguments (distributed, camera_model, segmented, covars, with_ut,
+          with_eval3d, distortion and rolling-shutter coefficients) are not accepted.
+        - The CPU backends support only radius_clip=0, tile_size=16, rasterize_mode="classic",
+          sparse_grad=False; other values raise ValueError (gsplat on CUDA has them).
+        - The CPU info has no `isect_ids`. Its `means2d.absgrad` sums over all channels;
+          gsplat's sums over one `channel_chunk` only when the rendered channels (depth
+          included) exceed `channel_chunk`, as every chunk's backward overwrites it.
+        - Camera gradients: `viewmats` that require grad get theirs, as on gsplat, through the
+          pure torch path (the C++ kernels have none), so not with `absgrad`.
+        - `info["means2d"]` retains its gradient on every backend (gsplat leaves that to the
+          caller, e.g. a strategy's `step_pre_backward`).
     """
-    if render_mode not in ("RGB", "D", "ED", "RGB+D", "RGB+ED"):
-        raise ValueError(f"unknown render_mode {render_mode!r}")
+    _check_args(means, viewmats, render_mode, rasterize_mode, channel_chunk, geometry_grad_channels)
     if backend == "auto":
         backend = "gsplat" if means.is_cuda else "torch"
     if backend == "gsplat":
         return _rasterize_gsplat(
             means, quats, scales, opacities, colors, viewmats, Ks, width, height, near_plane,
             far_plane, sh_degree, backgrounds, render_mode, packed, absgrad, eps2d,
-            geometry_grad_channels,
+            geometry_grad_channels, radius_clip, tile_size, rasterize_mode, channel_chunk,
+            sparse_grad,
         )  # fmt: skip
     if backend not in ("torch", "torch-python"):
         raise ValueError(f"unknown backend {backend!r}")
+    cpu_only = {
+        "radius_clip": (radius_clip, 0.0),
+        "tile_size": (tile_size, TILE),
+        "rasterize_mode": (rasterize_mode, "classic"),
+        "sparse_grad": (sparse_grad, False),
+    }
+    for name, (value, supported) in cpu_only.items():
+        if value != supported:
+            raise ValueError(
+                f"{name}={value!r} needs the gsplat backend (CUDA tensors); the CPU backends "
+                f"support only {name}={supported!r}"
+            )
     return _rasterize_torch(
         means, quats, scales, opacities, colors, viewmats, Ks, width, height, near_plane,
         far_plane, sh_degree, backgrounds, render_mode, packed, absgrad, eps2d,
         geometry_grad_channels, python_only=backend == "torch-python",
     )  # fmt: skip
+
+
+def _check_args(
+    means: Tensor,
+    viewmats: Tensor,
+    render_mode: str,
+    rasterize_mode: str,
+    channel_chunk: int,
+    geometry_grad_channels: int | None,
+) -> None:
+    """Argument checks shared by every backend (ValueError, one line each)."""
+    if render_mode not in ("RGB", "D", "ED", "RGB+D", "RGB+ED"):
+        raise ValueError(f"unknown render_mode {render_mode!r}")
+    if rasterize_mode not in ("classic", "antialiased"):
+        raise ValueError(f"unknown rasterize_mode {rasterize_mode!r}")
+    if means.dim() != 2 or viewmats.dim() != 3:
+        raise ValueError(
+            f"means {tuple(means.shape)} / viewmats {tuple(viewmats.shape)}: batch dimensions "
+            "are not supported (means [N, 3], viewmats [C, 4, 4]); loop over the batch"
+        )
+    if channel_chunk < 1:
+        raise ValueError(f"channel_chunk must be >= 1, got {channel_chunk}")
+    if geometry_grad_channels is not None and geometry_grad_channels < 0:
+        raise ValueError(f"geometry_grad_channels must be >= 0, got {geometry_grad_channels}")
 
 
 def _check_colors(colors: Tensor, n_cams: int, n: int, sh_degree: int | None) -> bool:
@@ -158,7 +228,10 @@ def _rasterize_torch(
     sh_degree, backgrounds, render_mode, packed, absgrad, eps2d, geometry_grad_channels,
     python_only,
 ) -> tuple[Tensor, Tensor, dict]:  # fmt: skip
-    fast = not python_only and _cpp.usable(means, quats, scales, opacities, viewmats, Ks, colors)
+    # the C++ projection has no camera gradient: pose gradients (gsplat has them) take pure torch
+    camera_grad = torch.is_grad_enabled() and viewmats.requires_grad
+    fast = not python_only and not camera_grad
+    fast = fast and _cpp.usable(means, quats, scales, opacities, viewmats, Ks, colors)
     if fast:
         return _rasterize_cpp(
             means, quats, scales, opacities, colors, viewmats, Ks, width, height, near_plane,
@@ -226,6 +299,7 @@ def _info(
 ) -> dict:  # fmt: skip
     """gsplat's info dict."""
     return {
+        "batch_ids": torch.zeros_like(cam) if packed else None,
         "camera_ids": cam if packed else None,
         "gaussian_ids": gid if packed else None,
         "radii": radii,
@@ -294,32 +368,60 @@ def _rasterize_cpp(
 def _rasterize_gsplat(
     means, quats, scales, opacities, colors, viewmats, Ks, width, height, near_plane, far_plane,
     sh_degree, backgrounds, render_mode, packed, absgrad, eps2d, geometry_grad_channels,
+    radius_clip, tile_size, rasterize_mode, channel_chunk, sparse_grad,
 ) -> tuple[Tensor, Tensor, dict]:  # fmt: skip
-    """gsplat on CUDA; a split colour tensor renders twice (features on detached geometry)."""
+    """gsplat on CUDA; a split colour tensor renders twice (features on detached geometry).
+
+    Every gsplat default we differ from (packed) is passed explicitly. The geometry pass renders
+    colours [..., :k] (plus depth) with absgrad; its alphas and info are returned. The feature
+    pass renders colours [..., k:] in "RGB" mode on detached geometry.
+    """
     import gsplat
 
     common = dict(
-        width=width, height=height, near_plane=near_plane, far_plane=far_plane, eps2d=eps2d,
-        packed=packed, rasterize_mode="classic",
+        width=width, height=height, near_plane=near_plane, far_plane=far_plane,
+        radius_clip=radius_clip, eps2d=eps2d, packed=packed, tile_size=tile_size,
+        rasterize_mode=rasterize_mode, channel_chunk=channel_chunk,
     )  # fmt: skip
+    want_rgb = render_mode in ("RGB", "RGB+D", "RGB+ED")
+    d_rgb = 3 if sh_degree is not None else colors.shape[-1]
     k = geometry_grad_channels
-    if sh_degree is not None or k is None or k >= colors.shape[-1]:
-        return gsplat.rasterization(
+    if not want_rgb or k is None or k >= d_rgb:  # one pass: every channel feeds geometry
+        img, alphas, info = gsplat.rasterization(
             means, quats, scales, opacities, colors, viewmats, Ks, sh_degree=sh_degree,
-            backgrounds=backgrounds, render_mode=render_mode, absgrad=absgrad, **common,
+            backgrounds=backgrounds, render_mode=render_mode, sparse_grad=sparse_grad,
+            absgrad=absgrad, **common,
         )  # fmt: skip
-    bg_geo = backgrounds[..., :k] if backgrounds is not None else None
-    bg_free = backgrounds[..., k:] if backgrounds is not None else None
+        return img, alphas, _retain_means2d(info)
+    if sh_degree is not None:  # split the evaluated RGB, as the CPU backends do
+        colors = _sh_colors(colors, means, viewmats, sh_degree)  # [C, N, 3]
+    placeholder = k == 0 and render_mode == "RGB"  # gsplat renders at least one channel
+    if placeholder:
+        geo_colors = colors.new_zeros(colors.shape[:-1] + (1,))  # [..., N, 1], no gradient
+        bg_geo = None
+    else:
+        geo_colors = colors[..., :k]
+        bg_geo = backgrounds[..., :k] if backgrounds is not None else None
     img_geo, alphas, info = gsplat.rasterization(
-        means, quats, scales, opacities, colors[..., :k], viewmats, Ks, backgrounds=bg_geo,
-        render_mode=render_mode, absgrad=absgrad, **common,
+        means, quats, scales, opacities, geo_colors, viewmats, Ks, backgrounds=bg_geo,
+        render_mode=render_mode, sparse_grad=sparse_grad, absgrad=absgrad, **common,
     )  # fmt: skip
+    if placeholder:
+        img_geo = img_geo[..., :0]
+    bg_free = backgrounds[..., k:] if backgrounds is not None else None
     img_free, _, _ = gsplat.rasterization(
         means.detach(), quats.detach(), scales.detach(), opacities.detach(), colors[..., k:],
         viewmats, Ks, backgrounds=bg_free, render_mode="RGB", **common,
     )  # fmt: skip
     if render_mode == "RGB":
-        return torch.cat([img_geo, img_free], -1), alphas, info
-    if render_mode in ("D", "ED"):
-        return img_geo, alphas, info
-    return torch.cat([img_geo[..., :-1], img_free, img_geo[..., -1:]], -1), alphas, info
+        img = torch.cat([img_geo, img_free], -1)
+    else:  # colours, then depth last
+        img = torch.cat([img_geo[..., :-1], img_free, img_geo[..., -1:]], -1)
+    return img, alphas, _retain_means2d(info)
+
+
+def _retain_means2d(info: dict) -> dict:
+    """Keep `info["means2d"].grad` after backward, as the CPU backends do."""
+    if info["means2d"].requires_grad:
+        info["means2d"].retain_grad()
+    return info
