@@ -8,7 +8,10 @@ rest of `rgb_loss` and the feature L1), backward (all of it), optimizer (steps +
 densification (the strategy's pre/post-backward bookkeeping every step, plus its grow/prune at a
 refine step, shown on its own and amortised over the preset's schedule). The backward is then split
 by re-running each part's backward alone on the same inputs (render, decoder conv, SSIM), since one
-`loss.backward()` cannot be timed piecewise.
+`loss.backward()` cannot be timed piecewise. Last, the two stage-1 costs this benchmark found
+avoidable are timed against their replacements, interleaved on the same inputs: the SSIM map's
+forward + backward (torchmetrics vs `fit3d.losses.ssim_map`'s separable form) and the 8 Adam steps
+(unfused vs fused, as `stage1_lift.loop.adam` now builds them).
 
 Stage 2 times one optimizer step at global batch 2: render the targets (rasterise D features of a
 lifted scene), decode them at the token grid (`fit3d.targets.decode_to_tokens`), ViT forward +
@@ -41,6 +44,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from torchmetrics.functional.image import structural_similarity_index_measure
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -93,6 +97,20 @@ class Clock:
             )
             for k in names
         }
+
+
+def _ssim_torchmetrics(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The SSIM map [H, W] stage 1 used before (torchmetrics), for the side-by-side rows."""
+    _, full = structural_similarity_index_measure(
+        pred[None],
+        target[None],
+        gaussian_kernel=True,
+        sigma=1.5,
+        kernel_size=11,
+        data_range=1.0,
+        return_full_image=True,
+    )
+    return full[0].mean(0)
 
 
 def camera(width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,6 +199,33 @@ def stage1(size: str, steps: int, threads: int) -> dict[str, object]:
             torch.autograd.grad(s, r)
     table_bwd = split.medians()
 
+    # this branch's two stage-1 changes against what they replaced, interleaved step by step
+    ref = Clock()
+    t = image.permute(2, 0, 1)  # [3, H, W]
+    grads = {k: torch.randn_like(v) for k, v in params.items()}
+    adams = {
+        fused: [
+            torch.optim.Adam(
+                [torch.nn.Parameter(v.detach().clone())], lr=1e-3, eps=1e-15, fused=fused
+            )
+            for v in params.values()
+        ]
+        for fused in (False, True)
+    }
+    for _ in range(steps + 1):
+        ref.new_step()
+        for name, fn in (("torchmetrics", _ssim_torchmetrics), ("separable (fit3d)", ssim_map)):
+            r = rgb.detach().permute(2, 0, 1).requires_grad_(True)
+            with ref.part(f"SSIM fwd+bwd, {name}"):
+                fn(r, t).mean().backward()
+        for fused, opts in adams.items():
+            for o, g in zip(opts, grads.values(), strict=True):
+                o.param_groups[0]["params"][0].grad = g
+            with ref.part(f"Adam steps, {'fused' if fused else 'unfused'}"):
+                for o in opts:
+                    o.step()
+    table_ref = ref.medians()
+
     # one grow/prune at a refine step (on a copy: it changes N); amortised over the schedule
     refine_step = next(
         s for s in range(c.refine_start + 1, c.steps) if s % c.refine_every == 0
@@ -214,6 +259,7 @@ def stage1(size: str, steps: int, threads: int) -> dict[str, object]:
         "threads": threads,
         "parts": table,
         "backward_split": table_bwd,
+        "changes": table_ref,
         "refine": refine,
         "refines_per_schedule": refines,
         "schedule_steps": c.steps,
@@ -233,7 +279,7 @@ def stage2(steps: int) -> dict[str, object]:
     torch.manual_seed(0)
     backbone = Backbone("dinov2", weights="random").train().requires_grad_(True)
     grid = backbone.token_grid(th, tw)
-    opt = torch.optim.AdamW(backbone.parameters(), lr=1e-5, weight_decay=1e-4)
+    opt = torch.optim.AdamW(backbone.parameters(), lr=1e-5, weight_decay=1e-4, fused=True)
     images = torch.rand(2, 3, th, tw, generator=gen)  # [B, 3, H, W]
     mask = torch.ones(2, *grid)  # [B, h, w]
     clock = Clock()
@@ -289,6 +335,9 @@ def print_stage1(r: dict[str, object]) -> None:
     print(f"  {'step total':<34}{total:>9.4f}{total_cpu:>9.4f}")
     for k, (w, c) in r["backward_split"].items():  # type: ignore[union-attr]
         print(f"    of which {k + ' (alone)':<25}{w:>9.4f}{c:>9.4f}{100 * w / total:>7.1f}%")
+    print("  this branch's changes, side by side (same inputs, interleaved):")
+    for k, (w, c) in r["changes"].items():  # type: ignore[union-attr]
+        print(f"    {k:<32}{w:>9.4f}{c:>9.4f}")
     print(
         f"  grow/prune at a refine step{'':<7}{refine_w:>9.4f}{refine_c:>9.4f}   "
         f"({r['refines_per_schedule']} in {r['schedule_steps']} steps: "
