@@ -102,4 +102,6 @@ class FinetuneModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.backbone.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        # fused: one kernel per step over all tensors, the same update to float rounding
+        # (benchmarks/lift_step.py: the optimizer part of a demo step ~5x faster on CPU)
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, fused=True)

@@ -49,3 +49,18 @@ def test_teacher_tokens_match_timm_on_the_resized_image():
         torch.testing.assert_close(tokens.float(), ref, atol=4e-3, rtol=2e-3)
     # views see different images, so their tokens differ (the cache is not one view repeated)
     assert not torch.equal(out[0][:, :3], out[2][:, :3])
+
+
+def test_batched_views_match_one_at_a_time():
+    # same-size views share forwards (batch 2: groups of 2, 2, 1 and a size change in between);
+    # each view's tokens still equal timm's forward on that image alone
+    bb = Backbone("test_tiny")
+    gen = torch.Generator().manual_seed(1)
+    sizes = [(42, 70), (42, 70), (42, 70), (56, 70), (42, 70), (42, 70)]
+    images = {i: torch.rand(h, w, 3, generator=gen) for i, (h, w) in enumerate(sizes)}
+    out = teacher_tokens(bb, images.__getitem__, list(images), torch.device("cpu"), batch=2)
+    assert list(out) == list(images)
+    for i, tokens in out.items():
+        ref = _reference(bb, images[i])
+        assert tokens.shape == ref.shape
+        torch.testing.assert_close(tokens.float(), ref, atol=4e-3, rtol=2e-3)

@@ -1,5 +1,5 @@
-"""fit3d.losses: SSIM against skimage, masked L1 / PSNR / cosine and the RGB loss by hand, the
-teacher upsampling against hand-placed sample positions."""
+"""fit3d.losses: SSIM against skimage and torchmetrics (values and gradients), masked L1 / PSNR /
+cosine and the RGB loss by hand, the teacher upsampling against hand-placed sample positions."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from skimage.metrics import structural_similarity
+from torchmetrics.functional.image import structural_similarity_index_measure
 
 from fit3d.losses import feature_cosine, masked_l1, psnr, rgb_loss, ssim_map, upsample
 
@@ -31,6 +32,40 @@ def test_ssim_map_matches_skimage_inside_the_border():
     ref = ref.mean(-1)
     # both use an 11x11 window; they differ only in border padding (5 px)
     assert np.allclose(ours[5:-5, 5:-5], ref[5:-5, 5:-5], atol=1e-4)
+
+
+def test_ssim_map_equals_torchmetrics_full_image_and_its_gradient():
+    # the separable form must give torchmetrics' map everywhere, borders included, and the same
+    # gradient; a near-constant patch exercises the clamp of negative variances
+    gen = torch.Generator().manual_seed(2)
+    a = torch.rand(3, 23, 37, generator=gen, dtype=torch.float64)
+    b = (a + 0.3 * torch.rand(3, 23, 37, generator=gen, dtype=torch.float64)).clamp(0, 1)
+    a[:, :8, :8] = 0.7
+    b[:, :8, :8] = 0.7
+    a1 = a.clone().requires_grad_(True)
+    a2 = a.clone().requires_grad_(True)
+    ours = ssim_map(a1, b)
+    _, full = structural_similarity_index_measure(
+        a2[None],
+        b[None],
+        gaussian_kernel=True,
+        sigma=1.5,
+        kernel_size=11,
+        data_range=1.0,
+        return_full_image=True,
+    )
+    ref = full[0].mean(0)
+    assert ours.shape == ref.shape == (23, 37)
+    assert torch.allclose(ours, ref, atol=1e-10)
+    w = torch.rand(23, 37, generator=gen, dtype=torch.float64)
+    (ours * w).sum().backward()
+    (ref * w).sum().backward()
+    assert torch.allclose(a1.grad, a2.grad, atol=1e-10)
+
+
+def test_ssim_map_rejects_images_smaller_than_the_window():
+    with pytest.raises(ValueError, match="larger than 5 px"):
+        ssim_map(torch.rand(3, 5, 40), torch.rand(3, 5, 40))
 
 
 def test_masked_losses_and_metrics_by_hand():
