@@ -474,3 +474,23 @@ def test_demo_room_labels_agree_with_generator(tmp_path, capsys):
     # the labelled copy is a demo set the evaluator reads, classes from the linked classes.json
     ds = open_dataset("demo", copy, "train")
     assert ds.classes == tuple(DEMO_CLASSES) and ds.tasks == {"seg", "depth", "normals", "corr"}
+
+
+def test_evaluation_on_mesh_labels_runs_every_probe(tmp_path):
+    """Acceptance: a ScanNet++ tree that ships only meshes, labelled by this module, is evaluated
+    with the scannetpp preset and no probe is skipped (fast protocol, tiny random ViT)."""
+    from fit3d.eval.run import run as evaluate
+
+    root = write_root(tmp_path / "spp", scenes=("scene0", "scene1"))
+    assert spl.run(config(root))["labelled"] == 6
+    cfg = config(
+        root, "scenes.resolution=1.0", "backbone.name=test_tiny", f"run.out={tmp_path / 'out'}",
+        "eval.finetune_run=", "eval.protocol=fast", "eval.head=linear", "eval.seeds=[0]",
+        "eval.lrs=[0.01]", "eval.epochs=1", "eval.num_workers=0", "eval.pairs_per_scene=2",
+        "eval.min_overlap=0.05", "eval.pca_views=1",
+    )  # fmt: skip
+    res = evaluate(cfg)
+    m = res["metrics"]["original"]
+    for key in ("eval/seg/miou", "eval/depth/rmse", "eval/normals/within_30",
+                "eval/corr/recall_10px"):  # fmt: skip
+        assert key in m and m[key]["mean"] is not None, (key, res.get("notes"))
