@@ -12,6 +12,7 @@ from fit3d.eval.probes import (
     DPTHead,
     SegHead,
     angular_nll,
+    bins_to_depth,
     fast_schedule,
     gradient_loss,
     loss_fn,
@@ -102,6 +103,30 @@ def test_depth_head_conv_before_upsample_is_exact():
     assert not any(
         isinstance(m, torch.nn.BatchNorm2d) for m in DepthHead(6, 5.0, batch_norm=False).modules()
     )
+
+
+def test_bins_to_depth_equals_the_autograd_form():
+    """The hand-written backward against autograd through the definition (float64), with logits
+    at exactly 0 (ReLU's kink: no gradient, as torch's relu) and below."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 7, 3, 5, dtype=torch.float64)
+    logits[0, :2, 0, 0] = 0.0
+    logits = logits.requires_grad_()
+    centres = torch.linspace(0.5, 4.0, 7, dtype=torch.float64)
+    p = torch.relu(logits) + 0.1
+    ref = (p * centres[:, None, None]).sum(1) / p.sum(1)  # [2, 3, 5]
+    out = bins_to_depth(logits, centres)
+    g = torch.randn_like(ref)
+    (g_ref,) = torch.autograd.grad(ref, logits, g)
+    (g_out,) = torch.autograd.grad(out, logits, g)
+    assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-12)
+    assert torch.allclose(g_out, g_ref, atol=1e-12)
+    assert g_out[0, :2, 0, 0].abs().max() == 0
+    # all-negative logits: uniform weights, depth = mean centre
+    flat = bins_to_depth(-torch.ones(1, 7, 1, 1, dtype=torch.float64), centres)
+    assert float(flat) == pytest.approx(float(centres.mean()))
+    away_from_kink = logits.detach()[1:, :, :2, :2].clone().requires_grad_()  # no exact 0s
+    assert torch.autograd.gradcheck(lambda x: bins_to_depth(x, centres), (away_from_kink,))
 
 
 def test_dpt_head_output_is_16x_the_token_grid():

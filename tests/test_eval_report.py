@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from fit3d.eval.report import markdown, summarize, write_report
+from fit3d.eval.report import markdown, summarize, verdict, write_report
 from fit3d.viz import pca_rgb
 
 
@@ -62,6 +62,15 @@ def test_markdown_changes_and_verdict():
     assert "Assembled vs original: better on 2 of 3 headline metrics" in text  # corr got worse
     assert "Assembled vs control: better on 2 of 3 headline metrics" in text
     assert "| - |" in text or "| - " in text  # the empty rotation bin
+
+
+def test_verdict_says_when_no_headline_metric_ran():
+    res = _results()
+    for per_set in res["metrics"].values():  # a normals-only run: no seg, depth or corr
+        for key in [k for k in per_set if not k.startswith("eval/normals")]:
+            del per_set[key]
+    assert verdict(res) == "No headline metric (seg, depth, corr) in this run."
+    assert "better on" in verdict(_results())
 
 
 def test_write_report_json_has_no_nan(tmp_path):

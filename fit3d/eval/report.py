@@ -162,10 +162,12 @@ def verdict(results: dict) -> str:
             total += 1
             wins += delta > 0 if higher else delta < 0
             parts.append(f"{label} {delta:+.4g} (seed spread {spread:.2g})")
-        lines.append(
-            f"Assembled vs {ref}: better on {wins} of {total} headline metrics: " + "; ".join(parts)
-        )
-    return "\n\n".join(lines)
+        if total:  # a run without seg, depth or correspondence has no headline metric
+            lines.append(
+                f"Assembled vs {ref}: better on {wins} of {total} headline metrics: "
+                + "; ".join(parts)
+            )
+    return "\n\n".join(lines) or "No headline metric (seg, depth, corr) in this run."
 
 
 def protocol(results: dict) -> str:
