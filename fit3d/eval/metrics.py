@@ -112,7 +112,7 @@ NORMAL_KEYS = ("within_11", "within_22", "within_30", "ang_rmse")
 def normal_per_image(pred: Tensor, gt: Tensor, valid: Tensor | None = None) -> list[dict]:
     """% of pixels within 11.25/22.5/30 deg and angular RMSE (deg) of each image with a valid
     pixel. pred, gt: [B, H, W, 3] (gt unit vectors, 0 = invalid); valid: [B, H, W] bool."""
-    has = gt.norm(dim=-1) > 0.5
+    has = gt.float().square().sum(-1) > 0.25  # |gt| > 0.5
     valid = has if valid is None else valid & has
     out = []
     for p, g, m in zip(pred, gt, valid, strict=True):
