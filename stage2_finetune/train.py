@@ -153,11 +153,11 @@ class LastCheckpoint(Callback):
         self._last_batch = batch_idx
         step = trainer.global_step
         if step % self.every == 0 or step == trainer.max_steps:
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)  # full state: resumable
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self._last_batch + 1 >= trainer.num_training_batches:
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)  # full state: resumable
 
 
 def make_trainer(cfg: Config, out: Path, callbacks: list[Callback]) -> L.Trainer:
