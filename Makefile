@@ -73,20 +73,21 @@ eval: setup ## Evaluate original / fine-tuned / assembled / control features (DA
 # Each stage's wall time is printed at the end (README "What `make demo` gives" quotes them).
 # HELDOUT=1 also lifts the 3 held-out rooms so stage 2 reports its masked L1 on them (~+3 min).
 HELDOUT ?= 0
+heldout := $(filter 1,$(HELDOUT))
 comma := ,
 demo: setup ## Whole pipeline on the embedded demo scenes: scenes -> lift -> finetune -> eval
 	@set -e; t0=$$(date +%s); \
 	echo "[1/4] demo scenes"; $(PY) -m fit3d.scenes.demo --preset demo $(ARGS); t1=$$(date +%s); \
-	echo "[2/4] lift (6 train rooms$(if $(filter 1,$(HELDOUT)),$(comma) then the 3 held-out rooms))"; \
+	echo "[2/4] lift (6 train rooms$(if $(heldout),$(comma) then the 3 held-out rooms))"; \
 	$(RUN_ENV) $(PY) -m stage1_lift --preset demo backbone.name=$(BACKBONE) $(ARGS); t2=$$(date +%s); \
-	$(if $(filter 1,$(HELDOUT)),$(RUN_ENV) $(PY) -m stage1_lift --preset demo backbone.name=$(BACKBONE) \
+	$(if $(heldout),$(RUN_ENV) $(PY) -m stage1_lift --preset demo backbone.name=$(BACKBONE) \
 	  $(ARGS) run.name=heldout lift.split=val;) t3=$$(date +%s); \
 	echo "[3/4] finetune"; $(RUN_ENV) $(PY) -m stage2_finetune --preset demo \
-	  backbone.name=$(BACKBONE) $(ARGS) $(if $(filter 1,$(HELDOUT)),finetune.val_lift_run=heldout); \
+	  backbone.name=$(BACKBONE) $(ARGS) $(if $(heldout),finetune.val_lift_run=heldout); \
 	t4=$$(date +%s); \
 	echo "[4/4] eval"; $(RUN_ENV) $(PY) -m fit3d.eval --preset demo backbone.name=$(BACKBONE) $(ARGS); \
 	t5=$$(date +%s); \
-	echo "demo wall time: scenes $$((t1-t0)) s, lift $$((t2-t1)) s$(if $(filter 1,$(HELDOUT)),$(comma) held-out lift $$((t3-t2)) s), finetune $$((t4-t3)) s, eval $$((t5-t4)) s, total $$((t5-t0)) s"; \
+	echo "demo wall time: scenes $$((t1-t0)) s, lift $$((t2-t1)) s$(if $(heldout),$(comma) held-out lift $$((t3-t2)) s), finetune $$((t4-t3)) s, eval $$((t5-t4)) s, total $$((t5-t0)) s"; \
 	echo "report: outputs/eval/default/results.html (make view SCENE=demo_000 to look at a lifted room)"
 
 SCENE ?= demo_000

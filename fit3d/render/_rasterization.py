@@ -21,7 +21,7 @@ does that second render (features on detached means/quats/scales/opacities).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -157,9 +157,9 @@ def _check_args(
     geometry_grad_channels: int | None,
 ) -> None:
     """Argument checks shared by every backend (ValueError, one line each)."""
-    if render_mode not in ("RGB", "D", "ED", "RGB+D", "RGB+ED"):
+    if render_mode not in get_args(RenderMode):
         raise ValueError(f"unknown render_mode {render_mode!r}")
-    if rasterize_mode not in ("classic", "antialiased"):
+    if rasterize_mode not in get_args(RasterizeMode):
         raise ValueError(f"unknown rasterize_mode {rasterize_mode!r}")
     if means.dim() != 2 or viewmats.dim() != 3:
         raise ValueError(
