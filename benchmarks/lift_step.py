@@ -11,7 +11,9 @@ by re-running each part's backward alone on the same inputs (render, decoder con
 `loss.backward()` cannot be timed piecewise. Last, the two stage-1 costs this benchmark found
 avoidable are timed against their replacements, interleaved on the same inputs: the SSIM map's
 forward + backward (torchmetrics vs `fit3d.losses.ssim_map`'s separable form) and the 8 Adam steps
-(unfused vs fused, as `stage1_lift.loop.adam` now builds them).
+(unfused vs fused, as `stage1_lift.loop.adam` now builds them); and the decoder conv + feature L1
+forward + backward in fp32 against bf16 autocast (`lift.precision=bf16`, what `auto` picks on a CPU
+with native bf16).
 
 Stage 2 times one optimizer step at global batch 2: render the targets (rasterise D features of a
 lifted scene), decode them at the token grid (`fit3d.targets.decode_to_tokens`), ViT forward +
@@ -56,7 +58,7 @@ from fit3d.io import write_json  # noqa: E402
 from fit3d.lift.model import activated, init_params, render  # noqa: E402
 from fit3d.losses import masked_l1, ssim_map, upsample  # noqa: E402
 from fit3d.render import rasterization  # noqa: E402
-from fit3d.runs import benchmark_output  # noqa: E402
+from fit3d.runs import autocast, benchmark_output  # noqa: E402
 from fit3d.targets import decode_to_tokens  # noqa: E402
 from stage1_lift.loop import make_optimizers, make_strategy  # noqa: E402
 
@@ -199,7 +201,7 @@ def stage1(size: str, steps: int, threads: int) -> dict[str, object]:
             torch.autograd.grad(s, r)
     table_bwd = split.medians()
 
-    # this branch's two stage-1 changes against what they replaced, interleaved step by step
+    # the stage-1 changes against what they replaced, interleaved step by step
     ref = Clock()
     t = image.permute(2, 0, 1)  # [3, H, W]
     grads = {k: torch.randn_like(v) for k, v in params.items()}
@@ -218,6 +220,12 @@ def stage1(size: str, steps: int, threads: int) -> dict[str, object]:
             r = rgb.detach().permute(2, 0, 1).requires_grad_(True)
             with ref.part(f"SSIM fwd+bwd, {name}"):
                 fn(r, t).mean().backward()
+        f = feat.detach().requires_grad_(True)
+        for name, precision in (("fp32", "fp32"), ("bf16", "bf16")):
+            with ref.part(f"decoder + L1 fwd+bwd, {name}"):
+                with autocast(torch.device("cpu"), precision):
+                    out = decoder(f[None])[0]  # [C, H, W]
+                masked_l1(out, target, None).backward()
         for fused, opts in adams.items():
             for o, g in zip(opts, grads.values(), strict=True):
                 o.param_groups[0]["params"][0].grad = g

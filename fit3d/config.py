@@ -91,6 +91,10 @@ class LiftConfig:
     """Optimisation steps per scene, one view per step."""
     feature_dim: int = 64
     """Low-dimensional feature width D stored per Gaussian."""
+    precision: str = "fp32"
+    """Autocast of the teacher's forward and of the decoder + feature loss: `fp32` (none), `bf16`,
+    `fp16` or `auto` (bf16 where the device has it natively, else fp32). Rendering, the RGB loss
+    and the reported metrics stay fp32."""
     image_scale: float = 1.0
     """Extra image scale for lifting only (x scenes.resolution); the teacher still sees images at
     scenes.resolution, its tokens are upsampled to the lifting size. 1.0 = as FiT3D."""
@@ -177,7 +181,9 @@ class FinetuneConfig:
     strategy: str = "auto"
     """Lightning strategy: `auto`, `ddp`, `ddp_spawn`, ... (several devices: DDP)."""
     precision: str = "32-true"
-    """Lightning precision, e.g. `32-true`, `bf16-mixed`, `16-mixed`."""
+    """Lightning precision, e.g. `32-true`, `bf16-mixed`, `16-mixed`, or `auto`: `bf16-mixed`
+    where the device has bf16 natively (a recent GPU; a CPU with AVX512-BF16 or AMX), else
+    `32-true`."""
     num_workers: int = 0
     """DataLoader workers: they read images and rendered targets (training targets are rendered
     on the training device, in the main process) and render validation items on CPU."""
@@ -243,7 +249,8 @@ class EvalConfig:
     seeds: tuple[int, ...] = (0, 1)
     """Probe training seeds; the report gives the mean and the spread over them."""
     precision: str = "fp32"
-    """Autocast for feature extraction and probe training: `fp32` (none), `bf16` or `fp16`."""
+    """Autocast for feature extraction and probe training: `fp32` (none), `bf16`, `fp16` or
+    `auto` (bf16 where the device has it natively, else fp32)."""
     num_workers: int = 0
     """DataLoader workers reading and augmenting images (protocol=paper) and extracting."""
     extract_batch: int = 8

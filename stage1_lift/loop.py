@@ -29,7 +29,7 @@ from fit3d.io import atomic_path
 from fit3d.lift.model import activated, init_params, initial_points, render, scene_extent
 from fit3d.lift.teacher import teacher_tokens
 from fit3d.losses import feature_cosine, masked_l1, psnr, rgb_loss, upsample
-from fit3d.runs import CHECKPOINT_FILE, provenance
+from fit3d.runs import CHECKPOINT_FILE, autocast, provenance
 from fit3d.scenes import Scene, open_scene
 from fit3d.viz import pca_rgb, to_uint8
 
@@ -367,7 +367,8 @@ def lift_scene(
     scene, views = inp.scene, inp.views
     seed = scene_seed(cfg.run.seed, scene.scene_id)
     t0 = time.perf_counter()
-    teacher = teacher_tokens(backbone, inp.teacher_image, sorted(views.images), device)
+    with autocast(device, cfg.lift.precision):
+        teacher = teacher_tokens(backbone, inp.teacher_image, sorted(views.images), device)
     teacher_seconds = time.perf_counter() - t0
 
     ckpt = out_dir / CHECKPOINT_FILE
@@ -386,6 +387,7 @@ def lift_scene(
         "lift_resolution": scene.resolution,
         **provenance(backbone),
         "feature_dim": cfg.lift.feature_dim,
+        "precision": cfg.lift.precision,
         "sh_degree": cfg.lift.sh_degree,
         "steps": state.step,
         "num_gaussians": len(state.params["means"]),
@@ -437,7 +439,9 @@ def _train(
         )
         strategy.step_pre_backward(state.params, state.optimizers, state.strategy_state, step, info)
         loss_rgb = rgb_loss(rgb, image, mask, c.ssim_weight)
-        loss_feat = masked_l1(state.decoder(feat[None])[0], target, mask)
+        with autocast(device, c.precision):  # the decoder's conv dominates a CPU step
+            decoded = state.decoder(feat[None])[0]  # [C, H, W]
+        loss_feat = masked_l1(decoded, target, mask)  # fp32 (type promotion)
         loss = loss_rgb + c.feature_weight * loss_feat
         if not torch.isfinite(loss):
             bar.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from fit3d.runs import (
     check_settings,
     lift_scene_dir,
     resolve_device,
+    resolve_precision,
     run_dir,
     shard_from_env,
     write_config,
@@ -110,6 +112,9 @@ def run(cfg: Config, on_step: Callable[[int], None] | None = None) -> dict[str, 
     if cfg.lift.split not in SPLITS:
         raise UserError(f"lift.split must be one of {list(SPLITS)}, got '{cfg.lift.split}'")
     device = resolve_device(cfg.run.device)
+    # `auto` -> what this device runs; config.yaml records (and check_settings compares) that
+    precision = resolve_precision(cfg.lift.precision, device)
+    cfg = replace(cfg, lift=replace(cfg.lift, precision=precision))
     root, scene_ids, resolution = resolve_scenes(cfg, cfg.lift.split)
     shard, n_shards = shard_from_env()
     mine = scene_ids[shard::n_shards]

@@ -39,12 +39,13 @@ class FinetuneModule(L.LightningModule):
         weight_decay: float = 1e-4,
         grad_clip: float = 0.1,
         device_batch: int = 0,
+        fused: bool = True,
     ):
         super().__init__()
         self.automatic_optimization = False  # several passes per step, one global normaliser
         self.backbone = backbone.requires_grad_(True).train()
         self.lr, self.weight_decay, self.grad_clip = lr, weight_decay, grad_clip
-        self.device_batch = device_batch
+        self.device_batch, self.fused = device_batch, fused
 
     def forward(self, images: Tensor) -> Tensor:
         """images [B, 3, H, W] in [0, 1] -> tokens [B, C, h, w]."""
@@ -90,9 +91,12 @@ class FinetuneModule(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # after accumulation and (mixed precision) unscaling, before the step
+        # after accumulation and (16-mixed) unscaling, before the step. torch's clip rather than
+        # Lightning's, which refuses any fused optimizer under mixed precision, even bf16's
+        # (no loss scale); with fp16's scaler the optimizer is not fused (configure_optimizers).
         if self.grad_clip > 0:
-            self.clip_gradients(optimizer, self.grad_clip, gradient_clip_algorithm="norm")
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         loss = masked_l1(
@@ -103,5 +107,9 @@ class FinetuneModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         params = [p for p in self.backbone.parameters() if p.requires_grad]
         # fused: one kernel per step over all tensors, the same update to float rounding
-        # (benchmarks/lift_step.py: the optimizer part of a demo step ~5x faster on CPU)
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, fused=True)
+        # (benchmarks/lift_step.py: the optimizer part of a demo step ~5x faster on CPU). Not
+        # under 16-mixed (train.py): a fused step unscales fp16's loss scale inside its kernel,
+        # after the clip in on_before_optimizer_step would have seen scaled gradients.
+        return torch.optim.AdamW(
+            params, lr=self.lr, weight_decay=self.weight_decay, fused=self.fused
+        )

@@ -17,7 +17,7 @@ import netrc
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +35,10 @@ from fit3d.runs import (
     check_settings,
     finetune_checkpoint,
     finetune_target_dir,
+    native_bf16,
     provenance,
     read_meta,
+    resolve_device,
     run_dir,
     write_config,
 )
@@ -185,6 +187,10 @@ def make_trainer(cfg: Config, out: Path, callbacks: list[Callback]) -> L.Trainer
 
 def run(cfg: Config, callbacks: list[Callback] | None = None) -> dict[str, Any]:
     """Fine-tune per `cfg`; returns the meta dict (rank 0) or {} (other DDP ranks)."""
+    if cfg.finetune.precision == "auto":  # what this device runs; config.yaml and meta record it
+        native = native_bf16(resolve_device(cfg.run.device))
+        precision = "bf16-mixed" if native else "32-true"
+        cfg = replace(cfg, finetune=replace(cfg.finetune, precision=precision))
     f = cfg.finetune
     out = run_dir(cfg, "finetune")
     lift = read_lift_run(run_dir(cfg, "lift", f.lift_run))  # fails before the model is built
@@ -217,7 +223,8 @@ def run(cfg: Config, callbacks: list[Callback] | None = None) -> dict[str, Any]:
         target_dir=finetune_target_dir(out),
         val_batch_size=plan.device_batch,
     )
-    module = FinetuneModule(backbone, f.lr, f.weight_decay, f.grad_clip, plan.device_batch)
+    fused = f.precision != "16-mixed"  # fp16's loss scaler unscales inside a fused step
+    module = FinetuneModule(backbone, f.lr, f.weight_decay, f.grad_clip, plan.device_batch, fused)
     if trainer.is_global_zero:
         write_config(cfg, out)
     # mid-epoch resumption is exact (FinetuneDataModule.state_dict), unlike Lightning assumes

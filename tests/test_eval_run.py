@@ -27,6 +27,7 @@ from fit3d.datasets.scenes import ScenesSet
 from fit3d.eval.__main__ import main
 from fit3d.eval.features import MapPlan, extract
 from fit3d.io import write_safetensors
+from fit3d.runs import resolve_precision
 from fit3d.scenes import generate_demo_set
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,6 +78,8 @@ def test_demo_linear_and_dpt_heads_original_and_control(demo_out, capsys):
     assert main([*args, "eval.head=both", "eval.dpt_probes=[normals]"]) == 0
     res = _results(demo_out, "nofit")
     assert res["feature_sets"] == ["original", "control"] and res["protocol"] == "fast"
+    # the demo preset's eval.precision=auto is recorded as what ran on this device
+    assert res["config"]["eval"]["precision"] == resolve_precision("auto", torch.device("cpu"))
     assert any("no fine-tuned backbone" in n for n in res["notes"])
     assert "no fine-tuned backbone" in capsys.readouterr().err
     for key in (

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -159,6 +160,27 @@ def test_run_writes_outputs_loadable_by_timm_and_backbone(fake, tmp_path):
     assert ours(ours.preprocess(x)).shape == (1, 48, *ours.token_grid(H, W))
 
 
+def test_auto_precision_is_bf16_mixed_where_native_and_recorded(fake, monkeypatch):
+    """`finetune.precision=auto`: bf16-mixed on a device with native bf16 (32-true elsewhere),
+    written into config.yaml and meta.json; both train to a finite loss and finite weights."""
+    import stage2_finetune.train as train
+
+    for native, want in ((True, "bf16-mixed"), (False, "32-true")):
+        monkeypatch.setattr(train, "native_bf16", lambda device, v=native: v)
+        name = f"auto_{want}"
+        argv = tiny_argv(
+            fake, f"run.name={name}", "finetune.max_steps=2", "finetune.precision=auto"
+        )
+        assert main(argv) == 0
+        out = fake / "finetune" / name
+        meta = json.loads((out / "meta.json").read_text())
+        assert meta["config"]["finetune"]["precision"] == want and meta["steps"] == 2
+        assert f"precision: {want}" in (out / "config.yaml").read_text()
+        assert math.isfinite(meta["losses"]["train_last_epoch"])
+        weights = Backbone("test_tiny", str(out / "backbone.safetensors")).model.state_dict()
+        assert all(torch.isfinite(v).all() for v in weights.values())
+
+
 def test_resume_from_checkpoint_equals_uninterrupted_run(fake):
     common = ("finetune.epochs=2", "finetune.checkpoint_every=1", "finetune.pca_views=0")
     common += ("finetune.target_window=5",)
@@ -211,7 +233,9 @@ def _record_gradients(monkeypatch) -> list[torch.Tensor]:
     return grads
 
 
-def test_gradient_norm_is_clipped_to_0_1_before_every_step(fake, monkeypatch):
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_gradient_norm_is_clipped_to_0_1_before_every_step(fake, monkeypatch, precision):
+    """Also under bf16-mixed with the fused AdamW (Lightning's own clip refuses that pair)."""
     import lightning as L
 
     raw = []
@@ -221,7 +245,8 @@ def test_gradient_norm_is_clipped_to_0_1_before_every_step(fake, monkeypatch):
             raw.append(_grad_norm(p for g in optimizer.param_groups for p in g["params"]))
 
     grads = _record_gradients(monkeypatch)
-    argv = ("run.name=clip", "finetune.max_steps=3", "finetune.pca_views=0")
+    argv = (f"run.name=clip_{precision}", "finetune.max_steps=3", "finetune.pca_views=0",
+            f"finetune.precision={precision}")  # fmt: skip
     meta = run(load_config([], tiny_argv(fake, *argv)), callbacks=[Raw()])
     assert meta["steps"] == len(grads) == len(raw) == 3
     assert min(raw) > 0.2  # the raw gradient norm is well above the clip

@@ -72,6 +72,24 @@ def test_resolve_device(monkeypatch: pytest.MonkeyPatch):
     assert runs.resolve_device("cuda:1") == torch.device("cuda", 1)
 
 
+def test_resolve_precision_auto_follows_native_bf16(monkeypatch: pytest.MonkeyPatch):
+    cpu = torch.device("cpu")
+    for name in ("fp32", "bf16", "fp16"):
+        assert runs.resolve_precision(name, cpu) == name
+    with pytest.raises(UserError, match="precision must be one of .* got 'half'"):
+        runs.resolve_precision("half", cpu)
+    cases = ((False, False, "fp32"), (True, False, "bf16"), (False, True, "bf16"))
+    for avx512_bf16, amx, want in cases:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert runs.native_bf16(cpu) is (want == "bf16")
+        assert runs.resolve_precision("auto", cpu) == want
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # a torch without the probes
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert runs.resolve_precision("auto", cpu) == "fp32"
+    assert runs.native_bf16(torch.device("meta")) is False
+
+
 def test_output_layout(tmp_path: Path):
     cfg = load_config([], [f"run.out={tmp_path}", "run.name=r1"])
     assert runs.run_dir(cfg, "lift") == tmp_path / "lift" / "r1"

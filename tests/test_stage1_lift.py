@@ -11,9 +11,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import stage1_lift.loop
+from fit3d import runs
 from fit3d.config import load_config
+from fit3d.errors import UserError
 from fit3d.gaussians import load_lifted_scene
 from fit3d.scenes.scannetpp import viewmat_to_nerfstudio
 from stage1_lift.__main__ import main, run
@@ -140,6 +143,24 @@ def test_scannetpp_code_path_smoke(tmp_path):
     before = (run_dir / "s0" / "gaussians.safetensors").stat().st_mtime_ns
     assert main(_argv(root, out)) == 0
     assert (run_dir / "s0" / "gaussians.safetensors").stat().st_mtime_ns == before
+
+
+def test_auto_precision_is_resolved_and_a_bf16_lift_still_learns(tmp_path, monkeypatch):
+    """`lift.precision=auto` on a device with native bf16 runs the teacher and decoder in bf16;
+    config.yaml and meta.json say bf16 and the scene is still learned (same bars as fp32)."""
+    monkeypatch.setattr(runs, "native_bf16", lambda device: True)
+    root = make_root(tmp_path, {"s0": True})
+    out = tmp_path / "out"
+    assert main(_argv(root, out, "lift.precision=auto")) == 0
+    run_dir = out / "lift" / "default"
+    meta = load_lifted_scene(run_dir / "s0").meta
+    assert meta["precision"] == "bf16"
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["lift"]["precision"] == "bf16"
+    assert meta["metrics"]["psnr"] > 14 and meta["metrics"]["feat_cos"] > 0.2
+    # the same run without native bf16 resolves to fp32, which the finished folder refuses
+    monkeypatch.setattr(runs, "native_bf16", lambda device: False)
+    with pytest.raises(UserError, match="different settings \\(lift\\)"):
+        run(_cfg(root, out, "lift.precision=auto"))
 
 
 def _overrides(root: Path, out: Path, *extra: str) -> list[str]:

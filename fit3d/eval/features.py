@@ -15,7 +15,6 @@ Feature sets are channel concatenations of the per-backbone maps (`FEATURE_SETS`
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from fit3d.eval.cache import ViewStore, keys_digest
+from fit3d.runs import autocast
 
 FEATURE_SETS: dict[str, tuple[str, ...]] = {
     "original": ("original",),
@@ -46,14 +46,6 @@ class MapPlan:
     @property
     def names(self) -> list[str]:
         return (["final"] if self.final else []) + [f"block{b}" for b in self.blocks]
-
-
-def autocast(device: torch.device, precision: str):
-    """`torch.autocast` for `eval.precision` (`fp32` = no autocast)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast(device.type, dtype=dtype)
 
 
 @torch.no_grad()

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fit3d.backbones import IMAGENET_MEAN
-from fit3d.eval.features import MapPlan, autocast, extract
+from fit3d.eval.features import MapPlan, extract
+from fit3d.runs import autocast
 
 PAPER_BATCH = 16
 """FiT3D's global batch (2 images x 8 GPUs); iteration counts are given at this batch."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -39,7 +40,6 @@ from fit3d.eval.features import (
     FEATURE_SETS,
     MapPlan,
     SplitFeatures,
-    autocast,
     feature_store,
     fill_features,
     probe_input,
@@ -73,11 +73,14 @@ from fit3d.geometry import relative_rotation, select_pairs
 from fit3d.runs import (
     BACKBONE_FILE,
     META_FILE,
+    PRECISIONS,
+    autocast,
     build_backbone,
     eval_cache_dir,
     provenance,
     read_meta,
     resolve_device,
+    resolve_precision,
     run_dir,
     write_config,
 )
@@ -85,7 +88,6 @@ from fit3d.runs import (
 PROBES = ("seg", "depth", "normals", "corr")
 PROTOCOLS = ("fast", "paper")
 HEADS = ("linear", "dpt", "both")
-PRECISIONS = ("fp32", "bf16", "fp16")
 SELECT = {"seg": ("miou", True), "depth": ("rmse", False), "normals": ("ang_rmse", False)}
 """Metric that picks the learning rate of each task (fast protocol) and its direction."""
 
@@ -549,6 +551,9 @@ def run(cfg: Config) -> dict:
     ec = cfg.eval
     t0, c0 = time.time(), time.process_time()
     device = resolve_device(cfg.run.device)
+    # `auto` -> what this device runs (config.yaml, the cache keys and the report say which)
+    cfg = replace(cfg, eval=replace(ec, precision=resolve_precision(ec.precision, device)))
+    ec = cfg.eval
     torch.manual_seed(cfg.run.seed)
     notes: list[str] = []
 
