@@ -24,6 +24,7 @@ from fit3d.eval.probes import (
     resample,
     sig_loss,
     train_head,
+    unit,
 )
 
 
@@ -71,6 +72,19 @@ def test_angular_nll_hand_computed():
     gt = torch.tensor([[[[0.0, 0.0, 1.0]]]])
     ref = -math.log(5.0) + 2.0 * t + math.log1p(math.exp(-2.0 * math.pi))
     assert float(angular_nll(out, gt)) == pytest.approx(ref, rel=1e-5)
+
+
+def test_unit_is_f_normalize_in_fp32_including_zero_vectors():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, 7, generator=gen, dtype=torch.float64)
+    x[0, :, 1, 2] = 0  # F.normalize leaves a zero vector at zero
+    for dim in (1, -1):
+        for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+            got = unit(x.to(dtype), dim)
+            assert got.dtype == torch.float32
+            want = F.normalize(x.to(dtype).double(), dim=dim).float()
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert unit(x, 1)[0, :, 1, 2].abs().sum() == 0
 
 
 def test_schedules_hand_computed():

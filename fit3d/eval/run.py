@@ -244,7 +244,9 @@ def _score(
     for chunk in D.chunked(positions, batch):
         for pred, y in predict(chunk):
             if task == "seg":
-                conf += confusion_matrix(pred.argmax(1).cpu(), y, num_classes)
+                # class last: a CPU argmax over dim 1 of [B, K, H, W] took 3x as long
+                labels = pred.permute(0, 2, 3, 1).contiguous().argmax(-1)  # [B, H, W]
+                conf += confusion_matrix(labels.cpu(), y, num_classes)
             elif task == "depth":
                 per_image += depth_per_image(pred.float().cpu(), y.float())
             else:
@@ -418,6 +420,7 @@ def _run_task(task: str, head: str, sets: list[str], ctx: Context) -> tuple[dict
     metrics, lrs = {}, {}
     key, higher = SELECT[task]
     for s in sets:
+        t0 = time.perf_counter()
         parts = FEATURE_SETS[s]
         if paper_linear:
             lrs[s] = 1e-3 if task == "seg" else 1e-4
@@ -442,7 +445,8 @@ def _run_task(task: str, head: str, sets: list[str], ctx: Context) -> tuple[dict
             for k, v in m.items():
                 per_seed.setdefault(f"eval/{name}/{k}", []).append(v)
         metrics[s] = {k: summarize(v) for k, v in per_seed.items()}
-        print(f"  {name:11s} {s:11s} lr {lrs[s]:g}: " + _short(metrics[s]), flush=True)
+        took = f" ({time.perf_counter() - t0:.0f} s)"
+        print(f"  {name:11s} {s:11s} lr {lrs[s]:g}: " + _short(metrics[s]) + took, flush=True)
     return metrics, lrs
 
 
@@ -604,7 +608,8 @@ def run(cfg: Config) -> dict:
         ctx.feats[split.role] = SplitFeatures(stores, plan)
     print(
         f"eval ({ec.protocol} protocol, {name}): {len(train) if train else 0} train views, "
-        f"{len(test)} test views, sets {sets}, device {device}",
+        f"{len(test)} test views, sets {sets}, device {device}, precision {ec.precision}; "
+        f"labels and features ready after {time.time() - t0:.0f} s",
         flush=True,
     )
 
