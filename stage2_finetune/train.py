@@ -35,10 +35,10 @@ from fit3d.runs import (
     check_settings,
     finetune_checkpoint,
     finetune_target_dir,
-    native_bf16,
     provenance,
     read_meta,
     resolve_device,
+    resolve_precision,
     run_dir,
     write_config,
 )
@@ -188,8 +188,8 @@ def make_trainer(cfg: Config, out: Path, callbacks: list[Callback]) -> L.Trainer
 def run(cfg: Config, callbacks: list[Callback] | None = None) -> dict[str, Any]:
     """Fine-tune per `cfg`; returns the meta dict (rank 0) or {} (other DDP ranks)."""
     if cfg.finetune.precision == "auto":  # what this device runs; config.yaml and meta record it
-        native = native_bf16(resolve_device(cfg.run.device))
-        precision = "bf16-mixed" if native else "32-true"
+        resolved = resolve_precision("auto", resolve_device(cfg.run.device))
+        precision = {"bf16": "bf16-mixed", "fp32": "32-true"}[resolved]
         cfg = replace(cfg, finetune=replace(cfg.finetune, precision=precision))
     f = cfg.finetune
     out = run_dir(cfg, "finetune")

@@ -163,10 +163,10 @@ def test_run_writes_outputs_loadable_by_timm_and_backbone(fake, tmp_path):
 def test_auto_precision_is_bf16_mixed_where_native_and_recorded(fake, monkeypatch):
     """`finetune.precision=auto`: bf16-mixed on a device with native bf16 (32-true elsewhere),
     written into config.yaml and meta.json; both train to a finite loss and finite weights."""
-    import stage2_finetune.train as train
+    from fit3d import runs
 
     for native, want in ((True, "bf16-mixed"), (False, "32-true")):
-        monkeypatch.setattr(train, "native_bf16", lambda device, v=native: v)
+        monkeypatch.setattr(runs, "native_bf16", lambda device, v=native: v)
         name = f"auto_{want}"
         argv = tiny_argv(
             fake, f"run.name={name}", "finetune.max_steps=2", "finetune.precision=auto"

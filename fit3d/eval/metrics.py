@@ -109,10 +109,16 @@ def angular_error(pred: Tensor, gt: Tensor) -> Tensor:
 NORMAL_KEYS = ("within_11", "within_22", "within_30", "ang_rmse")
 
 
+def has_normal(gt: Tensor) -> Tensor:
+    """[..., 3] ground-truth normals (0 = invalid) -> [...] bool: |gt| > 0.5, in fp32 (a CPU norm
+    of fp16 maps is slow)."""
+    return gt.float().square().sum(-1) > 0.25
+
+
 def normal_per_image(pred: Tensor, gt: Tensor, valid: Tensor | None = None) -> list[dict]:
     """% of pixels within 11.25/22.5/30 deg and angular RMSE (deg) of each image with a valid
     pixel. pred, gt: [B, H, W, 3] (gt unit vectors, 0 = invalid); valid: [B, H, W] bool."""
-    has = gt.float().square().sum(-1) > 0.25  # |gt| > 0.5
+    has = has_normal(gt)
     valid = has if valid is None else valid & has
     out = []
     for p, g, m in zip(pred, gt, valid, strict=True):

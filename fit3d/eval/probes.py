@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from fit3d.eval.metrics import IGNORE_INDEX
+from fit3d.eval.metrics import IGNORE_INDEX, has_normal
 
 EPS = 1e-3
 """Added inside the logarithms of SigLoss and the gradient loss (DINOv2 toolbox, Probe3D)."""
@@ -288,7 +288,7 @@ def angular_nll(out: Tensor, gt: Tensor, eps: float = 1e-4) -> Tensor:
     out: [B, H, W, 4] (unit normal, kappa); gt: [B, H, W, 3] (0 = invalid). Per pixel:
     -log(kappa^2 + 1) + kappa * angle + log(1 + exp(-kappa * pi)).
     """
-    m = gt.float().square().sum(-1) > 0.25  # |gt| > 0.5 (fp32: fp16 norms are slow on a CPU)
+    m = has_normal(gt)  # [B, H, W]
     normal, kappa = out[m][:, :3], out[m][:, 3]
     if kappa.numel() == 0:
         return out.sum() * 0
