@@ -7,11 +7,27 @@ px, mean ~6; opacity 0.1-0.9; depth 2-6 m), on --threads threads. Every measurem
 fresh subprocess so peak RSS is its own; with --rounds R ours and the baseline alternate R times
 per case and each keeps its best, so a busy machine slows both alike. Ours runs under the default
 allocator; the baseline gets its best (tcmalloc through LD_PRELOAD when installed, else large glibc
-mmap/trim thresholds). The "before" column is fit3d's figure before issue 13 (idle 2-core
-machine, one core used) and "x faster" our speedup over it; the load average is printed before
-and after, since only the side-by-side ratio is meaningful on a shared machine.
+mmap/trim thresholds).
 
-    python benchmarks/raster.py [--repeats 3] [--rounds 1] [--baseline PATH] [--cases ...]
+The "before" column is measured in the same run, not quoted: `--before REV` (default a71b1ac)
+exports that revision's `fit3d` package with `git archive REV fit3d | tar -x` into
+outputs/bench/before-<sha>/ (kept and reused), and the same worker times it in a fresh subprocess
+with that folder first on sys.path (the worker checks that `fit3d.render` was imported from there
+and records the file). a71b1ac is the last commit that changed fit3d/render before issue 13's speed
+work (5276587 onward; the renderer is identical through its parent 03413eb). The old code JIT-builds
+its own C++ extension (another name, cached under ~/.cache/torch_extensions; 1-2 min the first
+time, inside the untimed warm-up). It runs under the baseline's allocator (it gained from a tuned
+malloc, so that is the conservative choice) and alternates with ours and the baseline in every
+round. "x faster" = before / ours. Without git or the revision (a tarball install) one line says
+so and the column is left out; `--before ''` leaves it out too. The load average is printed before
+and after, since only side-by-side ratios are meaningful on a shared machine.
+
+Figures the issue quoted for the code before it (another machine: idle 2 cores, one core used; a
+reference only, not comparable across machines): 10k 256x192 C=3 0.024 s, 50k 512x384 C=3 0.283 s,
+100k 512x384 C=3 0.542 s, 100k 512x384 C=64 0.916 s per view.
+
+    python benchmarks/raster.py [--repeats 3] [--rounds 1] [--baseline PATH] [--before REV]
+                                [--cases ...]
 
 Prints a table and writes outputs/bench/raster.json.
 """
@@ -22,6 +38,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -29,14 +46,16 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fit3d.runs import benchmark_output  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
+# fit3d is imported lazily (not at module level): a "before" worker puts the old package ahead of
+# this one on sys.path first
+sys.path.insert(0, str(ROOT))
 CASES = [(10_000, 256, 192), (50_000, 512, 384), (100_000, 512, 384)]
 CHANNELS = [3, 64]
-# fit3d's fwd+bwd seconds per view before issue 13 (idle 2-core machine, best of 3)
-BEFORE = {
+DEFAULT_BEFORE = "a71b1ac"  # last change to fit3d/render before issue 13's speed work
+# fwd+bwd seconds per view the issue quoted for the code before it (another machine: idle 2 cores,
+# one core used, best of 3); printed as a reference only, never a ratio's denominator
+ISSUE_FIGURES = {
     (10_000, 256, 192, 3): 0.024,
     (50_000, 512, 384, 3): 0.283,
     (100_000, 512, 384, 3): 0.542,
@@ -88,10 +107,8 @@ def _pairs(scene: dict) -> int:
     return int((w * h).sum())
 
 
-def _step_ours(scene: dict, params: list[torch.Tensor], grad_out: torch.Tensor) -> None:
-    from fit3d.render import rasterization
-
-    img, alpha, _ = rasterization(
+def _step_ours(render, scene: dict, params: list[torch.Tensor], grad_out: torch.Tensor) -> None:
+    img, alpha, _ = render.rasterization(
         *params, scene["viewmat"][None], scene["K"][None], scene["width"], scene["height"]
     )
     torch.autograd.backward([img, alpha], [grad_out[None], torch.ones_like(alpha)])
@@ -102,6 +119,18 @@ def _step_baseline(module, scene: dict, params: list[torch.Tensor], grad_out: to
         *params, scene["viewmat"], scene["K"], scene["width"], scene["height"]
     )
     torch.autograd.backward([img, alpha], [grad_out, torch.ones_like(alpha)])
+
+
+def _import_render(args: argparse.Namespace):
+    """fit3d.render for this worker: the old package for "before" (checked), else this checkout."""
+    if args.worker == "before":
+        sys.path.insert(0, str(args.before_dir))
+    import fit3d.render
+
+    where = Path(fit3d.render.__file__).resolve()
+    if args.worker == "before" and not where.is_relative_to(args.before_dir.resolve()):
+        raise RuntimeError(f"fit3d.render imported from {where}, not from {args.before_dir}")
+    return fit3d.render, str(where)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -115,8 +144,10 @@ def worker(args: argparse.Namespace) -> None:
     grad_out = torch.randn(
         args.height, args.width, args.channels, generator=torch.Generator().manual_seed(1)
     )
-    if args.worker == "ours":
-        step = lambda: _step_ours(scene, params, grad_out)  # noqa: E731
+    extra = {}
+    if args.worker in ("ours", "before"):
+        render, extra["module_file"] = _import_render(args)
+        step = lambda: _step_ours(render, scene, params, grad_out)  # noqa: E731
     else:
         import importlib.util
 
@@ -124,7 +155,10 @@ def worker(args: argparse.Namespace) -> None:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         step = lambda: _step_baseline(module, scene, params, grad_out)  # noqa: E731
-    step()  # warm-up (and, for ours, the one-time C++ build/load)
+    step()  # warm-up (and, for ours and before, the one-time C++ build/load)
+    if args.worker in ("ours", "before"):  # a failed build falls back to pure torch: say so
+        ext = getattr(sys.modules.get("fit3d.render._cpp"), "_extension", None)
+        extra["cpp"] = ext is not None and ext() is not None
     times, cpu = [], []
     for _ in range(args.repeats):
         for p in params:
@@ -142,15 +176,47 @@ def worker(args: argparse.Namespace) -> None:
                 "cpu_per_wall": cpu[best] / times[best],
                 "all_seconds": times,
                 "peak_rss_mb": peak_mb,
+                **extra,
             }
         )
     )
 
 
+def export_before(rev: str, cache: Path) -> tuple[Path, str] | str:
+    """`fit3d` of git revision `rev` under cache/before-<sha>/ (exported once, then reused) and
+    its commit; or the reason it is unavailable."""
+    if not shutil.which("git"):
+        return "git not found"
+    res = subprocess.run(
+        ["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    if res.returncode != 0:
+        why = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "unknown revision"
+        return f"revision {rev!r} not available ({why})"
+    sha = res.stdout.strip()
+    target = cache / f"before-{sha[:7]}"
+    if (target / "fit3d" / "render" / "__init__.py").exists():
+        return target, sha
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / f".before-{sha[:7]}.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    archive = subprocess.Popen(["git", "archive", sha, "fit3d"], cwd=ROOT, stdout=subprocess.PIPE)
+    untar = subprocess.run(["tar", "-x", "-C", str(tmp)], stdin=archive.stdout, capture_output=True)
+    archive.stdout.close()
+    if archive.wait() != 0 or untar.returncode != 0 or not (tmp / "fit3d" / "render").is_dir():
+        shutil.rmtree(tmp, ignore_errors=True)
+        return f"could not export fit3d at {rev} with git archive"
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target, sha
+
+
 def _run(renderer: str, n: int, w: int, h: int, c: int, args: argparse.Namespace) -> dict:
     env = dict(os.environ)
     allocator = "default"
-    if renderer == "baseline":
+    if renderer in ("baseline", "before"):
         if TCMALLOC.exists():
             env["LD_PRELOAD"] = str(TCMALLOC)
             allocator = "tcmalloc"
@@ -162,6 +228,8 @@ def _run(renderer: str, n: int, w: int, h: int, c: int, args: argparse.Namespace
         "--height", str(h), "--channels", str(c), "--repeats", str(args.repeats),
         "--threads", str(args.threads), "--baseline", str(args.baseline),
     ]  # fmt: skip
+    if renderer == "before":
+        cmd += ["--before-dir", str(args.before_dir)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     if res.returncode != 0:
         return {
@@ -182,14 +250,20 @@ def _best(results: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=1, help="alternate ours/baseline this often")
+    ap.add_argument("--rounds", type=int, default=1, help="alternate the renderers this often")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
         "--baseline", type=Path, default=ROOT.parent / "shared/baselines/raster_baseline.py"
     )
-    ap.add_argument("--out", type=Path, default=ROOT / benchmark_output("raster"))
+    ap.add_argument(
+        "--before",
+        default=DEFAULT_BEFORE,
+        help="git revision timed side by side as 'before' ('' leaves the column out)",
+    )
+    ap.add_argument("--out", type=Path, help="default outputs/bench/raster.json")
     ap.add_argument("--cases", default="all", help="'all' or e.g. '100000x512x384x64'")
-    ap.add_argument("--worker", choices=["ours", "baseline"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["ours", "baseline", "before"], help=argparse.SUPPRESS)
+    ap.add_argument("--before-dir", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--width", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--height", type=int, help=argparse.SUPPRESS)
@@ -198,10 +272,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker(args)
         return 0
+    from fit3d.runs import benchmark_output
+
+    if args.out is None:
+        args.out = ROOT / benchmark_output("raster")
     cases = [(n, w, h, c) for n, w, h in CASES for c in CHANNELS]
     if args.cases != "all":
         cases = [tuple(int(v) for v in s.split("x")) for s in args.cases.split(",")]
     has_baseline = args.baseline.exists()
+    before_sha = None
+    if args.before:
+        got = export_before(args.before, args.out.parent)
+        if isinstance(got, str):
+            print(f"before: {got}; the before column is left out")
+        else:
+            args.before_dir, before_sha = got
+            print(f"before: fit3d at {args.before} ({before_sha[:10]}) from {args.before_dir}")
+    has_before = before_sha is not None
     load_before = os.getloadavg()
     print(
         f"{args.threads} threads, {os.cpu_count()} CPUs; load average before: "
@@ -209,19 +296,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows = []
     side = f"{'s/view':>8} {'Mpairs/s':>8} {'RSS MB':>6}"
-    header = (
-        f"{'case':>20} | ours: {side} {'CPU/wall':>8} | baseline: {side} | ours/base"
-        f" | {'before':>6} {'x faster':>8}"
-    )
+    header = f"{'case':>20} | ours: {side}"
+    if has_before:
+        header += f" | before: {'s/view':>8} {'RSS MB':>6} {'x faster':>8}"
+    header += f" | baseline: {side} | ours/base | CPU/wall"
     print(header)
     print("-" * len(header))
+    names = ["ours"] + ["before"] * has_before + ["baseline"] * has_baseline
+    shown_file = False
     for n, w, h, c in cases:
         pairs = _pairs(make_scene(n, w, h, 1))
-        runs = {"ours": [], "baseline": []}
-        for _ in range(args.rounds):  # alternate, so load changes hit both alike
-            runs["ours"].append(_run("ours", n, w, h, c, args))
-            if has_baseline:
-                runs["baseline"].append(_run("baseline", n, w, h, c, args))
+        runs = {name: [] for name in names}
+        for _ in range(args.rounds):  # alternate, so load changes hit all alike
+            for name in names:
+                runs[name].append(_run(name, n, w, h, c, args))
         ours = _best(runs["ours"])
         base = _best(runs["baseline"]) if has_baseline else {"error": "baseline not found"}
         row = {
@@ -233,15 +321,17 @@ def main(argv: list[str] | None = None) -> int:
             "ours": ours,
             "baseline": base,
         }
-        for sd in (ours, base):
+        sides = [ours, base]
+        if has_before:
+            before = row["before"] = _best(runs["before"])
+            sides.append(before)
+        for sd in sides:
             if "seconds" in sd:
                 sd["mpairs_per_s"] = pairs / sd["seconds"] / 1e6
         if "seconds" in ours and "seconds" in base:
             row["ratio"] = ours["seconds"] / base["seconds"]
-        before = BEFORE.get((n, w, h, c))
-        if before is not None and "seconds" in ours:
-            row["before_seconds"] = before
-            row["speedup_vs_before"] = before / ours["seconds"]
+        if has_before and "seconds" in ours and "seconds" in before:
+            row["speedup_vs_before"] = before["seconds"] / ours["seconds"]
         rows.append(row)
 
         def cell(sd: dict) -> str:
@@ -249,18 +339,32 @@ def main(argv: list[str] | None = None) -> int:
                 return f"{sd.get('error', '-')[:24]:>24}"
             return f"{sd['seconds']:8.3f} {sd['mpairs_per_s']:8.1f} {sd['peak_rss_mb']:6.0f}"
 
-        cpw = f"{ours['cpu_per_wall']:8.2f}" if "cpu_per_wall" in ours else f"{'-':>8}"
+        line = f"{f'{n // 1000}k {w}x{h} C={c}':>20} |       {cell(ours)}"
+        if has_before:
+            if "seconds" in before:
+                line += f" |         {before['seconds']:8.3f} {before['peak_rss_mb']:6.0f}"
+                line += f" {row['speedup_vs_before']:7.1f}x"
+            else:
+                line += f" |         {before.get('error', '-')[:24]:>24}"
         ratio = f"{row['ratio']:8.2f}x" if "ratio" in row else f"{'-':>9}"
-        vs = (
-            f"{before:6.3f} {row['speedup_vs_before']:7.1f}x"
-            if "speedup_vs_before" in row
-            else f"{'-':>6} {'-':>8}"
-        )
-        case = f"{n // 1000}k {w}x{h} C={c}"
-        print(f"{case:>20} |       {cell(ours)} {cpw} |           {cell(base)} | {ratio} | {vs}",
-              flush=True)  # fmt: skip
+        cpw = f"{ours['cpu_per_wall']:8.2f}" if "cpu_per_wall" in ours else f"{'-':>8}"
+        print(f"{line} |           {cell(base)} | {ratio} | {cpw}", flush=True)
+        if has_before and "module_file" in before and not shown_file:
+            print(f"{'':>20}   (before imported fit3d.render from {before['module_file']})")
+            shown_file = True
+        for name, sd in (("ours", ours), ("before", row.get("before", {}))):
+            if sd.get("cpp") is False:
+                print(f"{'':>20}   ({name} ran without its C++ kernels: pure torch, build failed?)")
     load_after = os.getloadavg()
     print("load average after: " + " ".join(f"{v:.2f}" for v in load_after))
+    print(
+        "figures the issue quoted for the code before it (another machine, idle, one core; "
+        "reference only): "
+        + ", ".join(
+            f"{n // 1000}k {w}x{h} C={c} {s:.3f}" for (n, w, h, c), s in ISSUE_FIGURES.items()
+        )
+        + " s/view"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "threads": args.threads,
@@ -270,6 +374,13 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(),
         "load_before": load_before,
         "load_after": load_after,
+        "before_rev": args.before or None,
+        "before_commit": before_sha,
+        "before_dir": str(args.before_dir) if has_before else None,
+        "issue_quoted_before_seconds": [
+            {"n": n, "width": w, "height": h, "channels": c, "seconds": s}
+            for (n, w, h, c), s in ISSUE_FIGURES.items()
+        ],
     }
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"wrote {args.out}")
