@@ -112,6 +112,10 @@ class LiftConfig:
     """RGB loss = (1 - w) * L1 + w * (1 - SSIM), SSIM 11x11 Gaussian window, sigma 1.5."""
     feature_weight: float = 1.0
     """Weight of L1(decoder(rendered features), upsampled teacher)."""
+    feature_pixels: float = 1.0
+    """Fraction of a view's pixels where each step evaluates the feature loss (a fresh uniform
+    draw per step; the decoder's conv runs there only). 1.0 = every pixel, as FiT3D; below 1 the
+    loss is an unbiased estimate of the full one at that fraction of the decoder's cost."""
     lr_means: float = 1.6e-4
     """Initial means learning rate, multiplied by the scene extent."""
     lr_means_final: float = 1.6e-6

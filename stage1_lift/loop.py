@@ -23,10 +23,19 @@ from gsplat.strategy.ops import reset_opa
 from tqdm import tqdm
 
 from fit3d.backbones import Backbone
-from fit3d.config import Config
+from fit3d.config import Config, LiftConfig
 from fit3d.gaussians import make_decoder, save_lifted_scene
 from fit3d.io import atomic_path
-from fit3d.lift.model import activated, init_params, initial_points, render, scene_extent
+from fit3d.lift.model import (
+    activated,
+    decode_at,
+    feature_pixels,
+    init_params,
+    initial_points,
+    render,
+    scene_extent,
+    upsample_at,
+)
 from fit3d.lift.teacher import teacher_tokens
 from fit3d.losses import feature_cosine, masked_l1, psnr, rgb_loss, upsample
 from fit3d.runs import CHECKPOINT_FILE, autocast, provenance
@@ -292,6 +301,34 @@ def _target(views: Views, teacher: dict[int, torch.Tensor], i: int, device):
     )
 
 
+def _feature_loss(
+    state: SceneState,
+    feat: torch.Tensor,
+    tokens: torch.Tensor,
+    mask: torch.Tensor | None,
+    step: int,
+    seed: int,
+    c: LiftConfig,
+) -> torch.Tensor:
+    """Masked L1 between the decoded rendered features [D, H, W] and the teacher's tokens
+    [C, h, w] upsampled to H x W, at every pixel or at `lift.feature_pixels` of them (drawn per
+    step from (seed, step), so a resumed run draws the same)."""
+    _, h, w = feat.shape
+    pixels = feature_pixels(h, w, c.feature_pixels, seed * 7919 + step)
+    with autocast(feat.device, c.precision):  # the decoder's conv dominates a CPU step
+        if pixels is None:
+            decoded = state.decoder(feat[None])[0]  # [C, H, W]
+        else:
+            pixels = pixels.to(feat.device)
+            decoded = decode_at(feat, state.decoder.weight, pixels)[:, None]  # [C, 1, P]
+    if pixels is None:
+        target = upsample(tokens.to(feat.device), h, w)  # [C, H, W]
+    else:
+        target = upsample_at(tokens.to(feat.device), h, w, pixels)[:, None]  # [C, 1, P]
+        mask = None if mask is None else mask.flatten()[pixels][None]  # [1, P]
+    return masked_l1(decoded, target, mask)  # fp32 (type promotion)
+
+
 @torch.no_grad()
 def evaluate(state: SceneState, views: Views, teacher, cfg: Config, device) -> dict[str, Any]:
     """Held-out metrics on the test views: RGB PSNR, decoded-feature L1 and cosine (means)."""
@@ -426,7 +463,8 @@ def _train(
     for step in range(state.step, c.steps):
         i = view_for_step(step, views.train, seed)
         w, h = views.sizes[i]
-        image, mask, target = _target(views, teacher, i, device)
+        image, mask = views.image(i).to(device), views.masks[i]
+        mask = None if mask is None else mask.to(device)
         degree = min(step // max(c.sh_degree_interval, 1), c.sh_degree)
         rgb, feat, _, info = render(
             state.params,
@@ -439,9 +477,7 @@ def _train(
         )
         strategy.step_pre_backward(state.params, state.optimizers, state.strategy_state, step, info)
         loss_rgb = rgb_loss(rgb, image, mask, c.ssim_weight)
-        with autocast(device, c.precision):  # the decoder's conv dominates a CPU step
-            decoded = state.decoder(feat[None])[0]  # [C, H, W]
-        loss_feat = masked_l1(decoded, target, mask)  # fp32 (type promotion)
+        loss_feat = _feature_loss(state, feat, teacher[i], mask, step, seed, c)
         loss = loss_rgb + c.feature_weight * loss_feat
         if not torch.isfinite(loss):
             bar.close()

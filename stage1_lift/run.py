@@ -111,6 +111,8 @@ def run(cfg: Config, on_step: Callable[[int], None] | None = None) -> dict[str, 
     """
     if cfg.lift.split not in SPLITS:
         raise UserError(f"lift.split must be one of {list(SPLITS)}, got '{cfg.lift.split}'")
+    if not 0.0 < cfg.lift.feature_pixels <= 1.0:
+        raise UserError(f"lift.feature_pixels must be in (0, 1], got {cfg.lift.feature_pixels}")
     device = resolve_device(cfg.run.device)
     # `auto` -> what this device runs; config.yaml records (and check_settings compares) that
     precision = resolve_precision(cfg.lift.precision, device)

@@ -10,14 +10,17 @@ import torch
 
 from fit3d.lift.model import (
     activated,
+    decode_at,
+    feature_pixels,
     frustum_points,
     init_params,
     initial_points,
     knn_log_scales,
     render,
     scene_extent,
+    upsample_at,
 )
-from fit3d.losses import masked_l1, rgb_loss
+from fit3d.losses import masked_l1, rgb_loss, upsample
 
 
 def _look(centre: list[float]) -> torch.Tensor:
@@ -173,3 +176,40 @@ def test_feature_loss_puts_zero_gradient_on_geometry(backend):
     for k in geometry:
         assert params[k].grad.abs().sum() > 0, k
     assert params["features"].grad is None or torch.count_nonzero(params["features"].grad) == 0
+
+
+def test_feature_pixels_are_a_reproducible_uniform_subset():
+    assert feature_pixels(7, 9, 1.0, seed=3) is None  # every pixel
+    a, b = feature_pixels(20, 30, 0.25, seed=3), feature_pixels(20, 30, 0.25, seed=3)
+    assert torch.equal(a, b) and len(a) == 150 and len(a.unique()) == 150
+    assert (a[1:] > a[:-1]).all() and 0 <= int(a.min()) and int(a.max()) < 600
+    assert not torch.equal(a, feature_pixels(20, 30, 0.25, seed=4))
+    # uniform: over many draws every pixel is picked about `fraction` of the time
+    hits = torch.zeros(600)
+    for seed in range(400):
+        hits[feature_pixels(20, 30, 0.25, seed)] += 1
+    assert (
+        abs(float(hits.mean()) - 100.0) < 1e-9 and 60 < float(hits.min()) <= float(hits.max()) < 140
+    )
+
+
+def test_decode_at_is_the_decoder_conv_at_those_pixels_values_and_gradients():
+    g = torch.Generator().manual_seed(0)
+    feat = torch.randn(5, 6, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(7, 5, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    pixels = torch.tensor([0, 7, 8, 20, 40, 47])  # corners and borders (zero padding) + inside
+    full = torch.nn.functional.conv2d(feat[None], weight, padding=1)[0].flatten(1)  # [7, 48]
+    picked = decode_at(feat, weight, pixels)  # [7, 6]
+    assert torch.allclose(picked, full[:, pixels], atol=1e-12)
+    up = torch.randn(7, 6, dtype=torch.float64, generator=g)
+    grads = torch.autograd.grad((picked * up).sum(), [feat, weight])
+    refs = torch.autograd.grad((full[:, pixels] * up).sum(), [feat, weight])
+    for got, ref in zip(grads, refs, strict=True):
+        assert torch.allclose(got, ref, atol=1e-12)
+
+
+def test_upsample_at_is_the_bilinear_upsample_at_those_pixels():
+    tokens = torch.randn(4, 3, 5, generator=torch.Generator().manual_seed(1))
+    pixels = torch.arange(0, 11 * 17, 5)
+    full = upsample(tokens, 11, 17).flatten(1)  # [4, 187]
+    assert torch.allclose(upsample_at(tokens, 11, 17, pixels), full[:, pixels], atol=1e-6)

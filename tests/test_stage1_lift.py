@@ -163,6 +163,19 @@ def test_auto_precision_is_resolved_and_a_bf16_lift_still_learns(tmp_path, monke
         run(_cfg(root, out, "lift.precision=auto"))
 
 
+def test_feature_loss_on_a_quarter_of_the_pixels_still_learns(tmp_path):
+    """`lift.feature_pixels=0.25` (the decoder at a quarter of the pixels per step) meets the
+    same bars as the full loss; a fraction outside (0, 1] stops before any work."""
+    root = make_root(tmp_path, {"s0": True})
+    out = tmp_path / "out"
+    assert main(_argv(root, out, "lift.feature_pixels=0.25")) == 0
+    meta = load_lifted_scene(out / "lift" / "default" / "s0").meta
+    assert meta["metrics"]["psnr"] > 14 and meta["metrics"]["feat_cos"] > 0.2
+    with pytest.raises(UserError, match="lift.feature_pixels must be in"):
+        run(_cfg(root, tmp_path / "bad", "lift.feature_pixels=0"))
+    assert not (tmp_path / "bad").exists()
+
+
 def _overrides(root: Path, out: Path, *extra: str) -> list[str]:
     """Tiny-scene settings on top of the ScanNet++ preset (short schedule, higher lrs)."""
     return [
@@ -200,9 +213,12 @@ class _Kill(Exception):
     pass
 
 
-def test_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("fraction", [1.0, 0.3])
+def test_resume_equals_uninterrupted(tmp_path, fraction):
+    """Also with the feature loss on a per-step draw of pixels (drawn from the step, not from a
+    generator's state, so the resumed run draws the same)."""
     root = make_root(tmp_path, {"s0": True})
-    argv = ["lift.steps=24", "lift.refine_stop=20"]
+    argv = ["lift.steps=24", "lift.refine_stop=20", f"lift.feature_pixels={fraction}"]
     cfg_a = _cfg(root, tmp_path / "a", *argv)
     cfg_b = _cfg(root, tmp_path / "b", *argv)
     run(cfg_a)

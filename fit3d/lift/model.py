@@ -17,6 +17,7 @@ from scipy.spatial import cKDTree
 
 from fit3d.geometry import camera_centres
 from fit3d.render import rasterization, spherical_harmonics
+from fit3d.targets import resample_taps
 
 SH_C0 = 0.28209479177387814
 """Zeroth-order real SH basis constant: colour = SH_C0 * dc + 0.5."""
@@ -176,3 +177,49 @@ def render(
         geometry_grad_channels=3,
     )
     return out[0, ..., :3], out[0, ..., 3:].permute(2, 0, 1), alpha[0], info
+
+
+def feature_pixels(height: int, width: int, fraction: float, seed: int) -> torch.Tensor | None:
+    """The pixels (flat indices [P], sorted) where one step's feature loss is evaluated:
+    `round(fraction x H x W)` distinct pixels drawn uniformly with `seed`; None when fraction >= 1
+    (every pixel). Stateless, so a resumed run draws the same pixels."""
+    if fraction >= 1.0:
+        return None
+    n = height * width
+    gen = torch.Generator().manual_seed(seed)
+    count = max(1, round(fraction * n))
+    return torch.randperm(n, generator=gen)[:count].sort().values
+
+
+def decode_at(feat: torch.Tensor, weight: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    """The decoder `Conv2d(D, C, 3, padding=1, bias=False)` evaluated at some pixels only:
+    exactly `conv2d(feat[None], weight, padding=1)[0].flatten(1)[:, pixels]`.
+
+    feat: [D, H, W]; weight: [C, D, 3, 3]; pixels: [P] flat indices (y * W + x). Returns [C, P].
+    """
+    d, h, w = feat.shape
+    padded = torch.nn.functional.pad(feat, (1, 1, 1, 1)).reshape(d, -1)  # [D, (H+2)(W+2)]
+    y, x = pixels.div(w, rounding_mode="floor"), pixels.remainder(w)
+    corner = y * (w + 2) + x  # [P] the 3x3 window's top-left in padded coordinates
+    taps = torch.tensor([u * (w + 2) + v for u in range(3) for v in range(3)], device=feat.device)
+    cols = padded[:, corner[None, :] + taps[:, None]]  # [D, 9, P], tap k = 3u + v
+    return weight.reshape(weight.shape[0], -1) @ cols.reshape(d * 9, -1)  # [C, P]
+
+
+def upsample_at(
+    tokens: torch.Tensor, height: int, width: int, pixels: torch.Tensor
+) -> torch.Tensor:
+    """`fit3d.losses.upsample(tokens, height, width)` (bilinear, align_corners=False) at some
+    pixels only. tokens: [C, h, w]; pixels: [P] flat indices. Returns [C, P] float32."""
+    _, h, w = tokens.shape
+    iy, wy = resample_taps(h, height)  # [H, 2]
+    ix, wx = resample_taps(w, width)  # [W, 2]
+    y, x = pixels.div(width, rounding_mode="floor").cpu(), pixels.remainder(width).cpu()
+    flat = tokens.float().reshape(tokens.shape[0], -1)  # [C, h * w]
+    out = torch.zeros(tokens.shape[0], len(pixels), device=tokens.device)
+    for a in range(2):
+        for b in range(2):
+            src = (iy[y, a] * w + ix[x, b]).to(tokens.device)  # [P]
+            wt = (wy[y, a] * wx[x, b]).to(tokens.device)  # [P]
+            out += flat[:, src] * wt
+    return out
