@@ -244,6 +244,7 @@ class TargetStore:
             self.folder.mkdir(parents=True)
         self.rendered = 0
         self._files: list[Path] = []
+        self._last: dict[int, int] = {}  # pair -> byte offset in the last file
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.folder), True)
 
     @property
@@ -255,8 +256,12 @@ class TargetStore:
 
         Each scene among them is loaded once, the one already in memory first. Returns the file
         and every pair's byte offset in it. Files from before the previous call are deleted
-        (loader workers may still read the previous one).
+        (loader workers may still read the previous one). When the last file already holds every
+        one of `pairs` (a window that spans the whole train set: every epoch renders the same
+        views), it is returned again and nothing is rendered.
         """
+        if self._files and all(p in self._last for p in pairs):
+            return str(self._files[-1]), [self._last[p] for p in pairs]
         by_scene: dict[int, list[int]] = {}
         for j, p in enumerate(pairs):
             by_scene.setdefault(self.dataset.pairs[p][0], []).append(j)
@@ -279,6 +284,7 @@ class TargetStore:
         for old in self._files[:-1]:
             old.unlink(missing_ok=True)
         self._files = [*self._files[-1:], file]
+        self._last = dict(zip(pairs, offsets, strict=True))
         return str(file), offsets
 
     def close(self) -> None:

@@ -136,6 +136,13 @@ def test_store_loads_each_scene_once_per_window_and_items_equal_on_demand(fake, 
     if window >= 12:
         assert store.loads == 3  # each scene once per epoch
     assert store.rendered == 12 and len(ds.cache) <= 1 and len(store.dataset.cache) == 1
+    # a second epoch: a window holding the whole train set is not rendered again, the other
+    # windows are (their pairs differ epoch to epoch), and items still equal on-demand renders
+    loader.sampler.set_epoch(1)
+    for key in loader.sampler:
+        item, ref = ds[key], reference[(key.pair, key.flip)]
+        assert torch.equal(item["target"], ref["target"]) and torch.equal(item["mask"], ref["mask"])
+    assert store.rendered == (12 if window >= 12 else 24)
     data.teardown("fit")
     assert not folder.exists()
 
