@@ -16,14 +16,16 @@ A second call with the same parameters does nothing. Command line: `python -m fi
 
 from __future__ import annotations
 
-import contextlib
+import collections
 import fcntl
 import json
 import multiprocessing
 import os
+import queue
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -64,6 +66,53 @@ def _room_job(job: tuple) -> float:
         torch.set_num_threads(threads)
 
 
+def _run_jobs(jobs: list[tuple], workers: int) -> Iterator[tuple[int, float]]:
+    """Run `_room_job` on every job in `workers` processes, this one and `workers - 1` spawned
+    ones, each taking the next room when its last one ends (this one starts at once, while the
+    others import). Yields (job index, seconds) as rooms end."""
+    todo = collections.deque(range(len(jobs)))  # popped by this thread and the pool's
+    if workers <= 1:
+        for i in todo:
+            yield i, _room_job(jobs[i])
+        return
+    ended: queue.SimpleQueue = queue.SimpleQueue()  # (job index, future) of the pool's rooms
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers - 1, mp_context=ctx) as pool:
+
+        def feed() -> None:  # give a pool process the next room
+            try:
+                i = todo.popleft()
+            except IndexError:
+                return
+
+            def done(future: Future) -> None:
+                ended.put((i, future))
+                if future.exception() is None:
+                    feed()
+
+            pool.submit(_room_job, jobs[i]).add_done_callback(done)
+
+        try:
+            for _ in range(workers - 1):
+                feed()
+            left = len(jobs)
+            while left:
+                try:
+                    i = todo.popleft()
+                except IndexError:  # all started: wait for the pool's next room
+                    i, future = ended.get()
+                    yield i, future.result()
+                else:
+                    yield i, _room_job(jobs[i])
+                left -= 1
+                while not ended.empty():
+                    i, future = ended.get()
+                    yield i, future.result()
+                    left -= 1
+        finally:
+            todo.clear()  # on an error: start no more rooms
+
+
 def generate_demo(
     out: str | Path,
     seed: int = 0,
@@ -78,8 +127,9 @@ def generate_demo(
     """Generate the demo set under `out` (cached: a matching `demo.json` marker -> no work).
 
     Train rooms are listed in `splits/nvs_sem_train.txt`, held-out rooms in `nvs_sem_val.txt`.
-    Rooms are generated in `workers` processes (0 = one per CPU core), each single-threaded:
-    torch's thread pool spends most of its time waiting on these small per-tile operations.
+    Rooms are generated in `workers` processes (0 = one per CPU core; this one and spawned ones),
+    each single-threaded: torch's thread pool spends most of its time waiting on these small
+    per-tile operations.
     Returns `out`.
     """
     out = Path(out)
@@ -128,17 +178,9 @@ def _generate(out: Path, params: dict, workers: int, verbose: bool) -> None:
     if not workers:  # processes pay off only for real work (spawn costs seconds)
         big = len(jobs) * n_views * width * height > 4_000_000
         workers = (os.cpu_count() or 1) if big else 1
-    workers = min(len(jobs), workers)
-    with contextlib.ExitStack() as stack:
-        if workers > 1:
-            ctx = multiprocessing.get_context("spawn")
-            pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=ctx))
-            timings = pool.map(_room_job, jobs)
-        else:
-            timings = map(_room_job, jobs)
-        for sid, secs in zip(ids, timings, strict=True):  # lazy: one line as each room ends
-            if verbose:
-                print(f"{sid}: {n_views} views {width}x{height} in {secs:.1f} s", flush=True)
+    for i, secs in _run_jobs(jobs, min(len(jobs), workers)):  # lazy: as each room ends
+        if verbose:
+            print(f"{ids[i]}: {n_views} views {width}x{height} in {secs:.1f} s", flush=True)
     (out / "splits").mkdir(parents=True, exist_ok=True)
     (out / "splits" / "nvs_sem_train.txt").write_text("".join(s + "\n" for s in ids[:n_train]))
     (out / "splits" / "nvs_sem_val.txt").write_text("".join(s + "\n" for s in ids[n_train:]))

@@ -7,12 +7,16 @@ to the lowest id. Shading is diffuse, one point light with hard shadows, view-in
 radiance field can fit it exactly). Depth, normals, class and instance ids come from the same
 rays as the colours, so they are exact up to file quantisation.
 
-Speed: rays run in 16x16-pixel groups, each tested only against the solids whose bounding
-spheres meet the group's cone (the shadow rays from the light likewise).
+Speed: rays run in 16x16-pixel groups of 4 runs of 64, each run tested only against the solids
+it may hit (`_cull`: the cone around the group against bounding spheres, then the run's range of
+directions against bounding boxes; the shadow rays from the light likewise), and the nearest hit
+per ray is one min-scatter of (t, id) keys. Culling only skips misses, so the hits, and every
+output bit, do not depend on it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -21,9 +25,18 @@ import torch
 from fit3d.scenes.demo.layout import CLASS_ID, SHELL_FACES, Room
 from fit3d.scenes.demo.materials import TEX
 
+assert TEX & (TEX - 1) == 0, "texture lookups wrap with & (TEX - 1)"
+
 _EPS = 1e-4
 _CHUNK = 1 << 15
+"""Rays shaded at once. Part of the output: torch's vectorised exp / atan2 / asin may differ
+in the last bit from the scalar code it runs on an array's last few elements, so chunking (and
+the shapes given to those functions) must stay as they are for byte-identical sets."""
 _TILE = 16
+_SUB = 64
+"""Rays per culling run (a quarter of a tile's group)."""
+_CORNERS = torch.tensor([[(k >> a) & 1 for a in range(3)] for k in range(8)], dtype=torch.bool)
+"""[8, 3]: which corners of a box take the upper bound on each axis."""
 
 
 class RoomTensors:
@@ -58,13 +71,23 @@ class RoomTensors:
         attrs = shell + [it[3:6] for it in b] + [it[4:7] for it in cy] + [it[2:5] for it in sp]
         a = torch.tensor(attrs, dtype=torch.int64)  # [6 + M, 3]
         self.mat, self.cls, self.inst = a[:, 0], a[:, 1], a[:, 2]
-        self.tex = torch.from_numpy(np.stack(room.textures)).reshape(-1, 3)  # [NM*TEX*TEX, 3]
+        tex = torch.from_numpy(np.stack(room.textures)).reshape(-1, 3)  # [NM*TEX*TEX, 3]
+        self.tex_planes = tex.T.contiguous()  # [3, NM*TEX*TEX] one plane per channel
         self.tex_scale = torch.tensor(room.tex_scale, dtype=f)  # [NM, 2]
         self.light = torch.tensor(room.light, dtype=f)
+        # culling bounds of the furniture in id order (boxes, cylinders, spheres), float64:
+        # bounding spheres and yawed bounding boxes (cylinders and spheres: axis-aligned)
+        zero, one = torch.zeros(self.nc + self.ns), torch.ones(self.nc + self.ns)
+        c_half = torch.stack([self.c_r, self.c_r, (self.c_z1 - self.c_z0) / 2], 1)
+        self.cull_c = torch.cat([self.b_c, self.c_mid, self.s_c]).double()  # [M, 3]
+        self.cull_h = torch.cat([self.b_h, c_half, self.s_r[:, None].expand(-1, 3)]).double()
+        self.cull_r = torch.cat([self.b_h.norm(dim=-1), self.c_rad, self.s_r]).double()  # [M]
+        self.cull_cos = torch.cat([self.b_cos, one]).double()  # [M]
+        self.cull_sin = torch.cat([self.b_sin, zero]).double()
 
 
 def _safe(d: torch.Tensor) -> torch.Tensor:
-    return torch.where(d.abs() < 1e-9, torch.full_like(d, 1e-9), d)
+    return torch.where(d.abs() < 1e-9, 1e-9, d)
 
 
 def _box_local(o, d, c, h, cos, sin):
@@ -84,20 +107,23 @@ def _box_local(o, d, c, h, cos, sin):
     return lo, ld
 
 
-def _hit_boxes(o, d, c, h, cos, sin) -> torch.Tensor:
+def _hit_boxes(p, dx, dy, inv_z, h, cos, sin) -> torch.Tensor:
     """Entry t of rays into oriented boxes [P, S] (inf = miss or ray starts inside).
 
-    o [P, 1, 3] and box params [P, 1, ...] per group, d [P, S, 3]; slabs are computed one axis
-    at a time so that only the direction terms are full-size (this is the generator's hot loop).
-    A direction component of exactly 0 can give NaN (0 * inf), which counts as a miss."""
-    p = o - c  # [P, 1, 3]
-    lo = (cos * p[..., 0] + sin * p[..., 1], -sin * p[..., 0] + cos * p[..., 1], p[..., 2])
-    dx, dy = d[..., 0], d[..., 1]
-    ld = (cos * dx + sin * dy, cos * dy - sin * dx, d[..., 2])
+    Per (group, box) pair: ray origin minus box centre p [P, 3], half sizes h [P, 3], yaw
+    cos, sin [P]; per ray: direction components dx, dy [P, S] and 1 / dz inv_z [P, S]. Slabs
+    are computed one axis at a time so that only the direction terms are full-size (this is the
+    generator's hot loop). A direction component of exactly 0 can give NaN (0 * inf), which
+    counts as a miss."""
+    cos, sin = cos[:, None], sin[:, None]  # [P, 1]
+    p0, p1, p2 = p[:, 0:1], p[:, 1:2], p[:, 2:3]  # [P, 1]
+    lo = (cos * p0 + sin * p1, -sin * p0 + cos * p1, p2)  # box-frame origin, each [P, 1]
+    ld = (cos * dx + sin * dy, cos * dy - sin * dx)  # box-frame direction x, y [P, S]
     tnear = tfar = None
     for a in range(3):
-        inv = 1.0 / ld[a]
-        t1, t2 = (-h[..., a] - lo[a]) * inv, (h[..., a] - lo[a]) * inv
+        inv = 1.0 / ld[a] if a < 2 else inv_z
+        ha = h[:, a : a + 1]
+        t1, t2 = (-ha - lo[a]) * inv, (ha - lo[a]) * inv
         tn, tf = torch.minimum(t1, t2), torch.maximum(t1, t2)
         tnear = tn if tnear is None else torch.maximum(tnear, tn)
         tfar = tf if tfar is None else torch.minimum(tfar, tf)
@@ -109,17 +135,24 @@ def _hit_cyls(o, d, xy, r, z0, z1) -> tuple[torch.Tensor, torch.Tensor]:
     """(side t, cap t) of rays against vertical capped cylinders, each [R, M] (inf = miss)."""
     px, py = o[..., 0] - xy[..., 0], o[..., 1] - xy[..., 1]
     dx, dy, dz = d[..., 0], d[..., 1], d[..., 2]
+    return _hit_cyls_xyz(px, py, o[..., 2], dx, dy, dz, r, z0, z1)
+
+
+def _hit_cyls_xyz(px, py, oz, dx, dy, dz, r, z0, z1) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_hit_cyls` on components: origin minus axis px, py and origin height oz, directions dx,
+    dy, dz, radii r, cap heights z0, z1 (broadcasting to the result's shape)."""
     a = (dx * dx + dy * dy).clamp_min(1e-12)
     b = px * dx + py * dy
     cc = px * px + py * py - r * r
     disc = b * b - a * cc
     ts = (-b - disc.clamp_min(0).sqrt()) / a
-    zs = o[..., 2] + ts * dz
+    zs = oz + ts * dz
     inf = torch.full_like(ts, math.inf)
     ts = torch.where((disc > 0) & (ts > _EPS) & (zs >= z0) & (zs <= z1), ts, inf)
     tc = inf
+    sdz = _safe(dz)
     for zc in (z0, z1):
-        t = (zc - o[..., 2]) / _safe(dz)
+        t = (zc - oz) / sdz
         qx, qy = px + t * dx, py + t * dy
         tc = torch.where((t > _EPS) & (qx * qx + qy * qy <= r * r), torch.minimum(tc, t), tc)
     return ts, tc
@@ -136,121 +169,191 @@ def _hit_spheres(o, d, c, r) -> torch.Tensor:
     return torch.where((disc > 0) & (t > _EPS), t, torch.full_like(t, math.inf))
 
 
-def _cone_pairs(apex, d, centres, radii) -> tuple[torch.Tensor, torch.Tensor]:
-    """(group, primitive) index pairs whose bounding sphere (centres [M, 3], radii [M]) meets
-    the cone around a group's rays (apex [G, 3], directions [G, S, 3]): conservative culling."""
-    dn = torch.nn.functional.normalize(d, dim=-1)
-    axis = torch.nn.functional.normalize(dn.mean(1), dim=-1)  # [G, 3]
-    half = torch.acos((dn * axis[:, None]).sum(-1).amin(1).clamp(-1, 1))  # [G]
-    v = centres[None] - apex[:, None]  # [G, M, 3]
-    dist = v.norm(dim=-1).clamp_min(1e-9)
-    ang = torch.acos(((v * axis[:, None]).sum(-1) / dist).clamp(-1, 1))
-    reach = torch.asin((radii / dist).clamp(max=1.0))
-    ok = (dist <= radii) | (ang <= half[:, None] + reach + 1e-3)
-    return ok.nonzero(as_tuple=True)
+def _cull(
+    T: RoomTensors, apex: torch.Tensor, dmin: torch.Tensor, dmax: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(run, furniture index) pairs [P] that rays from apex [3] may hit, for runs of rays with
+    directions in the boxes dmin..dmax [G, n, 3] (per-axis ranges; G groups of n runs).
+
+    Conservative, in float64: a pair is dropped only if the cone around the direction box of
+    the run's group misses the primitive's bounding sphere by over 1e-3 rad, or if the run's
+    direction box cannot reach its bounding box inflated by 0.1 mm + 1e-4 (interval arithmetic
+    on the slabs). The margins are far above float32 rounding, so a pair that would report a
+    hit is never dropped. Runs are numbered g * n + i; pairs come sorted by furniture index."""
+    n = dmin.shape[1]
+    run_min, run_max = dmin.double().reshape(-1, 3), dmax.double().reshape(-1, 3)  # [G * n, 3]
+    dmin, dmax = run_min.reshape(-1, n, 3).amin(1), run_max.reshape(-1, n, 3).amax(1)  # [G, 3]
+    # the cone around a direction box: its corners' directions bound it (a cone of half-angle
+    # below pi/2 is convex); wider ones are taken as everything
+    corners = torch.where(_CORNERS, dmax[:, None], dmin[:, None])  # [G, 8, 3]
+    corners = torch.nn.functional.normalize(corners, dim=-1)
+    axis = torch.nn.functional.normalize(corners.mean(1), dim=-1)  # [G, 3]
+    cos_half = (corners * axis[:, None]).sum(-1).amin(1)  # [G]
+    half = torch.where(cos_half > 0.01, torch.acos(cos_half.clamp(max=1.0)), math.pi)
+    # cones against bounding spheres: the angle from the axis to a centre is at most half +
+    # asin(radius / distance), compared as cosines (both angles lie in [0, pi])
+    v = T.cull_c - apex.double()  # [M, 3]
+    dist = v.norm(dim=-1).clamp_min(1e-9)  # [M]
+    sin_r = (T.cull_r / dist).clamp(max=1.0)  # [M] sine of the sphere's angular radius
+    cos_r = (1 - sin_r * sin_r).sqrt()
+    lim = half + 1e-3  # [G]
+    cos_ang = axis @ (v / dist[:, None]).T  # [G, M]
+    cos_lim = torch.cos(lim)[:, None] * cos_r - torch.sin(lim)[:, None] * sin_r  # [G, M]
+    wide = lim[:, None] + torch.asin(sin_r) >= math.pi
+    ok = (dist <= T.cull_r) | (cos_ang >= cos_lim) | wide
+    m, g = ok.T.nonzero(as_tuple=True)  # by furniture index
+    g, m = (g[:, None] * n + torch.arange(n)).reshape(-1), m.repeat_interleave(n)  # [P] runs
+    # direction boxes of the runs against bounding boxes, in each box's frame
+    dmin, dmax = run_min[g], run_max[g]  # [P, 3]
+    cos, sin = T.cull_cos[m], T.cull_sin[m]  # [P]
+    p = apex.double() - T.cull_c[m]  # [P, 3]
+    lo = torch.stack([cos * p[:, 0] + sin * p[:, 1], cos * p[:, 1] - sin * p[:, 0], p[:, 2]], 1)
+
+    def scaled(s: torch.Tensor, a: int) -> tuple[torch.Tensor, torch.Tensor]:  # s [P] * range
+        x, y = s * dmin[:, a], s * dmax[:, a]
+        return torch.minimum(x, y), torch.maximum(x, y)
+
+    (xx0, xx1), (xy0, xy1) = scaled(cos, 0), scaled(sin, 1)
+    (yx0, yx1), (yy0, yy1) = scaled(-sin, 0), scaled(cos, 1)
+    m0 = torch.stack([xx0 + xy0, yx0 + yy0, dmin[:, 2]], 1)  # [P, 3] local direction ranges
+    m1 = torch.stack([xx1 + xy1, yx1 + yy1, dmax[:, 2]], 1)
+    h = T.cull_h[m] * (1 + 1e-4) + 1e-4
+    up, down = h - lo, -h - lo  # a ray is inside slab a while down <= t * ld <= up
+    inf = torch.full_like(up, math.inf)
+    t_hi = torch.minimum(torch.where(m0 > 0, up / m0, inf), torch.where(m1 < 0, down / m1, inf))
+    t_lo = torch.maximum(torch.where(m0 < 0, up / m0, -inf), torch.where(m1 > 0, down / m1, -inf))
+    reach = ((m0 != 0) | (up >= 0)) & ((m1 != 0) | (down <= 0))  # [P, 3]
+    keep = reach.all(1) & (t_lo.amax(1).clamp_min(0) <= t_hi.amin(1))
+    return g[keep], m[keep]
 
 
-def _cast_objects(T: RoomTensors, apex: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Nearest furniture hit of ray groups sharing an origin (apex [G, 3], d [G, S, 3]):
-    t [G, S] (inf = none) and primitive id [G, S] (6 + index; ties -> lowest id)."""
+_ID_BITS = 16
+"""`_cast_objects` orders hits by one key: the bits of t (>= 0, so they sort like t) above
+`_ID_BITS` bits of primitive id, so the least key is the nearest hit, ties to the lowest id.
+Keys are integers below 2 ** 47, held exactly in float64 (whose min-scatter is fast)."""
+_NO_HIT = float(0x7F800000 << _ID_BITS)
+"""The key of t = inf (float32 bits 0x7F800000), id 0: no hit."""
+
+
+def _hit_keys(t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Keys [P, S] (float64) of hits t [P, S] (positive or inf) of primitives ids [P]."""
+    return t.view(torch.int32).double().mul_(1 << _ID_BITS).add_(ids[:, None])
+
+
+def _cast_objects(
+    T: RoomTensors, apex: torch.Tensor, d: torch.Tensor, ids: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Nearest furniture hit of ray groups from one point (apex [3], d [G, S, 3]): t [G, S]
+    (inf = none) and primitive id [G, S] (6 + index; ties -> lowest id; None unless `ids`).
+
+    Primitives are culled (`_cull`) per run of `_SUB` rays; hits are computed per (run,
+    primitive) pair and the nearest kept per ray."""
     G, S = d.shape[:2]
-    best = torch.full((G, S), math.inf)
-    pid = torch.zeros((G, S), dtype=torch.int64)
-    kinds = [
-        (
-            T.b_c,
-            T.b_h.norm(dim=-1),
-            6,
-            lambda o, dd, m: _hit_boxes(
-                o, dd, T.b_c[m, None], T.b_h[m, None], T.b_cos[m, None], T.b_sin[m, None]
-            ),
-        ),
-        (
-            T.c_mid,
-            T.c_rad,
-            6 + T.nb,
-            lambda o, dd, m: torch.minimum(
-                *_hit_cyls(o, dd, T.c_xy[m, None], T.c_r[m, None], T.c_z0[m, None], T.c_z1[m, None])
-            ),
-        ),
-        (
-            T.s_c,
-            T.s_r,
-            6 + T.nb + T.nc,
-            lambda o, dd, m: _hit_spheres(o, dd, T.s_c[m, None], T.s_r[m, None]),
-        ),
-    ]
-    for centres, radii, offset, hit in kinds:
-        if len(centres) == 0:
-            continue
-        g, m = _cone_pairs(apex, d, centres, radii)
-        if len(g) == 0:
-            continue
-        t = hit(apex[g][:, None, :], d[g], m)  # [P, S]
-        flat = (g[:, None] * S + torch.arange(S)).reshape(-1)
-        tmin = torch.full((G * S,), math.inf).scatter_reduce_(0, flat, t.reshape(-1), "amin")
-        tmin = tmin.reshape(G, S)
-        big = torch.iinfo(torch.int64).max
-        cand = torch.where(t == tmin[g], m[:, None] + offset, big).reshape(-1)
-        first = torch.full((G * S,), big).scatter_reduce_(0, flat, cand, "amin").reshape(G, S)
-        closer = tmin < best
-        best = torch.where(closer, tmin, best)
-        pid = torch.where(closer, first, pid)
-    return best, pid
+    assert 6 + T.nb + T.nc + T.ns < 1 << _ID_BITS
+    sub = _SUB if S % _SUB == 0 else S
+    ds = d.reshape(-1, sub, 3)  # [Gs, sub, 3] runs of rays
+    if ids:
+        key = torch.full((len(ds), sub), _NO_HIT, dtype=torch.float64)  # [Gs, sub]
+    else:
+        near = torch.full((len(ds), sub), math.inf)  # [Gs, sub]
+    dx, dy, dz = ds.permute(2, 0, 1).contiguous()  # each [Gs, sub]
+    planes = (dx, dy, dz)
+    lo = torch.stack([c.amin(1) for c in planes], 1).reshape(G, -1, 3)  # [G, S // sub, 3]
+    hi = torch.stack([c.amax(1) for c in planes], 1).reshape(G, -1, 3)
+    g_all, m_all = _cull(T, apex, lo, hi)  # sorted by furniture index
+    nb, nc = T.nb, T.nc
+    b_end, c_end = torch.searchsorted(m_all, torch.tensor([nb, nb + nc])).tolist()
+    g_b, m_b = g_all[:b_end], m_all[:b_end]  # boxes
+    g_c, m_c = g_all[b_end:c_end], m_all[b_end:c_end] - nb  # cylinders
+    g_s, m_s = g_all[c_end:], m_all[c_end:] - nb - nc  # spheres
+
+    def rows(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        return x.index_select(0, g)
+
+    def merge(g: torch.Tensor, t: torch.Tensor, pid: torch.Tensor) -> None:  # nearest per ray
+        if ids:
+            key.scatter_reduce_(0, g[:, None].expand(-1, sub), _hit_keys(t, pid), "amin")
+        else:
+            near.scatter_reduce_(0, g[:, None].expand(-1, sub), t, "amin")
+
+    if len(g_b):
+        g, m = g_b, m_b
+        p = apex - T.b_c[m]
+        h, cos, sin = T.b_h[m], T.b_cos[m], T.b_sin[m]
+        t = _hit_boxes(p, rows(dx, g), rows(dy, g), rows(1.0 / dz, g), h, cos, sin)
+        merge(g, t, m + 6)
+    if len(g_c):
+        g, m = g_c, m_c
+        ts, tc = _hit_cyls_xyz(
+            (apex[0] - T.c_xy[m, 0])[:, None],
+            (apex[1] - T.c_xy[m, 1])[:, None],
+            apex[2],
+            rows(dx, g),
+            rows(dy, g),
+            rows(dz, g),
+            T.c_r[m, None],
+            T.c_z0[m, None],
+            T.c_z1[m, None],
+        )
+        merge(g, torch.minimum(ts, tc), m + 6 + nb)
+    if len(g_s):
+        g, m = g_s, m_s
+        t = _hit_spheres(apex, rows(ds, g), T.s_c[m, None], T.s_r[m, None])
+        merge(g, t, m + 6 + nb + nc)
+    if not ids:
+        return near.reshape(G, S), None
+    key = key.reshape(G, S).long()
+    return (key >> _ID_BITS).int().view(torch.float32), key & ((1 << _ID_BITS) - 1)
 
 
 def _surface(T: RoomTensors, origin: torch.Tensor, d_groups: torch.Tensor):
     """Cast camera rays (origin [3], directions d_groups [G, S, 3], compact pixel groups):
     flat depth t [R], world normal [R, 3] facing the ray, texture uv (metres) [R, 2], id [R]."""
     G, S = d_groups.shape[:2]
-    t_obj, pid = _cast_objects(T, origin.expand(G, 3), d_groups)
+    t_obj, pid = _cast_objects(T, origin, d_groups)
     t_obj, pid = t_obj.reshape(-1), pid.reshape(-1)
     d = d_groups.reshape(-1, 3)
-    R = len(d)
-    o = origin.expand(R, 3)
     half = T.size / 2
     lo = torch.stack([-half[0], -half[1], torch.zeros(())])
     hi = torch.stack([half[0], half[1], T.size[2]])
     inv = 1.0 / _safe(d)
-    tmax = torch.maximum((lo - o) * inv, (hi - o) * inv)  # [R, 3]
+    tmax = torch.maximum((lo - origin) * inv, (hi - origin) * inv)  # [R, 3]
     t_shell, axis = tmax.min(1)
     obj = t_obj < t_shell
     t = torch.where(obj, t_obj, t_shell)
     face = axis * 2 + (d.gather(1, axis[:, None])[:, 0] > 0).long()  # x-, x+, y-, y+, z-, z+
     pid = torch.where(obj, pid, face)
-    x = o + t[:, None] * d
-    normal = torch.zeros(R, 3)
-    uv = torch.zeros(R, 2)
-    # shell: walls use (along-wall, z), floor/ceiling use (x, y)
-    sh = ~obj
-    ax = axis[sh]
-    xs = x[sh]
-    u = torch.where(ax == 0, xs[:, 1], xs[:, 0])
-    v = torch.where(ax == 2, xs[:, 1], xs[:, 2])
-    uv[sh] = torch.stack([u, v], 1)
-    normal[sh] = torch.nn.functional.one_hot(ax, 3).float()
+    x = origin + t[:, None] * d
+    # shell, on every ray (furniture rows are overwritten below): walls use (along-wall, z),
+    # floor/ceiling use (x, y)
+    u = torch.where(axis == 0, x[:, 1], x[:, 0])
+    v = torch.where(axis == 2, x[:, 1], x[:, 2])
+    uv = torch.stack([u, v], 1)  # [R, 2]
+    normal = torch.zeros(len(d), 3).scatter_(1, axis[:, None], 1.0)  # [R, 3] one-hot
     # boxes
-    mb = obj & (pid < 6 + T.nb)
-    if mb.any():
-        k = pid[mb] - 6
+    ib = (obj & (pid < 6 + T.nb)).nonzero()[:, 0]  # [n] their rays
+    if len(ib):
+        k = pid.index_select(0, ib) - 6
         c, h, cs, sn = T.b_c[k], T.b_h[k], T.b_cos[k], T.b_sin[k]
-        lo_, ld_ = _box_local(o[mb], d[mb], c, h, cs, sn)
-        lp = lo_ + t[mb, None] * ld_
+        lo_, ld_ = _box_local(origin, d.index_select(0, ib), c, h, cs, sn)
+        lp = lo_ + t.index_select(0, ib)[:, None] * ld_
         fa = (lp.abs() / h).argmax(1)
         nl = torch.nn.functional.one_hot(fa, 3).float() * lp.sign()
-        normal[mb] = torch.stack(
+        n_box = torch.stack(
             [cs * nl[:, 0] - sn * nl[:, 1], sn * nl[:, 0] + cs * nl[:, 1], nl[:, 2]], 1
         )
+        normal.index_copy_(0, ib, n_box)
         q = lp + h
-        uv[mb] = torch.stack(
+        uv_box = torch.stack(
             [torch.where(fa == 0, q[:, 1], q[:, 0]), torch.where(fa == 2, q[:, 1], q[:, 2])], 1
         )
+        uv.index_copy_(0, ib, uv_box)
     # cylinders
     mc = obj & (pid >= 6 + T.nb) & (pid < 6 + T.nb + T.nc)
     if mc.any():
         k = pid[mc] - 6 - T.nb
         xy, r, z0, z1 = T.c_xy[k], T.c_r[k], T.c_z0[k], T.c_z1[k]
-        ts, tc = _hit_cyls(o[mc], d[mc], xy, r, z0, z1)
+        ts, tc = _hit_cyls(origin, d[mc], xy, r, z0, z1)
         side = ts <= tc
         xc = x[mc]
         rel = xc[:, :2] - xy
@@ -276,24 +379,19 @@ def _surface(T: RoomTensors, origin: torch.Tensor, d_groups: torch.Tensor):
 
 
 def texture(T: RoomTensors, mat: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
-    """Bilinear, wrapping texture lookup: albedo [R, 3]."""
-    st = uv / T.tex_scale[mat] * TEX - 0.5  # texel coordinates
+    """Bilinear, wrapping texture lookup: albedo [R, 3] (computed per channel, [3, R])."""
+    st = uv / T.tex_scale.index_select(0, mat) * TEX - 0.5  # texel coordinates [R, 2]
     f = st.floor()
-    w = st - f
-    i0 = f.long() % TEX
-    i1 = (i0 + 1) % TEX
+    w = (st - f).T.contiguous()  # [2, R]
+    i0 = f.long() & (TEX - 1)  # TEX is a power of two: & wraps like %
+    i1 = (i0 + 1) & (TEX - 1)
     base = mat * TEX * TEX
-
-    def at(iu, iv):
-        return T.tex[base + iv * TEX + iu]
-
-    wu, wv = w[:, :1], w[:, 1:]
-    return (
-        at(i0[:, 0], i0[:, 1]) * (1 - wu) * (1 - wv)
-        + at(i1[:, 0], i0[:, 1]) * wu * (1 - wv)
-        + at(i0[:, 0], i1[:, 1]) * (1 - wu) * wv
-        + at(i1[:, 0], i1[:, 1]) * wu * wv
-    )
+    row0, row1 = base + i0[:, 1] * TEX, base + i1[:, 1] * TEX
+    idx = torch.stack([row0 + i0[:, 0], row0 + i1[:, 0], row1 + i0[:, 0], row1 + i1[:, 0]])
+    t00, t10, t01, t11 = T.tex_planes.index_select(1, idx.reshape(-1)).reshape(3, 4, -1).unbind(1)
+    wu, wv = w[0], w[1]  # [R]
+    nu, nv = 1 - wu, 1 - wv
+    return (t00 * nu * nv + t10 * wu * nv + t01 * nu * wv + t11 * wu * wv).T.contiguous()
 
 
 def shade(T: RoomTensors, x: torch.Tensor, normal: torch.Tensor, albedo: torch.Tensor, S: int):
@@ -303,7 +401,7 @@ def shade(T: RoomTensors, x: torch.Tensor, normal: torch.Tensor, albedo: torch.T
     dist = to_x.norm(dim=1, keepdim=True)
     lam = -(normal * to_x / dist).sum(1, keepdim=True).clamp_max(0)
     G = len(x) // S
-    t_block, _ = _cast_objects(T, T.light.expand(G, 3), to_x.reshape(G, S, 3))
+    t_block, _ = _cast_objects(T, T.light, to_x.reshape(G, S, 3), ids=False)
     lit = (t_block.reshape(-1, 1) >= 0.999).float()  # the point itself is at t = 1
     direct = 2.2 * lam * lit / (1.0 + 0.25 * dist**2)
     return 1.0 - torch.exp(-1.5 * albedo * (0.4 + direct))  # soft tone curve, no clipping
@@ -322,8 +420,20 @@ def _trace(T: RoomTensors, origin: torch.Tensor, dirs: torch.Tensor) -> list[tor
         dg = dirs[g : g + step]
         t, n, uv, pid = _surface(T, origin, dg)
         x = origin + t[:, None] * dg.reshape(-1, 3)
-        outs.append((shade(T, x, n, texture(T, T.mat[pid], uv), S), t, n, pid))
+        outs.append((shade(T, x, n, texture(T, T.mat.index_select(0, pid), uv), S), t, n, pid))
     return [torch.cat(z)[:N] for z in zip(*outs, strict=True)]
+
+
+@functools.lru_cache(maxsize=4)
+def _pixels(width: int, height: int) -> tuple[torch.Tensor, ...]:
+    """Pixel columns and rows u, v [H * W] (float, row-major), the order that groups pixels by
+    `_TILE` x `_TILE` tile [H * W] and its inverse (the same for every view: read only)."""
+    v, u = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    tile = (v // _TILE) * ((width + _TILE - 1) // _TILE) + u // _TILE
+    order = torch.argsort(tile.reshape(-1), stable=True)  # pixels grouped by tile
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(len(order))
+    return u.reshape(-1).float(), v.reshape(-1).float(), order, inv
 
 
 def render_view(T: RoomTensors, viewmat: np.ndarray, K: np.ndarray, width: int, height: int):
@@ -332,9 +442,7 @@ def render_view(T: RoomTensors, viewmat: np.ndarray, K: np.ndarray, width: int, 
     Ground truth comes from the rays through pixel centres; colour at object borders is the
     mean of 2x2 sub-pixel rays (antialiased, as a camera integrates)."""
     c2w = torch.from_numpy(np.linalg.inv(viewmat)).float()
-    v, u = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    tile = (v // _TILE) * ((width + _TILE - 1) // _TILE) + u // _TILE
-    order = torch.argsort(tile.reshape(-1), stable=True)  # pixels grouped by tile
+    uf, vf, order, inv = _pixels(width, height)
     origin = c2w[:3, 3]
 
     def dirs(pu: torch.Tensor, pv: torch.Tensor) -> torch.Tensor:  # pixel coords -> world dirs
@@ -343,11 +451,8 @@ def render_view(T: RoomTensors, viewmat: np.ndarray, K: np.ndarray, width: int, 
         )
         return cam.reshape(-1, 3) @ c2w[:3, :3].T
 
-    uf, vf = u.reshape(-1).float(), v.reshape(-1).float()
     rgb, t, n, pid = _trace(T, origin, dirs(uf[order] + 0.5, vf[order] + 0.5))
-    inv = torch.empty_like(order)
-    inv[order] = torch.arange(len(order))
-    rgb, t, n, pid = rgb[inv], t[inv], n[inv], pid[inv]
+    rgb, t, n, pid = (x.index_select(0, inv) for x in (rgb, t, n, pid))  # pixel order
     pim = pid.reshape(height, width)
     edge = torch.zeros(height, width, dtype=torch.bool)
     dv, du = pim[1:] != pim[:-1], pim[:, 1:] != pim[:, :-1]
@@ -366,6 +471,6 @@ def render_view(T: RoomTensors, viewmat: np.ndarray, K: np.ndarray, width: int, 
         rgb.reshape(height, width, 3),
         t.reshape(height, width),
         (n @ c2w[:3, :3]).reshape(height, width, 3),  # world -> camera: R_c2w^T n
-        T.cls[pim],
-        T.inst[pim],
+        T.cls.index_select(0, pid).reshape(height, width),
+        T.inst.index_select(0, pid).reshape(height, width),
     )
