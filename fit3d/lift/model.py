@@ -196,14 +196,19 @@ def decode_at(feat: torch.Tensor, weight: torch.Tensor, pixels: torch.Tensor) ->
     exactly `conv2d(feat[None], weight, padding=1)[0].flatten(1)[:, pixels]`.
 
     feat: [D, H, W]; weight: [C, D, 3, 3]; pixels: [P] flat indices (y * W + x). Returns [C, P].
+    The 3x3 windows are gathered as whole D-channel rows of the pixel-major padded map (a row
+    gather and, backwards, a row scatter-add: ~10x faster on a CPU than gathering along D's
+    stride).
     """
     d, h, w = feat.shape
-    padded = torch.nn.functional.pad(feat, (1, 1, 1, 1)).reshape(d, -1)  # [D, (H+2)(W+2)]
+    rows = torch.nn.functional.pad(feat.permute(1, 2, 0), (0, 0, 1, 1, 1, 1))  # [H+2, W+2, D]
     y, x = pixels.div(w, rounding_mode="floor"), pixels.remainder(w)
     corner = y * (w + 2) + x  # [P] the 3x3 window's top-left in padded coordinates
     taps = torch.tensor([u * (w + 2) + v for u in range(3) for v in range(3)], device=feat.device)
-    cols = padded[:, corner[None, :] + taps[:, None]]  # [D, 9, P], tap k = 3u + v
-    return weight.reshape(weight.shape[0], -1) @ cols.reshape(d * 9, -1)  # [C, P]
+    index = (corner[:, None] + taps[None, :]).reshape(-1)  # [P * 9], tap k = 3u + v
+    cols = rows.reshape(-1, d).index_select(0, index).reshape(len(pixels), 9 * d)  # [P, 9D]
+    mat = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], 9 * d)  # [C, 9D], (tap, channel)
+    return (cols @ mat.T).T  # [C, P]
 
 
 def upsample_at(
@@ -215,11 +220,11 @@ def upsample_at(
     iy, wy = resample_taps(h, height)  # [H, 2]
     ix, wx = resample_taps(w, width)  # [W, 2]
     y, x = pixels.div(width, rounding_mode="floor").cpu(), pixels.remainder(width).cpu()
-    flat = tokens.float().reshape(tokens.shape[0], -1)  # [C, h * w]
-    out = torch.zeros(tokens.shape[0], len(pixels), device=tokens.device)
+    flat = tokens.float().reshape(tokens.shape[0], -1).T.contiguous()  # [h * w, C]
+    out = torch.zeros(len(pixels), tokens.shape[0], device=tokens.device)  # [P, C]
     for a in range(2):
         for b in range(2):
             src = (iy[y, a] * w + ix[x, b]).to(tokens.device)  # [P]
             wt = (wy[y, a] * wx[x, b]).to(tokens.device)  # [P]
-            out += flat[:, src] * wt
-    return out
+            out += flat.index_select(0, src) * wt[:, None]
+    return out.T
