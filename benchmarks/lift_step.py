@@ -13,7 +13,7 @@ avoidable are timed against their replacements, interleaved on the same inputs: 
 forward + backward (torchmetrics vs `fit3d.losses.ssim_map`'s separable form) and the 8 Adam steps
 (unfused vs fused, as `stage1_lift.loop.adam` now builds them); and the decoder conv + feature L1
 forward + backward in fp32 against bf16 autocast (`lift.precision=bf16`, what `auto` picks on a CPU
-with native bf16).
+with native bf16), and in bf16 at a quarter of the pixels (`lift.feature_pixels=0.25`, the demo's).
 
 Stage 2 times one optimizer step at global batch 2: render the targets (rasterise D features of a
 lifted scene), decode them at the token grid (`fit3d.targets.decode_to_tokens`), ViT forward +
@@ -55,7 +55,14 @@ from fit3d.backbones import Backbone  # noqa: E402
 from fit3d.config import load_config  # noqa: E402
 from fit3d.gaussians import LiftedScene, make_decoder  # noqa: E402
 from fit3d.io import write_json  # noqa: E402
-from fit3d.lift.model import activated, init_params, render  # noqa: E402
+from fit3d.lift.model import (  # noqa: E402
+    activated,
+    decode_at,
+    feature_pixels,
+    init_params,
+    render,
+    upsample_at,
+)
 from fit3d.losses import masked_l1, ssim_map, upsample  # noqa: E402
 from fit3d.render import rasterization  # noqa: E402
 from fit3d.runs import autocast, benchmark_output  # noqa: E402
@@ -226,6 +233,13 @@ def stage1(size: str, steps: int, threads: int) -> dict[str, object]:
                 with autocast(torch.device("cpu"), precision):
                     out = decoder(f[None])[0]  # [C, H, W]
                 masked_l1(out, target, None).backward()
+        # lift.feature_pixels=0.25 (the demo's): decoder and teacher at a quarter of the pixels
+        with ref.part("decoder + L1 fwd+bwd, bf16 1/4 px"):
+            pixels = feature_pixels(h, w, 0.25, seed=len(ref.steps))
+            with autocast(torch.device("cpu"), "bf16"):
+                out = decode_at(f, decoder.weight, pixels)[:, None]  # [C, 1, P]
+            sub = upsample_at(teacher, h, w, pixels)[:, None]  # [C, 1, P]
+            masked_l1(out, sub, None).backward()
         for fused, opts in adams.items():
             for o, g in zip(opts, grads.values(), strict=True):
                 o.param_groups[0]["params"][0].grad = g
