@@ -290,15 +290,16 @@ def backend_for(device: torch.device) -> str:
     return "gsplat" if device.type == "cuda" else "torch"
 
 
+def _view(views: Views, i: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(image [H,W,3], mask [H,W] or None) of view i on device."""
+    mask = views.masks[i]
+    return views.image(i).to(device), None if mask is None else mask.to(device)
+
+
 def _target(views: Views, teacher: dict[int, torch.Tensor], i: int, device):
     """(image [H,W,3], mask [H,W] or None, upsampled teacher [C,H,W]) of view i on device."""
     w, h = views.sizes[i]
-    mask = views.masks[i]
-    return (
-        views.image(i).to(device),
-        None if mask is None else mask.to(device),
-        upsample(teacher[i].to(device), h, w),
-    )
+    return *_view(views, i, device), upsample(teacher[i].to(device), h, w)
 
 
 def _feature_loss(
@@ -314,17 +315,17 @@ def _feature_loss(
     [C, h, w] upsampled to H x W, at every pixel or at `lift.feature_pixels` of them (drawn per
     step from (seed, step), so a resumed run draws the same)."""
     _, h, w = feat.shape
+    tokens = tokens.to(feat.device)
     pixels = feature_pixels(h, w, c.feature_pixels, seed * 7919 + step)
-    with autocast(feat.device, c.precision):  # the decoder's conv dominates a CPU step
-        if pixels is None:
-            decoded = state.decoder(feat[None])[0]  # [C, H, W]
-        else:
-            pixels = pixels.to(feat.device)
-            decoded = decode_at(feat, state.decoder.weight, pixels)[:, None]  # [C, 1, P]
     if pixels is None:
-        target = upsample(tokens.to(feat.device), h, w)  # [C, H, W]
+        with autocast(feat.device, c.precision):  # the decoder's conv dominates a CPU step
+            decoded = state.decoder(feat[None])[0]  # [C, H, W]
+        target = upsample(tokens, h, w)  # [C, H, W]
     else:
-        target = upsample_at(tokens.to(feat.device), h, w, pixels)[:, None]  # [C, 1, P]
+        pixels = pixels.to(feat.device)
+        with autocast(feat.device, c.precision):
+            decoded = decode_at(feat, state.decoder.weight, pixels)[:, None]  # [C, 1, P]
+        target = upsample_at(tokens, h, w, pixels)[:, None]  # [C, 1, P]
         mask = None if mask is None else mask.flatten()[pixels][None]  # [1, P]
     return masked_l1(decoded, target, mask)  # fp32 (type promotion)
 
@@ -463,8 +464,7 @@ def _train(
     for step in range(state.step, c.steps):
         i = view_for_step(step, views.train, seed)
         w, h = views.sizes[i]
-        image, mask = views.image(i).to(device), views.masks[i]
-        mask = None if mask is None else mask.to(device)
+        image, mask = _view(views, i, device)
         degree = min(step // max(c.sh_degree_interval, 1), c.sh_degree)
         rgb, feat, _, info = render(
             state.params,
