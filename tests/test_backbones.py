@@ -143,3 +143,40 @@ def test_bad_block_index() -> None:
 def test_image_smaller_than_a_patch() -> None:
     with pytest.raises(UserError):
         Backbone("test_tiny").preprocess(torch.rand(1, 3, 10, 40))
+
+
+def test_cpu_bf16_uses_explicit_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 on a CPU runs timm's explicit attention (faster there), fp32 the fused kernel; both
+    give the same tokens and gradients to bf16 rounding."""
+    import fit3d.backbones as B
+
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted)
+    torch.manual_seed(0)
+    bb = Backbone("test_tiny").train()
+    x = torch.randn(2, 3, 42, 56)
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        bb.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = bb(x).float()
+        out.square().mean().backward()
+        return out.detach(), bb.model.blocks[0].attn.qkv.weight.grad.clone()
+
+    out, grad = run()
+    assert not calls  # explicit attention under CPU bf16
+    monkeypatch.setattr(B, "_cpu_bf16", lambda x: False)
+    ref_out, ref_grad = run()
+    assert calls  # the fused kernel otherwise
+    torch.testing.assert_close(out, ref_out, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(grad, ref_grad, rtol=0.1, atol=0.02 * ref_grad.abs().max().item())
+    n = len(calls)
+    with torch.no_grad():
+        bb(x)  # fp32
+    assert len(calls) > n
