@@ -286,8 +286,11 @@ class EvalConfig:
     val_fraction: float = 0.2
     """protocol=fast: fraction of train scenes (at least 1) used to pick the learning rate."""
     sweep_each_set: bool = True
-    """protocol=fast: sweep the lr for every feature set (False: sweep on the first set, reuse
-    its lr; cheaper, but measured unfair on the demo)."""
+    """protocol=fast: sweep the lr for every feature set. False: sweep on the first set only and
+    give a set of C channels that lr times C_first / C (AdamW moves each weight of a 1x1 head by
+    ~lr per step, so its output moves ~C x lr: the scaled lr gives every width the same step, and
+    `control`, original x2, then trains as `original` does). 3 + 2 x sets fits per probe instead
+    of 5 x sets."""
     # --- Probe3D heads (eval.head=dpt) and the normals probe under protocol=paper ---
     dpt_hidden: int = 512
     """Width of the DPT head (Probe3D: 512)."""

@@ -140,6 +140,28 @@ def test_four_feature_sets_and_weights_that_do_not_load(demo_out, tmp_path, caps
     assert proc.stderr.strip().count("\n") == 0 and "cannot read weights file" in proc.stderr
 
 
+def test_lr_swept_once_and_scaled_by_width(demo_out, tmp_path, monkeypatch):
+    """eval.sweep_each_set=false: the lr sweep runs on the first set only; every other set gets
+    that lr times C_first / C (assembled and control are twice as wide for seg, 3/2 for depth,
+    whose input carries the original's CLS token); 2 + 2 x 4 fits per probe instead of 4 x 4."""
+    import fit3d.eval.run as R
+
+    fits = []
+    fit = R._fit_cached
+    monkeypatch.setattr(R, "_fit_cached", lambda *a: fits.append(a[0]) or fit(*a))
+    good = _weights(tmp_path / "ft.safetensors", 1)
+    args = [*TINY, f"run.out={demo_out}", "run.name=sweep1", f"eval.finetuned_weights={good}"]
+    assert main([*args, "eval.probes=[seg,depth]", "eval.sweep_each_set=false"]) == 0
+    lr = _results(demo_out, "sweep1")["lr"]
+    for task, wide in (("seg", 2.0), ("depth", 1.5)):
+        first = lr["original"][task]
+        assert first in (0.01, 0.1)
+        assert lr["fine-tuned"][task] == first
+        assert lr["assembled"][task] == pytest.approx(first / wide)
+        assert lr["control"][task] == pytest.approx(first / wide)
+        assert fits.count(task) == 2 + 2 * 4
+
+
 def test_cache_of_another_backbone_is_one_line_and_recomputed(demo_out, tmp_path):
     cache = tmp_path / "cache"
     a, b = _weights(tmp_path / "a.safetensors", 2), _weights(tmp_path / "b.safetensors", 3)

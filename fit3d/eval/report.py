@@ -81,7 +81,8 @@ FAST_DIFFERENCES = (
     "augmentation, whole-image inference (no slide windows, no flip test-time augmentation)",
     "linear heads train for eval.epochs epochs at eval.batch_size with AdamW (wd 1e-4), 10% "
     "linear warm-up then poly 0.9 (FiT3D: 40k / 38.4k iterations at batch 16, poly / cosine)",
-    "the learning rate is picked from eval.lrs on a validation part of the train split (FiT3D: "
+    "the learning rate is picked from eval.lrs on a validation part of the train split, per "
+    "feature set or (eval.sweep_each_set=false) on the first set, then scaled by width (FiT3D: "
     "fixed 1e-3 segmentation, 1e-4 depth)",
     "the depth head keeps a BatchNorm before its conv and has no SigLoss warm-up, no gradient "
     "clipping and no OneCycle momentum (FiT3D's has none of the BatchNorm, all of the rest)",

@@ -433,7 +433,12 @@ def _run_task(task: str, head: str, sets: list[str], ctx: Context) -> tuple[dict
                 m = _fit_cached(task, head, parts, ctx, lr, ec.seeds[0], fit, False)
                 got = _score_cached(task, head, parts, m, ctx, "train", val)[key]
                 scores[lr] = got if higher else -got
-            lrs[s] = max(scores, key=scores.get) if scores else lrs.get(sets[0], ec.lrs[0])
+            if scores:
+                lrs[s] = max(scores, key=scores.get)
+            elif not ec.sweep_each_set and sets[0] in lrs:  # reused, scaled by width
+                lrs[s] = lrs[sets[0]] * _width(task, sets[0], ctx) / _width(task, s, ctx)
+            else:
+                lrs[s] = ec.lrs[0]
         per_seed: dict[str, list[float]] = {}
         for seed in ec.seeds:
             if paper_linear:
@@ -448,6 +453,12 @@ def _run_task(task: str, head: str, sets: list[str], ctx: Context) -> tuple[dict
         took = f" ({time.perf_counter() - t0:.0f} s)"
         print(f"  {name:11s} {s:11s} lr {lrs[s]:g}: " + _short(metrics[s]) + took, flush=True)
     return metrics, lrs
+
+
+def _width(task: str, feature_set: str, ctx: Context) -> int:
+    """Channels of a linear probe's input for `feature_set`."""
+    x = probe_input(ctx.feats["train"], 0, FEATURE_SETS[feature_set], task, ctx.quarter)
+    return int(x.shape[0])
 
 
 def _short(m: dict) -> str:
