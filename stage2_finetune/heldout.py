@@ -10,6 +10,9 @@
   reported beside it, so that features merely becoming more alike everywhere show up as such;
 - pca.png: image | target | original | fine-tuned tokens for a few validation items, all maps
   projected on one PCA basis fitted to original and fine-tuned tokens together.
+
+The caller picks the precision (train.py: under the training precision's autocast); tokens are
+returned in fp32 and every view's tokens are computed once per model.
 """
 
 from __future__ import annotations
@@ -93,15 +96,19 @@ def correspondence_cosine(
             continue
         Ks = [scene.K(v) for v in views]
         vms = [scene.viewmat(v) for v in views]
-        for a, b, _ in select_pairs(depths, Ks, vms, pairs_per_scene, seed=seed):
-            ia, ib = scene.load_image(a).permute(2, 0, 1), scene.load_image(b).permute(2, 0, 1)
-            for name, model in models.items():
-                fa, fb = tokens(model, ia), tokens(model, ib)
-                match[name].append(
-                    _pair_cosines(fa, fb, model.patch_size, scene, a, b, depths[a], depths[b])
-                )
-                ua, ub = (F.normalize(f.flatten(1).T, dim=1) for f in (fa, fb))
-                anyp[name].append((ua @ ub.T).flatten())
+        pairs = select_pairs(depths, Ks, vms, pairs_per_scene, seed=seed)
+        used = sorted({v for a, b, _ in pairs for v in (a, b)})
+        images = {v: scene.load_image(v).permute(2, 0, 1) for v in used}
+        feats = {(k, v): tokens(m, images[v]) for k, m in models.items() for v in used}
+        with torch.autocast("cpu", enabled=False):  # comparisons in fp32 (tokens: fp32, CPU)
+            for a, b, _ in pairs:
+                for name, model in models.items():
+                    fa, fb = feats[name, a], feats[name, b]
+                    match[name].append(
+                        _pair_cosines(fa, fb, model.patch_size, scene, a, b, depths[a], depths[b])
+                    )
+                    ua, ub = (F.normalize(f.flatten(1).T, dim=1) for f in (fa, fb))
+                    anyp[name].append((ua @ ub.T).flatten())
     if not any(len(c) for c in match.values()):
         return None
     out: dict[str, dict[str, float] | int] = {

@@ -336,6 +336,35 @@ def test_pair_cosines_follow_ground_truth_reprojection(fake):
     assert wrong.mean() < 0.9
 
 
+def test_correspondence_cosine_runs_each_view_once_per_model(tmp_path):
+    """Every view in the selected pairs goes through each backbone once (not once per pair);
+    two copies of one model score the same; the figures are means over the pairs."""
+    from fit3d.backbones import Backbone
+    from fit3d.cli import parse_cli
+    from fit3d.scenes import generate_demo_set, list_scenes, open_scene
+    from stage2_finetune.heldout import correspondence_cosine
+
+    demo = [f"run.out={tmp_path}", "scenes.demo_train=2", "scenes.demo_val=0"]
+    demo += ["scenes.demo_views=5", "scenes.demo_width=112", "scenes.demo_height=84"]
+    root = generate_demo_set(parse_cli(["--preset", "demo", *demo], "test", ""))
+
+    torch.manual_seed(0)
+    a = Backbone("test_tiny")
+    b = Backbone("test_tiny")
+    b.load_state_dict(a.state_dict())
+    calls: list[int] = []
+    for m in (a, b):
+        m.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+    scenes = [open_scene(root, s) for s in list_scenes(root, "nvs_sem_train")]
+    out = correspondence_cosine({"a": a, "b": b}, scenes, 4, seed=0)
+    assert out is not None and out["matches"] > 0
+    assert out["a"] == out["b"]
+    assert 0 < out["a"]["match"] <= 1 and -1 <= out["a"]["any"] <= 1
+    views = sum(len(s) for s in scenes)
+    assert sum(calls) <= 2 * views  # at most one forward per view and model
+    assert sum(calls) < 2 * 2 * 4 * len(scenes)  # fewer than two per pair and model
+
+
 def test_wandb_never_prompts(fake, monkeypatch, tmp_path):
     """No WANDB_MODE and no credentials -> offline; an explicit WANDB_MODE is honoured."""
     from stage2_finetune.train import _loggers
