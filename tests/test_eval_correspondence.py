@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from fit3d.eval.correspondence import pair_errors, quarter, ratio_matches
+from fit3d.eval.correspondence import pair_errors, pair_errors_sets, quarter, ratio_matches
 from fit3d.eval.metrics import correspondence_recall
 from fit3d.geometry import covisibility, select_pairs
 
@@ -119,3 +119,31 @@ def test_covisibility_and_pair_selection():
     pairs = select_pairs([d0, d1, empty], [Kf] * 3, [v0, v1, back], num_pairs=5)
     assert [(i, j) for i, j, _ in pairs] == [(0, 1)]
     assert abs(pairs[0][2] - 5.0) < 1e-3
+
+
+def test_sets_share_part_products_and_equal_their_concatenation():
+    """pair_errors_sets: a set's errors are those of pair_errors on its parts' channel concat;
+    original ++ original scores as original does."""
+    gen = torch.Generator().manual_seed(1)
+    codes = _codes()
+    feat0 = codes[:60].permute(2, 1, 0)  # [64, 40, 60]
+    feat1 = torch.empty_like(feat0)
+    for y in range(40):
+        feat1[:, y] = codes[torch.arange(60) + 10 + SHIFT[y // 10], y].T
+    noise0, noise1 = (torch.randn(32, 40, 60, generator=gen) for _ in range(2))
+    maps0 = {"a": feat0 + 0.3 * torch.randn(64, 40, 60, generator=gen), "b": noise0}
+    maps1 = {"a": feat1, "b": noise1 + feat1[:32]}
+    sets = {"a": ("a",), "ab": ("a", "b"), "aa": ("a", "a"), "b": ("b",)}
+    depth0 = torch.zeros(H, W, dtype=torch.float64)
+    depth0[:, 40:200] = Z
+    depth1 = torch.full((H, W), Z, dtype=torch.float64)
+    geo = (depth0, depth1, K, K, _viewmat(0.0), _viewmat(TX))
+    got = pair_errors_sets(maps0, maps1, sets, *geo, top_k=300)
+    for s, parts in sets.items():
+        ref = pair_errors(torch.cat([maps0[p] for p in parts]),
+                          torch.cat([maps1[p] for p in parts]), *geo, top_k=300)  # fmt: skip
+        assert len(got[s]) == len(ref) == 300
+        same = (got[s].sort().values - ref.sort().values).abs() < 1e-9
+        assert same.float().mean() > 0.99, s  # float ties may swap a match
+    torch.testing.assert_close(got["aa"], got["a"])
+    assert not torch.equal(got["ab"], got["a"])

@@ -36,11 +36,57 @@ def quarter(depth: Tensor, K: Tensor) -> tuple[Tensor, Tensor]:
     return small, Kq
 
 
-def unit_features(feat: Tensor, size: tuple[int, int]) -> Tensor:
-    """Token map [C, h, w] -> L2-normalised features [H4*W4, C] at the pixel centres of an
-    H4 x W4 image (bilinear, align_corners=False), row-major."""
+def upsampled(feat: Tensor, size: tuple[int, int]) -> Tensor:
+    """Token map [C, h, w] -> features [H4*W4, C] (fp32) at the pixel centres of an H4 x W4
+    image (bilinear, align_corners=False), row-major; not normalised."""
     up = F.interpolate(feat[None].float(), size=size, mode="bilinear", align_corners=False)[0]
-    return F.normalize(up.flatten(1).T, dim=1)
+    return up.flatten(1).T
+
+
+def unit_features(feat: Tensor, size: tuple[int, int]) -> Tensor:
+    """`upsampled`, L2-normalised per row."""
+    return F.normalize(upsampled(feat, size), dim=1)
+
+
+Sets = dict[str, tuple[str, ...]]
+"""Feature set -> the parts whose features it concatenates along channels (a part may repeat)."""
+
+
+def ratio_matches_sets(
+    f0: dict[str, Tensor], f1: dict[str, Tensor], sets: Sets, max_elems: int = 1 << 24
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """`ratio_matches` of every set at once, from each part's raw features f0[p] [N0, C_p] and
+    f1[p] [N1, C_p] (not normalised).
+
+    A set's cosine is that of its parts' concatenation: the sum of the parts' dot products over
+    the product of the concatenations' norms. Each part's dot products are computed once per
+    chunk of rows and shared by every set using it (original ++ fine-tuned and original ++
+    original cost no matrix product of their own). Within a row, dividing by the view-0 norm
+    does not change the order, so it is applied to the two values kept.
+    Returns {set: (index [N0] into f1, weight [N0] = 1 - d1/d2)}.
+    """
+    n1 = f1[next(iter(f1))].shape[0]
+    sq0 = {p: f.square().sum(1) for p, f in f0.items()}  # [N0] per part
+    sq1 = {p: f.square().sum(1) for p, f in f1.items()}  # [N1]
+    norm0 = {s: sum(sq0[p] for p in parts).sqrt().clamp_min(1e-12) for s, parts in sets.items()}
+    inv1 = {s: 1 / sum(sq1[p] for p in parts).sqrt().clamp_min(1e-12) for s, parts in sets.items()}
+    used = list(dict.fromkeys(p for parts in sets.values() for p in parts))
+    chunk = max(max_elems // max(n1, 1), 1)
+    out: dict[str, tuple[list[Tensor], list[Tensor]]] = {s: ([], []) for s in sets}
+    for start in range(0, f0[used[0]].shape[0], chunk):
+        rows = slice(start, start + chunk)
+        dots = {p: f0[p][rows] @ f1[p].T for p in used}  # [n, N1]
+        for s, parts in sets.items():
+            sim = dots[parts[0]] * inv1[s][None]  # cosine times the row's view-0 norm, [n, N1]
+            for p in parts[1:]:
+                sim.addcmul_(dots[p], inv1[s][None])
+            top = sim.topk(min(2, n1), dim=1)
+            cos = top.values / norm0[s][rows, None]
+            dist = (1 - cos).clamp_min(1e-9)  # [n, 1 or 2]
+            ratio = dist[:, 0] / dist[:, -1] if dist.shape[1] == 2 else torch.ones_like(dist[:, 0])
+            out[s][0].append(top.indices[:, 0])
+            out[s][1].append(1 - ratio)
+    return {s: (torch.cat(i), torch.cat(w)) for s, (i, w) in out.items()}
 
 
 def ratio_matches(f0: Tensor, f1: Tensor, max_elems: int = 1 << 24) -> tuple[Tensor, Tensor]:
@@ -48,16 +94,41 @@ def ratio_matches(f0: Tensor, f1: Tensor, max_elems: int = 1 << 24) -> tuple[Ten
 
     Returns (index [N0] into f1, weight [N0] = 1 - d1/d2, d = 1 - cosine clamped at 1e-9).
     """
-    chunk = max(max_elems // max(f1.shape[0], 1), 1)
-    idx, weight = [], []
-    for start in range(0, f0.shape[0], chunk):
-        sim = f0[start : start + chunk] @ f1.T  # [n, N1]
-        top = sim.topk(min(2, f1.shape[0]), dim=1)
-        dist = (1 - top.values).clamp_min(1e-9)  # [n, 1 or 2]
-        ratio = dist[:, 0] / dist[:, -1] if dist.shape[1] == 2 else torch.ones_like(dist[:, 0])
-        idx.append(top.indices[:, 0])
-        weight.append(1 - ratio)
-    return torch.cat(idx), torch.cat(weight)
+    return ratio_matches_sets({"f": f0}, {"f": f1}, {"f": ("f",)}, max_elems)["f"]
+
+
+def pair_errors_sets(
+    maps0: dict[str, Tensor],
+    maps1: dict[str, Tensor],
+    sets: Sets,
+    depth0: Tensor,
+    depth1: Tensor,
+    K0: Tensor,
+    K1: Tensor,
+    viewmat0: Tensor,
+    viewmat1: Tensor,
+    top_k: int = 1000,
+) -> dict[str, Tensor]:
+    """`pair_errors` of every feature set, from each part's token maps maps0[p], maps1[p]
+    [C_p, h, w] (a set's map is the channel concat of its parts'; `ratio_matches_sets`)."""
+    d0, K0q = quarter(depth0, K0)
+    d1, K1q = quarter(depth1, K1)
+    v0, v1 = d0.flatten() > 0, d1.flatten() > 0
+    if not v0.any() or not v1.any():
+        return {s: torch.zeros(0, dtype=torch.float64) for s in sets}
+    f0 = {p: upsampled(m, tuple(d0.shape))[v0] for p, m in maps0.items()}
+    f1 = {p: upsampled(m, tuple(d1.shape))[v1] for p, m in maps1.items()}
+    w0, w1 = d0.shape[1], d1.shape[1]
+    out = {}
+    for s, (idx, weight) in ratio_matches_sets(f0, f1, sets).items():
+        keep = weight.topk(min(top_k, weight.numel())).indices
+        pix0 = v0.nonzero()[:, 0][keep]  # flat indices into the 1/4 map of view 0
+        pix1 = v1.nonzero()[:, 0][idx[keep]]
+        xy0 = torch.stack([pix0 % w0, pix0 // w0], 1)  # [M, 2] pixel indices (x, y)
+        xy1 = torch.stack([pix1 % w1, pix1 // w1], 1).double()
+        gt_xy1, _ = reproject(xy0, d0.flatten()[pix0], K0q, K1q, viewmat0, viewmat1)
+        out[s] = (gt_xy1 - xy1).norm(dim=1)
+    return out
 
 
 def pair_errors(
@@ -77,19 +148,7 @@ def pair_errors(
     resolution; K0, K1: [3, 3] full-resolution intrinsics; viewmat0, viewmat1: [4, 4]
     world-to-camera.
     """
-    d0, K0q = quarter(depth0, K0)
-    d1, K1q = quarter(depth1, K1)
-    v0, v1 = d0.flatten() > 0, d1.flatten() > 0
-    if not v0.any() or not v1.any():
-        return torch.zeros(0, dtype=torch.float64)
-    f0 = unit_features(feat0, tuple(d0.shape))[v0]
-    f1 = unit_features(feat1, tuple(d1.shape))[v1]
-    idx, weight = ratio_matches(f0, f1)
-    keep = weight.topk(min(top_k, weight.numel())).indices
-    w0, w1 = d0.shape[1], d1.shape[1]
-    pix0 = v0.nonzero()[:, 0][keep]  # flat indices into the 1/4 map of view 0
-    pix1 = v1.nonzero()[:, 0][idx[keep]]
-    xy0 = torch.stack([pix0 % w0, pix0 // w0], 1)  # [M, 2] pixel indices (x, y)
-    xy1 = torch.stack([pix1 % w1, pix1 // w1], 1).double()
-    gt_xy1, _ = reproject(xy0, d0.flatten()[pix0], K0q, K1q, viewmat0, viewmat1)
-    return (gt_xy1 - xy1).norm(dim=1)
+    sets = {"f": ("f",)}
+    return pair_errors_sets(
+        {"f": feat0}, {"f": feat1}, sets, depth0, depth1, K0, K1, viewmat0, viewmat1, top_k
+    )["f"]

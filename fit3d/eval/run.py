@@ -35,7 +35,7 @@ from fit3d.config import Config, to_dict
 from fit3d.errors import UserError
 from fit3d.eval import data as D
 from fit3d.eval import paper as P
-from fit3d.eval.correspondence import pair_errors
+from fit3d.eval.correspondence import pair_errors_sets
 from fit3d.eval.features import (
     FEATURE_SETS,
     MapPlan,
@@ -513,26 +513,22 @@ def _run_corr(sets: list[str], ctx: Context) -> dict:
     rots = torch.tensor([r for _, _, r in pairs])
     block = f"block{ec.corr_block % ctx.backbones['original'].num_blocks}"
     feats = ctx.feats["test"]
+    by_set = {s: tuple(FEATURE_SETS[s]) for s in sets}
+    parts = list(dict.fromkeys(p for ps in by_set.values() for p in ps))
+    errors: dict[str, list[Tensor]] = {s: [] for s in sets}
+    for i, j, _ in tqdm(pairs, desc="corr", leave=False, disable=None):
+        d0, d1 = D.label_batch(split, [i], "depth")[0], D.label_batch(split, [j], "depth")[0]
+        found = pair_errors_sets(
+            {p: feats.maps(i, (p,), block) for p in parts},
+            {p: feats.maps(j, (p,), block) for p in parts},
+            by_set, d0, d1, infos[i].K, infos[j].K, infos[i].viewmat, infos[j].viewmat,
+            ec.top_k,
+        )  # fmt: skip
+        for s in sets:
+            errors[s].append(found[s])
     out = {}
     for s in sets:
-        parts = FEATURE_SETS[s]
-        errors = []
-        for i, j, _ in tqdm(pairs, desc=f"corr {s}", leave=False, disable=None):
-            d0, d1 = D.label_batch(split, [i], "depth")[0], D.label_batch(split, [j], "depth")[0]
-            errors.append(
-                pair_errors(
-                    feats.maps(i, parts, block),
-                    feats.maps(j, parts, block),
-                    d0,
-                    d1,
-                    infos[i].K,
-                    infos[j].K,
-                    infos[i].viewmat,
-                    infos[j].viewmat,
-                    ec.top_k,
-                )
-            )
-        rec = correspondence_recall(errors, rots)
+        rec = correspondence_recall(errors[s], rots)
         out[s] = {f"eval/corr/{k}": summarize([v]) for k, v in rec.items()}
         print(f"  corr        {s:11s} ({len(pairs)} pairs): " + _short(out[s]), flush=True)
     return out
