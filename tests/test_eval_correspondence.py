@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from fit3d.eval.correspondence import pair_errors, pair_errors_sets, quarter, ratio_matches
+from fit3d.eval.correspondence import pair_errors as pair_errors_sets
+from fit3d.eval.correspondence import quarter, ratio_matches
 from fit3d.eval.metrics import correspondence_recall
 from fit3d.geometry import covisibility, select_pairs
 
@@ -21,6 +22,11 @@ def _viewmat(tx: float) -> torch.Tensor:
     v = torch.eye(4, dtype=torch.float64)
     v[0, 3] = -tx  # world-to-camera of a camera at (tx, 0, 0) looking down +z
     return v
+
+
+def pair_errors(feat0: torch.Tensor, feat1: torch.Tensor, *geometry, top_k: int) -> torch.Tensor:
+    """Errors of one feature set made of one map per view."""
+    return pair_errors_sets({"f": feat0}, {"f": feat1}, {"f": ("f",)}, *geometry, top_k=top_k)["f"]
 
 
 def _codes(dim: int = 64) -> torch.Tensor:

@@ -97,7 +97,7 @@ def ratio_matches(f0: Tensor, f1: Tensor, max_elems: int = 1 << 24) -> tuple[Ten
     return ratio_matches_sets({"f": f0}, {"f": f1}, {"f": ("f",)}, max_elems)["f"]
 
 
-def pair_errors_sets(
+def pair_errors(
     maps0: dict[str, Tensor],
     maps1: dict[str, Tensor],
     sets: Sets,
@@ -109,8 +109,14 @@ def pair_errors_sets(
     viewmat1: Tensor,
     top_k: int = 1000,
 ) -> dict[str, Tensor]:
-    """`pair_errors` of every feature set, from each part's token maps maps0[p], maps1[p]
-    [C_p, h, w] (a set's map is the channel concat of its parts'; `ratio_matches_sets`)."""
+    """Per feature set, the errors [M <= top_k] of its best-weighted matches, in 1/4-resolution
+    pixels of view 1.
+
+    maps0, maps1: each part's token maps [C_p, h, w] (a set's map is the channel concat of its
+    parts', `sets`; see `ratio_matches_sets`); depth0, depth1: [H, W] metres (0 = invalid) at
+    full resolution; K0, K1: [3, 3] full-resolution intrinsics; viewmat0, viewmat1: [4, 4]
+    world-to-camera.
+    """
     d0, K0q = quarter(depth0, K0)
     d1, K1q = quarter(depth1, K1)
     v0, v1 = d0.flatten() > 0, d1.flatten() > 0
@@ -129,26 +135,3 @@ def pair_errors_sets(
         gt_xy1, _ = reproject(xy0, d0.flatten()[pix0], K0q, K1q, viewmat0, viewmat1)
         out[s] = (gt_xy1 - xy1).norm(dim=1)
     return out
-
-
-def pair_errors(
-    feat0: Tensor,
-    feat1: Tensor,
-    depth0: Tensor,
-    depth1: Tensor,
-    K0: Tensor,
-    K1: Tensor,
-    viewmat0: Tensor,
-    viewmat1: Tensor,
-    top_k: int = 1000,
-) -> Tensor:
-    """Errors [M <= top_k] of the best-weighted matches, in 1/4-resolution pixels of view 1.
-
-    feat0, feat1: token maps [C, h, w]; depth0, depth1: [H, W] metres (0 = invalid) at full
-    resolution; K0, K1: [3, 3] full-resolution intrinsics; viewmat0, viewmat1: [4, 4]
-    world-to-camera.
-    """
-    sets = {"f": ("f",)}
-    return pair_errors_sets(
-        {"f": feat0}, {"f": feat1}, sets, depth0, depth1, K0, K1, viewmat0, viewmat1, top_k
-    )["f"]

@@ -35,7 +35,7 @@ from fit3d.config import Config, to_dict
 from fit3d.errors import UserError
 from fit3d.eval import data as D
 from fit3d.eval import paper as P
-from fit3d.eval.correspondence import pair_errors_sets
+from fit3d.eval.correspondence import pair_errors
 from fit3d.eval.features import (
     FEATURE_SETS,
     MapPlan,
@@ -518,7 +518,7 @@ def _run_corr(sets: list[str], ctx: Context) -> dict:
     errors: dict[str, list[Tensor]] = {s: [] for s in sets}
     for i, j, _ in tqdm(pairs, desc="corr", leave=False, disable=None):
         d0, d1 = D.label_batch(split, [i], "depth")[0], D.label_batch(split, [j], "depth")[0]
-        found = pair_errors_sets(
+        found = pair_errors(
             {p: feats.maps(i, (p,), block) for p in parts},
             {p: feats.maps(j, (p,), block) for p in parts},
             by_set, d0, d1, infos[i].K, infos[j].K, infos[i].viewmat, infos[j].viewmat,
