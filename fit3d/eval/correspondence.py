@@ -43,11 +43,6 @@ def upsampled(feat: Tensor, size: tuple[int, int]) -> Tensor:
     return up.flatten(1).T
 
 
-def unit_features(feat: Tensor, size: tuple[int, int]) -> Tensor:
-    """`upsampled`, L2-normalised per row."""
-    return F.normalize(upsampled(feat, size), dim=1)
-
-
 Sets = dict[str, tuple[str, ...]]
 """Feature set -> the parts whose features it concatenates along channels (a part may repeat)."""
 
