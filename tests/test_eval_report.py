@@ -87,3 +87,15 @@ def test_pca_rgb_shared_basis():
     assert rgb[0].shape == (4, 5, 3)
     torch.testing.assert_close(rgb[0], rgb[1])  # same features -> same colours across views
     assert float(rgb[0].min()) >= 0.0 and float(rgb[0].max()) <= 1.0
+
+
+def test_verdict_counts_the_test_groups_where_assembled_wins():
+    res = _results()
+    per_room = {"original": (0.50, 0.30), "assembled": (0.40, 0.35), "control": (0.45, 0.25)}
+    for s, rmse in per_room.items():
+        for g, v in zip(("room1", "room2"), rmse, strict=True):
+            res["metrics"][s][f"eval/depth/rmse@{g}"] = summarize([v, v])
+    text = verdict(res)
+    assert "RMSE m -0.04 (seed spread 0.014; better in 1 of 2 test groups: -0.1 / +0.05)" in text
+    assert "better in 1 of 2 test groups: -0.05 / +0.1" in text  # vs control
+    assert "room1" not in markdown(res).split("Assembled vs")[0]  # tables: no per-group keys

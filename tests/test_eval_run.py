@@ -324,3 +324,48 @@ def test_cuda_with_bf16_autocast(demo_out):
     res = _results(demo_out, "cuda")
     assert res["provenance"]["device"].startswith("cuda")
     assert res["metrics"]["original"]["eval/seg/miou"]["mean"] is not None
+
+
+def test_headline_metric_per_test_group_equals_that_group_alone():
+    """`_score` keeps `<metric>@<group>` equal to scoring that group's views alone (predictions
+    arrive in uneven micro-batches; a view without valid depth adds nothing to its group)."""
+    from fit3d.eval.metrics import confusion_matrix, depth_metrics, seg_metrics
+    from fit3d.eval.run import _recall, _score
+
+    gen = torch.Generator().manual_seed(0)
+    groups = ["a", "b", "a", "c", "b", "a", "c"]
+    split = types.SimpleNamespace(groups=groups)
+    gt = torch.rand(7, 5, 6, generator=gen) * 4 + 0.5  # [V, H, W] metres
+    gt[3] = 0  # no valid pixel in this view of group c
+    pred = gt * (1 + 0.3 * torch.rand(7, 5, 6, generator=gen))
+    seg_gt = torch.randint(0, 4, (7, 5, 6), generator=gen)
+    logits = torch.randn(7, 4, 5, 6, generator=gen)
+
+    def predict_from(x, y):
+        def predict(chunk):  # micro-batches of 2, 1, 2, ... views, in chunk order
+            i = 0
+            while i < len(chunk):
+                n = chunk[i : i + 1 + (i % 2 == 0)]
+                yield x[n], y[n]
+                i += len(n)
+
+        return predict
+
+    dev = torch.device("cpu")
+    views = list(range(7))
+    got = _score("depth", predict_from(pred, gt), split, views, 4, dev, batch=3)
+    seg = _score("seg", predict_from(logits, seg_gt), split, views, 4, dev, batch=3)
+    for g in "abc":
+        mine = [n for n in views if groups[n] == g]
+        assert got[f"rmse@{g}"] == pytest.approx(depth_metrics(pred[mine], gt[mine])["rmse"])
+        conf = confusion_matrix(logits[mine].argmax(1), seg_gt[mine], 4)
+        assert seg[f"miou@{g}"] == pytest.approx(seg_metrics(conf)["miou"])
+    assert got["rmse"] == pytest.approx(depth_metrics(pred, gt)["rmse"])
+    assert got["rmse@c"] == pytest.approx(depth_metrics(pred[6:], gt[6:])["rmse"])
+    one = types.SimpleNamespace(groups=["a"] * 7)  # one group: nothing per group
+    assert not [k for k in _score("depth", predict_from(pred, gt), one, views, 4, dev) if "@" in k]
+    # correspondence: group x's pairs all within 10 px, y's all beyond
+    errors = [torch.full((5,), 2.0), torch.full((5,), 30.0), torch.full((5,), 3.0)]
+    rec = _recall(errors, torch.tensor([5.0, 40.0, 70.0]), ["x", "y", "x"])
+    assert (rec["recall_10px@x"], rec["recall_10px@y"]) == (1.0, 0.0)
+    assert rec["recall_10px"] == pytest.approx(2 / 3)

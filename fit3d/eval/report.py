@@ -14,7 +14,10 @@ normals_dpt (Probe3D's DPT head, `eval.head=dpt|both`) and corr (`METRICS`). `pa
 published FiT3D numbers of the same backbone on the same dataset (original = before, assembled =
 after FiT3D; empty when the paper has none); the markdown puts them beside ours.
 `provenance` keeps `train_scenes` / `test_scenes` (the groups of each split), `views`, `device`,
-`seconds`, `cpu_seconds` and the weights of both backbones.
+`seconds`, `cpu_seconds` and the weights of both backbones. With 2 to 64 test groups
+(scenes), each probe's headline metric is also kept per group as `<key>@<group>` (e.g.
+`eval/depth/rmse@demo_006`, over that group's views); the verdict counts the groups where the
+assembled features win, since a few test scenes can decide a comparison.
 
 Spread = sample standard deviation over the probe seeds (0 for the deterministic
 correspondence probe). Changes are relative to the `original` row.
@@ -162,13 +165,34 @@ def verdict(results: dict) -> str:
             spread = max(a["std"], o["std"]) * scale
             total += 1
             wins += delta > 0 if higher else delta < 0
-            parts.append(f"{label} {delta:+.4g} (seed spread {spread:.2g})")
+            parts.append(
+                f"{label} {delta:+.4g} (seed spread {spread:.2g}"
+                + _by_group(metrics["assembled"], metrics[ref], key)
+                + ")"
+            )
         if total:  # a run without seg, depth or correspondence has no headline metric
             lines.append(
                 f"Assembled vs {ref}: better on {wins} of {total} headline metrics: "
                 + "; ".join(parts)
             )
     return "\n\n".join(lines) or "No headline metric (seg, depth, corr) in this run."
+
+
+def _by_group(a: dict, o: dict, key: str) -> str:
+    """'; better in k of n test groups: d1 / d2 / ...' from the per-group `key@group` entries
+    of two feature sets (group deltas as mean ± s.d. beyond 6 groups); '' when there are none."""
+    label, higher, scale = METRICS[key]
+    groups = [k for k in a if k.startswith(key + "@") and k in o]
+    deltas = [(a[k]["mean"] - o[k]["mean"]) * scale for k in groups]
+    deltas = [d for d in deltas if not math.isnan(d)]
+    if len(deltas) < 2:
+        return ""
+    wins = sum(d > 0 if higher else d < 0 for d in deltas)
+    if len(deltas) <= 6:
+        each = " / ".join(f"{d:+.3g}" for d in deltas)
+    else:
+        each = f"{statistics.fmean(deltas):+.3g} ± {statistics.stdev(deltas):.2g}"
+    return f"; better in {wins} of {len(deltas)} test groups: {each}"
 
 
 def protocol(results: dict) -> str:

@@ -228,6 +228,15 @@ def cached_batches(
             yield step
 
 
+PER_GROUP_MAX = 64
+"""Test groups (scenes) up to which each probe's headline metric is also kept per group."""
+
+
+def _group_keys(groups: list[str]) -> bool:
+    """Whether per-group metrics are kept for a split with these view groups."""
+    return 1 < len(set(groups)) <= PER_GROUP_MAX
+
+
 @torch.no_grad()
 def _score(
     task: str,
@@ -238,22 +247,45 @@ def _score(
     device: torch.device,
     batch: int = 8,
 ) -> dict[str, float]:
-    """Metrics of `predict(group) -> (prediction [B, H, W(, 3)], labels)` over the positions."""
+    """Metrics of `predict(group) -> (prediction [B, H, W(, 3)], labels)` over the positions,
+    in position order. With 2..PER_GROUP_MAX test groups, the probe's headline metric (`SELECT`)
+    is also given per group as `<metric>@<group>` (over that group's views only)."""
+    groups = [split.groups[n] for n in positions]
+    per_group = _group_keys(groups)
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    conf_g: dict[str, Tensor] = {}
     per_image: list[dict] = []
+    image_g: dict[str, list[dict]] = {}
+    k = 0  # position of the next prediction
     for chunk in D.chunked(positions, batch):
         for pred, y in predict(chunk):
             if task == "seg":
                 # class last: a CPU argmax over dim 1 of [B, K, H, W] took 3x as long
-                labels = pred.permute(0, 2, 3, 1).contiguous().argmax(-1)  # [B, H, W]
-                conf += confusion_matrix(labels.cpu(), y, num_classes)
-            elif task == "depth":
-                per_image += depth_per_image(pred.float().cpu(), y.float())
+                labels = pred.permute(0, 2, 3, 1).contiguous().argmax(-1).cpu()  # [B, H, W]
+                if not per_group:
+                    conf += confusion_matrix(labels, y, num_classes)
+                for b in range(len(labels)) if per_group else ():
+                    c = confusion_matrix(labels[b : b + 1], y[b : b + 1], num_classes)
+                    conf += c
+                    g = groups[k + b]
+                    conf_g[g] = conf_g[g] + c if g in conf_g else c
             else:
-                per_image += normal_per_image(pred[..., :3].float().cpu(), y.float())
+                per_view = depth_per_image if task == "depth" else normal_per_image
+                pred = pred.float().cpu() if task == "depth" else pred[..., :3].float().cpu()
+                for b in range(len(pred)):  # per view: images without a valid pixel add none
+                    got = per_view(pred[b : b + 1], y[b : b + 1].float())
+                    per_image += got
+                    image_g.setdefault(groups[k + b], []).extend(got)
+            k += len(pred)
+    key = SELECT[task][0]
     if task == "seg":
-        return seg_metrics(conf)
-    return mean_metrics(per_image, DEPTH_KEYS if task == "depth" else NORMAL_KEYS)
+        out = seg_metrics(conf)
+        out.update({f"{key}@{g}": seg_metrics(c)[key] for g, c in conf_g.items()})
+        return out
+    out = mean_metrics(per_image, DEPTH_KEYS if task == "depth" else NORMAL_KEYS)
+    if per_group:
+        out.update({f"{key}@{g}": mean_metrics(v, (key,))[key] for g, v in image_g.items()})
+    return out
 
 
 class Context:
@@ -462,8 +494,9 @@ def _width(task: str, feature_set: str, ctx: Context) -> int:
 
 
 def _short(m: dict) -> str:
-    keys = [k for k in m if k.split("/")[-1] in ("miou", "rmse", "absrel", "within_30", "ang_rmse")
-            or "/corr/" in k]  # fmt: skip
+    keys = [k for k in m if "@" not in k and (
+        k.split("/")[-1] in ("miou", "rmse", "absrel", "within_30", "ang_rmse") or "/corr/" in k
+    )]  # fmt: skip
     return ", ".join(f"{k.split('/')[-1]} {m[k]['mean']:.4g}" for k in keys or m)
 
 
@@ -499,6 +532,20 @@ def _pairs(ctx: Context) -> list[tuple[int, int, float]]:
     return pairs
 
 
+def _recall(errors: list[Tensor], rots: Tensor, groups: list[str]) -> dict[str, float]:
+    """`correspondence_recall` of the pairs, plus `recall_10px@<group>` over each group's pairs
+    (with 2..PER_GROUP_MAX groups). errors: [M_i] per pair; rots: [P] degrees; groups: [P]."""
+    out = correspondence_recall(errors, rots)
+    if _group_keys(groups):
+        by_group: dict[str, list[int]] = {}
+        for n, g in enumerate(groups):
+            by_group.setdefault(g, []).append(n)
+        for g, ns in by_group.items():
+            got = correspondence_recall([errors[n] for n in ns], rots[ns])
+            out[f"recall_10px@{g}"] = got["recall_10px"]
+    return out
+
+
 def _run_corr(sets: list[str], ctx: Context) -> dict:
     """Zero-shot correspondence recall of every feature set on the test split's pairs."""
     ec, split = ctx.cfg.eval, ctx.test
@@ -526,9 +573,10 @@ def _run_corr(sets: list[str], ctx: Context) -> dict:
         )  # fmt: skip
         for s in sets:
             errors[s].append(found[s])
+    pair_groups = [infos[i].group for i, _, _ in pairs]
     out = {}
     for s in sets:
-        rec = correspondence_recall(errors[s], rots)
+        rec = _recall(errors[s], rots, pair_groups)
         out[s] = {f"eval/corr/{k}": summarize([v]) for k, v in rec.items()}
         print(f"  corr        {s:11s} ({len(pairs)} pairs): " + _short(out[s]), flush=True)
     return out
