@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fit3d.eval.correspondence import pair_errors as pair_errors_sets
-from fit3d.eval.correspondence import quarter, ratio_matches
+from fit3d.eval.correspondence import quarter, ratio_matches_sets
 from fit3d.eval.metrics import correspondence_recall
 from fit3d.geometry import covisibility, select_pairs
 
@@ -81,7 +81,7 @@ def test_top_k_keeps_the_most_distinctive_matches():
 def test_ratio_test_weights_by_hand():
     f0 = torch.tensor([[1.0, 0.0], [0.8, 0.6]])
     f1 = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
-    idx, weight = ratio_matches(f0, f1)
+    idx, weight = ratio_matches_sets({"f": f0}, {"f": f1}, {"f": ("f",)})["f"]
     assert idx.tolist() == [0, 1]
     # row 0: cos 1 and 0.6 -> d = 1e-9 (clamped), 0.4; row 1: cos 0.96 and 0.8 -> d = 0.04, 0.2
     torch.testing.assert_close(weight, torch.tensor([1 - 1e-9 / 0.4, 1 - 0.04 / 0.2]))

@@ -50,15 +50,16 @@ Sets = dict[str, tuple[str, ...]]
 def ratio_matches_sets(
     f0: dict[str, Tensor], f1: dict[str, Tensor], sets: Sets, max_elems: int = 1 << 24
 ) -> dict[str, tuple[Tensor, Tensor]]:
-    """`ratio_matches` of every set at once, from each part's raw features f0[p] [N0, C_p] and
-    f1[p] [N1, C_p] (not normalised).
+    """Nearest neighbour in view 1 by cosine and Probe3D's ratio-test weight for every row of
+    view 0, for every set at once, from each part's raw features f0[p] [N0, C_p] and f1[p]
+    [N1, C_p] (not normalised).
 
     A set's cosine is that of its parts' concatenation: the sum of the parts' dot products over
     the product of the concatenations' norms. Each part's dot products are computed once per
     chunk of rows and shared by every set using it (original ++ fine-tuned and original ++
     original cost no matrix product of their own). Within a row, dividing by the view-0 norm
     does not change the order, so it is applied to the two values kept.
-    Returns {set: (index [N0] into f1, weight [N0] = 1 - d1/d2)}.
+    Returns {set: (index [N0] into f1, weight [N0] = 1 - d1/d2, d = 1 - cosine clamped at 1e-9)}.
     """
     n1 = f1[next(iter(f1))].shape[0]
     sq0 = {p: f.square().sum(1) for p, f in f0.items()}  # [N0] per part
@@ -82,14 +83,6 @@ def ratio_matches_sets(
             out[s][0].append(top.indices[:, 0])
             out[s][1].append(1 - ratio)
     return {s: (torch.cat(i), torch.cat(w)) for s, (i, w) in out.items()}
-
-
-def ratio_matches(f0: Tensor, f1: Tensor, max_elems: int = 1 << 24) -> tuple[Tensor, Tensor]:
-    """Nearest neighbour in f1 [N1, C] of every row of f0 [N0, C] (unit vectors) by cosine.
-
-    Returns (index [N0] into f1, weight [N0] = 1 - d1/d2, d = 1 - cosine clamped at 1e-9).
-    """
-    return ratio_matches_sets({"f": f0}, {"f": f1}, {"f": ("f",)}, max_elems)["f"]
 
 
 def pair_errors(

@@ -237,6 +237,14 @@ def _group_keys(groups: list[str]) -> bool:
     return 1 < len(set(groups)) <= PER_GROUP_MAX
 
 
+def _by_group(groups: list[str]) -> dict[str, list[int]]:
+    """Group -> indices of its items, in first-seen group order."""
+    out: dict[str, list[int]] = {}
+    for n, g in enumerate(groups):
+        out.setdefault(g, []).append(n)
+    return out
+
+
 @torch.no_grad()
 def _score(
     task: str,
@@ -251,40 +259,36 @@ def _score(
     in position order. With 2..PER_GROUP_MAX test groups, the probe's headline metric (`SELECT`)
     is also given per group as `<metric>@<group>` (over that group's views only)."""
     groups = [split.groups[n] for n in positions]
-    per_group = _group_keys(groups)
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    conf_g: dict[str, Tensor] = {}
-    per_image: list[dict] = []
-    image_g: dict[str, list[dict]] = {}
+    conf_g = {g: torch.zeros_like(conf) for g in groups}
+    per_image: dict[str, list[dict]] = {g: [] for g in groups}  # none from a view w/o valid GT
     k = 0  # position of the next prediction
     for chunk in D.chunked(positions, batch):
         for pred, y in predict(chunk):
             if task == "seg":
                 # class last: a CPU argmax over dim 1 of [B, K, H, W] took 3x as long
-                labels = pred.permute(0, 2, 3, 1).contiguous().argmax(-1).cpu()  # [B, H, W]
-                if not per_group:
-                    conf += confusion_matrix(labels, y, num_classes)
-                for b in range(len(labels)) if per_group else ():
-                    c = confusion_matrix(labels[b : b + 1], y[b : b + 1], num_classes)
-                    conf += c
-                    g = groups[k + b]
-                    conf_g[g] = conf_g[g] + c if g in conf_g else c
+                pred = pred.permute(0, 2, 3, 1).contiguous().argmax(-1).cpu()  # [B, H, W]
             else:
-                per_view = depth_per_image if task == "depth" else normal_per_image
-                pred = pred.float().cpu() if task == "depth" else pred[..., :3].float().cpu()
-                for b in range(len(pred)):  # per view: images without a valid pixel add none
-                    got = per_view(pred[b : b + 1], y[b : b + 1].float())
-                    per_image += got
-                    image_g.setdefault(groups[k + b], []).extend(got)
+                pred = (pred if task == "depth" else pred[..., :3]).float().cpu()
+            for b, g in enumerate(groups[k : k + len(pred)]):  # per view, for its group
+                if task == "seg":
+                    c = confusion_matrix(pred[b : b + 1], y[b : b + 1], num_classes)
+                    conf += c
+                    conf_g[g] += c
+                else:
+                    per_view = depth_per_image if task == "depth" else normal_per_image
+                    per_image[g] += per_view(pred[b : b + 1], y[b : b + 1].float())
             k += len(pred)
     key = SELECT[task][0]
     if task == "seg":
+        group_metrics = {g: seg_metrics(c) for g, c in conf_g.items()}
         out = seg_metrics(conf)
-        out.update({f"{key}@{g}": seg_metrics(c)[key] for g, c in conf_g.items()})
-        return out
-    out = mean_metrics(per_image, DEPTH_KEYS if task == "depth" else NORMAL_KEYS)
-    if per_group:
-        out.update({f"{key}@{g}": mean_metrics(v, (key,))[key] for g, v in image_g.items()})
+    else:
+        keys = DEPTH_KEYS if task == "depth" else NORMAL_KEYS
+        group_metrics = {g: mean_metrics(v, keys) for g, v in per_image.items()}
+        out = mean_metrics([d for v in per_image.values() for d in v], keys)
+    if _group_keys(groups):
+        out.update({f"{key}@{g}": m[key] for g, m in group_metrics.items()})
     return out
 
 
@@ -511,11 +515,8 @@ def _pairs(ctx: Context) -> list[tuple[int, int, float]]:
     if fixed:
         out = [(pos[i], pos[j]) for i, j in fixed if i in pos and j in pos]
         return [(i, j, relative_rotation(infos[i].viewmat, infos[j].viewmat)) for i, j in out]
-    by_group: dict[str, list[int]] = {}
-    for n, info in enumerate(infos):
-        by_group.setdefault(info.group, []).append(n)
     pairs = []
-    for members in by_group.values():
+    for members in _by_group([info.group for info in infos]).values():
         depths, Ks = [], []
         for n in members:  # 1/4-resolution depth: pair selection needs no more
             d = D.label_batch(split, [n], "depth")[0]
@@ -537,10 +538,7 @@ def _recall(errors: list[Tensor], rots: Tensor, groups: list[str]) -> dict[str, 
     (with 2..PER_GROUP_MAX groups). errors: [M_i] per pair; rots: [P] degrees; groups: [P]."""
     out = correspondence_recall(errors, rots)
     if _group_keys(groups):
-        by_group: dict[str, list[int]] = {}
-        for n, g in enumerate(groups):
-            by_group.setdefault(g, []).append(n)
-        for g, ns in by_group.items():
+        for g, ns in _by_group(groups).items():
             got = correspondence_recall([errors[n] for n in ns], rots[ns])
             out[f"recall_10px@{g}"] = got["recall_10px"]
     return out
@@ -586,10 +584,7 @@ def _pca(path: Path, sets: list[str], ctx: Context) -> None:
     """pca.png: the middle view of up to `eval.pca_views` test groups (cycling if fewer)."""
     split, feats = ctx.test, ctx.feats["test"]
     groups = split.groups
-    by_group: dict[str, list[int]] = {}
-    for n, g in enumerate(groups):
-        by_group.setdefault(g, []).append(n)
-    members = list(by_group.values())
+    members = list(_by_group(groups).values())
     picks = []
     for k in range(ctx.cfg.eval.pca_views):
         views = members[k % len(members)]
