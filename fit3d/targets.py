@@ -32,7 +32,9 @@ def resample_taps(n_in: int, n_out: int) -> tuple[Tensor, Tensor]:
     """
     eye = torch.eye(n_in, dtype=torch.float64)[None]  # [1, n_in (channels), n_in (length)]
     mat = F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].T  # [n_out, n_in]
-    weight, index = mat.topk(min(2, n_in), dim=1)
+    # the two largest taps, the lower index first among equal ones (`topk` leaves ties unordered)
+    weight, index = mat.sort(dim=1, descending=True, stable=True)
+    weight, index = weight[:, : min(2, n_in)], index[:, : min(2, n_in)]
     if n_in == 1:
         index, weight = index.repeat(1, 2), torch.cat([weight, torch.zeros_like(weight)], 1)
     return index, weight.float()

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
+from fit3d.eval.correspondence import canonical, quarter, ratio_matches_sets, top_indices
 from fit3d.eval.correspondence import pair_errors as pair_errors_sets
-from fit3d.eval.correspondence import quarter, ratio_matches_sets
 from fit3d.eval.metrics import correspondence_recall
 from fit3d.geometry import covisibility, select_pairs
 
@@ -79,12 +79,13 @@ def test_top_k_keeps_the_most_distinctive_matches():
 
 
 def test_ratio_test_weights_by_hand():
-    f0 = torch.tensor([[1.0, 0.0], [0.8, 0.6]])
-    f1 = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    f0 = torch.tensor([[1.0, 0.0], [0.8, 0.6]], dtype=torch.float64)
+    f1 = torch.tensor([[1.0, 0.0], [0.6, 0.8]], dtype=torch.float64)
     idx, weight = ratio_matches_sets({"f": f0}, {"f": f1}, {"f": ("f",)})["f"]
     assert idx.tolist() == [0, 1]
     # row 0: cos 1 and 0.6 -> d = 1e-9 (clamped), 0.4; row 1: cos 0.96 and 0.8 -> d = 0.04, 0.2
-    torch.testing.assert_close(weight, torch.tensor([1 - 1e-9 / 0.4, 1 - 0.04 / 0.2]))
+    expected = torch.tensor([1 - 1e-9 / 0.4, 1 - 0.04 / 0.2], dtype=torch.float64)
+    torch.testing.assert_close(weight, expected, rtol=0, atol=1e-12)
 
 
 def test_quarter_is_nearest_and_scales_K():
@@ -127,9 +128,8 @@ def test_covisibility_and_pair_selection():
     assert abs(pairs[0][2] - 5.0) < 1e-3
 
 
-def test_sets_share_part_products_and_equal_their_concatenation():
-    """pair_errors_sets: a set's errors are those of pair_errors on its parts' channel concat;
-    original ++ original scores as original does."""
+def _set_maps(dtype: torch.dtype) -> tuple[dict, dict]:
+    """Two parts per view: `a` (codes with noise, matched SHIFT off) and `b` (noise + part of a)."""
     gen = torch.Generator().manual_seed(1)
     codes = _codes()
     feat0 = codes[:60].permute(2, 1, 0)  # [64, 40, 60]
@@ -139,17 +139,56 @@ def test_sets_share_part_products_and_equal_their_concatenation():
     noise0, noise1 = (torch.randn(32, 40, 60, generator=gen) for _ in range(2))
     maps0 = {"a": feat0 + 0.3 * torch.randn(64, 40, 60, generator=gen), "b": noise0}
     maps1 = {"a": feat1, "b": noise1 + feat1[:32]}
-    sets = {"a": ("a",), "ab": ("a", "b"), "aa": ("a", "a"), "b": ("b",)}
+    cast = lambda m: {k: v.to(dtype) for k, v in m.items()}  # noqa: E731
+    return cast(maps0), cast(maps1)
+
+
+SETS = {"a": ("a",), "ab": ("a", "b"), "aa": ("a", "a"), "b": ("b",)}
+
+
+def _set_geometry() -> tuple:
     depth0 = torch.zeros(H, W, dtype=torch.float64)
     depth0[:, 40:200] = Z
     depth1 = torch.full((H, W), Z, dtype=torch.float64)
-    geo = (depth0, depth1, K, K, _viewmat(0.0), _viewmat(TX))
-    got = pair_errors_sets(maps0, maps1, sets, *geo, top_k=300)
-    for s, parts in sets.items():
+    return depth0, depth1, K, K, _viewmat(0.0), _viewmat(TX)
+
+
+def test_sets_equal_their_concatenation_in_float64():
+    """A set's errors are exactly those of pair_errors on its parts' channel concatenation: in
+    float64 the two routes' cosines differ by ~1e-16, far below the ranking resolution TIE."""
+    maps0, maps1 = _set_maps(torch.float64)
+    geo = _set_geometry()
+    got = pair_errors_sets(maps0, maps1, SETS, *geo, top_k=300)
+    for s, parts in SETS.items():
         ref = pair_errors(torch.cat([maps0[p] for p in parts]),
                           torch.cat([maps1[p] for p in parts]), *geo, top_k=300)  # fmt: skip
-        assert len(got[s]) == len(ref) == 300
-        same = (got[s].sort().values - ref.sort().values).abs() < 1e-9
-        assert same.float().mean() > 0.99, s  # float ties may swap a match
-    torch.testing.assert_close(got["aa"], got["a"])
+        assert len(got[s]) == 300
+        torch.testing.assert_close(got[s], ref, rtol=0, atol=1e-9, msg=s)
     assert not torch.equal(got["ab"], got["a"])
+
+
+def test_original_twice_scores_exactly_as_original():
+    """original ++ original has original's canonical form: one computation, identical results."""
+    assert canonical(("a", "a")) == canonical(("a",)) == (("a", 1),)
+    assert canonical(("b", "a", "b", "a")) == (("a", 1), ("b", 1))
+    assert canonical(("a", "a", "b")) == (("a", 2), ("b", 1))
+    maps0, maps1 = _set_maps(torch.float32)
+    got = pair_errors_sets(maps0, maps1, SETS, *_set_geometry(), top_k=300)
+    assert torch.equal(got["aa"], got["a"])
+    assert not torch.equal(got["ab"], got["a"])
+
+
+def test_ties_go_to_the_lower_index():
+    # view-1 rows 1, 3 and 4 are the same vector: rows 0 and 2 of view 0 match all three
+    # equally -> the lowest index, 1, with weight 0 (the second-best cosine is a twin's)
+    f1 = torch.tensor([[0.0, 1.0], [1.0, 0.2], [0.3, 1.0], [1.0, 0.2], [1.0, 0.2]])
+    f0 = torch.tensor([[1.0, 0.2], [0.0, 1.0], [2.0, 0.4]])
+    for rows in (slice(None), [2, 1, 0]):  # whatever the order of view 0's rows
+        idx, weight = ratio_matches_sets({"f": f0[rows]}, {"f": f1}, {"f": ("f",)})["f"]
+        assert sorted(idx.tolist()) == [0, 1, 1]
+    idx, weight = ratio_matches_sets({"f": f0}, {"f": f1}, {"f": ("f",)})["f"]
+    assert idx.tolist() == [1, 0, 1] and weight[0] == weight[2] == 0
+    # equal weights are kept in index order, whatever topk would do
+    w = torch.tensor([0.5, 0.7, 0.7, 0.9, 0.7, 0.5], dtype=torch.float64)
+    assert top_indices(w, 3).tolist() == [3, 1, 2]
+    assert top_indices(w, 6).tolist() == [3, 1, 2, 4, 0, 5]

@@ -94,10 +94,11 @@ def test_demo_linear_and_dpt_heads_original_and_control(demo_out, capsys):
         assert key in res["metrics"]["original"], key
         assert len(res["metrics"]["original"][key]["values"]) == (1 if "corr" in key else 2)
     assert "eval/depth_dpt/rmse" not in res["metrics"]["original"]  # dpt_probes: normals only
-    # original ++ original has the same cosine similarities (up to float ties in the ranking)
-    assert res["metrics"]["control"]["eval/corr/recall_10px"]["mean"] == pytest.approx(
-        res["metrics"]["original"]["eval/corr/recall_10px"]["mean"], abs=0.02
-    )
+    # original ++ original has original's cosines, computed once: every recall is the same
+    corr = {
+        s: {k: v for k, v in res["metrics"][s].items() if "/corr/" in k} for s in res["metrics"]
+    }
+    assert corr["control"] == corr["original"] and corr["original"]
     out = demo_out / "eval" / "nofit"
     for f in ("results.md", "results.png", "pca.png", "config.yaml", "results.html"):
         assert (out / f).is_file(), f

@@ -416,3 +416,18 @@ def test_absgrad_matches_per_pixel_sum(packed: bool) -> None:
     )
     assert torch.allclose(absgrad, expected, rtol=1e-4)
     assert (absgrad >= m2d.grad.reshape(-1, 2)[0].abs().double() - 1e-6).all()
+
+
+def test_kernel_build_target_is_overridable_and_cached_apart(monkeypatch):
+    """FIT3D_RENDER_MARCH picks the C++ kernels' -march (an AVX-512 machine builds what an AVX2
+    one would); each target has its own build name, so neither build replaces the other."""
+    from fit3d.render import _cpp
+
+    monkeypatch.delenv(_cpp.MARCH_ENV, raising=False)
+    native = _cpp._build_tag()
+    assert _cpp._march() == "native"
+    monkeypatch.setenv(_cpp.MARCH_ENV, "x86-64-v3")
+    avx2 = _cpp._build_tag()
+    assert _cpp._march() == "x86-64-v3"
+    monkeypatch.setenv(_cpp.MARCH_ENV, "x86-64-v2")
+    assert len({native, avx2, _cpp._build_tag()}) == 3

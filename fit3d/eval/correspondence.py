@@ -18,6 +18,9 @@ point counts as Probe3D counts it.
 
 from __future__ import annotations
 
+import math
+from collections import Counter
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -37,14 +40,45 @@ def quarter(depth: Tensor, K: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def upsampled(feat: Tensor, size: tuple[int, int]) -> Tensor:
-    """Token map [C, h, w] -> features [H4*W4, C] (fp32) at the pixel centres of an H4 x W4
-    image (bilinear, align_corners=False), row-major; not normalised."""
-    up = F.interpolate(feat[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+    """Token map [C, h, w] -> features [H4*W4, C] at the pixel centres of an H4 x W4 image
+    (bilinear, align_corners=False), row-major; not normalised. fp16/bf16 maps become fp32,
+    fp64 ones stay fp64."""
+    feat = feat[None].to(torch.promote_types(feat.dtype, torch.float32))
+    up = F.interpolate(feat, size=size, mode="bilinear", align_corners=False)[0]
     return up.flatten(1).T
 
 
 Sets = dict[str, tuple[str, ...]]
 """Feature set -> the parts whose features it concatenates along channels (a part may repeat)."""
+
+
+def canonical(parts: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
+    """A set's parts as (part, multiplicity) with the multiplicities divided by their gcd, sorted:
+    scaling every multiplicity by one factor leaves every cosine unchanged (original ++ original
+    has original's cosines), so sets with one canonical form are computed once, bit-identically."""
+    counts = Counter(parts)
+    g = math.gcd(*counts.values())
+    return tuple(sorted((p, m // g) for p, m in counts.items()))
+
+
+def top_indices(weight: Tensor, k: int) -> Tensor:
+    """Indices of the k largest values of weight [N], equal values in ascending index order (a
+    stable descending sort; `topk` leaves the order of ties unspecified)."""
+    return torch.argsort(weight, descending=True, stable=True)[:k]
+
+
+def _best_two(sim: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per row of sim [n, N1]: (index of the largest value, the lowest index among equal ones;
+    largest value; second largest value, equal to the largest where the row has a tie)."""
+    if sim.shape[1] == 1:
+        v = sim[:, 0]
+        return torch.zeros_like(v, dtype=torch.long), v, torch.full_like(v, -math.inf)
+    top = sim.topk(2, dim=1)
+    index = top.indices[:, 0].clone()
+    tied = (top.values[:, 0] == top.values[:, 1]).nonzero()[:, 0]
+    if len(tied):  # topk picks any of equal maxima; max(dim) the first
+        index[tied] = sim[tied].max(dim=1).indices
+    return index, top.values[:, 0], top.values[:, 1]
 
 
 def ratio_matches_sets(
@@ -56,33 +90,40 @@ def ratio_matches_sets(
 
     A set's cosine is that of its parts' concatenation: the sum of the parts' dot products over
     the product of the concatenations' norms. Each part's dot products are computed once per
-    chunk of rows and shared by every set using it (original ++ fine-tuned and original ++
-    original cost no matrix product of their own). Within a row, dividing by the view-0 norm
-    does not change the order, so it is applied to the two values kept.
-    Returns {set: (index [N0] into f1, weight [N0] = 1 - d1/d2, d = 1 - cosine clamped at 1e-9)}.
+    chunk of rows and shared by every set using it (original ++ fine-tuned costs no matrix
+    product of its own), and sets with one `canonical` form (original ++ original and original)
+    are one computation. Within a row, dividing by the view-0 norm does not change the order, so
+    it is applied to the two values kept. Ties are broken by index: the nearest neighbour is the
+    lowest view-1 index among equal cosines (and `pair_errors` keeps equal weights in index
+    order), so results depend on nothing but the dot products' values.
+    Returns {set: (index [N0] into f1, weight [N0] float64 = 1 - d1/d2, d = 1 - cosine clamped
+    at 1e-9)}.
     """
+    forms = {s: canonical(parts) for s, parts in sets.items()}
+    unique = list(dict.fromkeys(forms.values()))
     n1 = f1[next(iter(f1))].shape[0]
     sq0 = {p: f.square().sum(1) for p, f in f0.items()}  # [N0] per part
     sq1 = {p: f.square().sum(1) for p, f in f1.items()}  # [N1]
-    norm0 = {s: sum(sq0[p] for p in parts).sqrt().clamp_min(1e-12) for s, parts in sets.items()}
-    inv1 = {s: 1 / sum(sq1[p] for p in parts).sqrt().clamp_min(1e-12) for s, parts in sets.items()}
-    used = list(dict.fromkeys(p for parts in sets.values() for p in parts))
+    norm0 = {u: sum(m * sq0[p] for p, m in u).sqrt().clamp_min(1e-12) for u in unique}
+    inv1 = {u: 1 / sum(m * sq1[p] for p, m in u).sqrt().clamp_min(1e-12) for u in unique}
+    used = list(dict.fromkeys(p for u in unique for p, _ in u))
     chunk = max(max_elems // max(n1, 1), 1)
-    out: dict[str, tuple[list[Tensor], list[Tensor]]] = {s: ([], []) for s in sets}
+    out: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {u: ([], []) for u in unique}
     for start in range(0, f0[used[0]].shape[0], chunk):
         rows = slice(start, start + chunk)
         dots = {p: f0[p][rows] @ f1[p].T for p in used}  # [n, N1]
-        for s, parts in sets.items():
-            sim = dots[parts[0]] * inv1[s][None]  # cosine times the row's view-0 norm, [n, N1]
-            for p in parts[1:]:
-                sim.addcmul_(dots[p], inv1[s][None])
-            top = sim.topk(min(2, n1), dim=1)
-            cos = top.values / norm0[s][rows, None]
-            dist = (1 - cos).clamp_min(1e-9)  # [n, 1 or 2]
-            ratio = dist[:, 0] / dist[:, -1] if dist.shape[1] == 2 else torch.ones_like(dist[:, 0])
-            out[s][0].append(top.indices[:, 0])
-            out[s][1].append(1 - ratio)
-    return {s: (torch.cat(i), torch.cat(w)) for s, (i, w) in out.items()}
+        for u in unique:
+            (p, m), rest = u[0], u[1:]
+            sim = dots[p] * (m * inv1[u])[None]  # cosine times the row's view-0 norm, [n, N1]
+            for p, m in rest:
+                sim.addcmul_(dots[p], (m * inv1[u])[None])
+            index, first, second = _best_two(sim)
+            cos1, cos2 = (v.double() / norm0[u][rows].double() for v in (first, second))
+            d1, d2 = ((1 - c).clamp_min(1e-9) for c in (cos1, cos2))  # [n]
+            out[u][0].append(index)
+            out[u][1].append(1 - d1 / d2)
+    found = {u: (torch.cat(i), torch.cat(w)) for u, (i, w) in out.items()}
+    return {s: found[forms[s]] for s in sets}
 
 
 def pair_errors(
@@ -115,7 +156,7 @@ def pair_errors(
     w0, w1 = d0.shape[1], d1.shape[1]
     out = {}
     for s, (idx, weight) in ratio_matches_sets(f0, f1, sets).items():
-        keep = weight.topk(min(top_k, weight.numel())).indices
+        keep = top_indices(weight, top_k)
         pix0 = v0.nonzero()[:, 0][keep]  # flat indices into the 1/4 map of view 0
         pix1 = v1.nonzero()[:, 0][idx[keep]]
         xy0 = torch.stack([pix0 % w0, pix0 // w0], 1)  # [M, 2] pixel indices (x, y)

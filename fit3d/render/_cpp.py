@@ -3,7 +3,9 @@ torch.autograd.Functions.
 
 The extension is compiled on first use with `torch.utils.cpp_extension.load` (needs a C++ compiler
 and ninja, which gsplat already pulls in; ~1-2 min once, then cached under
-~/.cache/torch_extensions, keyed by the sources and this CPU's flags). If that fails (or
+~/.cache/torch_extensions, keyed by the sources and the target instruction set). The target is
+`-march=native` unless FIT3D_RENDER_MARCH names another (`x86-64-v3` = AVX2 + FMA, the kernels an
+AVX2-only CPU builds, so an AVX-512 machine can run what an AVX2 one would). If that fails (or
 FIT3D_RENDER_NO_CPP=1 is set), and always for float64 or non-CPU tensors, the renderer uses the
 pure-torch path instead (a one-time warning says so).
 
@@ -34,21 +36,31 @@ _SOURCES = ("_bindings.cpp", "_project.cpp", "_composite.cpp")
 _HEADERS = ("_kernels.h",)
 # -fopenmp-simd only enables `omp simd` pragmas (no runtime); -ffp-contract=fast allows FMAs, which
 # -std=c++17 (ISO mode) would otherwise forbid
-_CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=fast", "-fopenmp-simd"]
+_CFLAGS = ["-O3", "-fno-math-errno", "-ffp-contract=fast", "-fopenmp-simd"]
+MARCH_ENV = "FIT3D_RENDER_MARCH"
+"""Environment variable overriding the `-march=` target of the build (default `native`)."""
+
+
+def _march() -> str:
+    return os.environ.get(MARCH_ENV, "").strip() or "native"
 
 
 def _build_tag() -> str:
-    """Short hash of this CPU's feature flags and the kernel sources: the build uses -march=native,
-    so a cache shared by machines with different CPUs (a cluster home directory) must not hand
-    one's build to another, and torch's own rebuild check does not look at headers."""
-    try:
-        flags = next(
-            line
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("flags")
-        )
-    except (OSError, StopIteration):
-        flags = platform.processor() or platform.machine()
+    """Short hash of the target instruction set and the kernel sources. With -march=native that
+    is this CPU's feature flags, so a cache shared by machines with different CPUs (a cluster home
+    directory) does not hand one's build to another; torch's own rebuild check does not look at
+    headers."""
+    march = _march()
+    flags = march
+    if march == "native":
+        try:
+            flags = next(
+                line
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("flags")
+            )
+        except (OSError, StopIteration):
+            flags = platform.processor() or platform.machine()
     h = hashlib.sha1(flags.encode())
     here = Path(__file__).parent
     for name in _SOURCES + _HEADERS:
@@ -70,7 +82,7 @@ def _extension() -> ModuleType | None:
         return load(
             name=f"fit3d_render_cpu_{_build_tag()}",
             sources=[str(here / s) for s in _SOURCES],
-            extra_cflags=_CFLAGS,
+            extra_cflags=[*_CFLAGS, f"-march={_march()}"],
             verbose=False,
         )
     except Exception as e:  # no compiler, no ninja, build error: stay correct, just slower

@@ -44,14 +44,15 @@ def display_subset(opacities: Tensor, scales: Tensor, max_count: int) -> Tensor:
     """Indices [M] (sorted) of the Gaussians to display, M = min(N, max_count).
 
     When the scene is larger than the cap, keep the most visible ones: largest
-    opacity x (product of the two largest scales), a Gaussian's footprint times its alpha.
+    opacity x (product of the two largest scales), a Gaussian's footprint times its alpha; among
+    equal scores the lower index (a stable sort: `topk` leaves ties in no stated order).
     """
     n = len(opacities)
     if max_count <= 0 or n <= max_count:
         return torch.arange(n)
     top2 = scales.float().topk(2, dim=1).values  # [N, 2]
     score = opacities.float() * top2[:, 0] * top2[:, 1]  # [N]
-    return score.topk(max_count).indices.sort().values
+    return torch.argsort(score, descending=True, stable=True)[:max_count].sort().values
 
 
 def covariances(quats: Tensor, scales: Tensor) -> Tensor:
