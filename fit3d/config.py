@@ -50,6 +50,19 @@ class ScenesConfig:
     """Demo only: image height in pixels."""
     demo_seed: int = 0
     """Demo only: generator seed (rooms, textures, camera paths)."""
+    demo_probe: int = 0
+    """Demo only: extra rooms the probes train on besides the train rooms (never lifted; split
+    `probe_train` = train rooms + these)."""
+    demo_probe_views: int = 10
+    """Demo only: views of each extra probe room (evenly spaced poses of its loop)."""
+    demo_test: int = 0
+    """Demo only: test rooms (split `test`; never lifted or fine-tuned on), scored by the
+    evaluator with `eval.test_split=test`."""
+    demo_test_views: int = 5
+    """Demo only: views of each test room (2-8 poses of its loop, 1 to 10 poses apart)."""
+    demo_test_seed: int = 0
+    """Demo only: seed of the test rooms alone (another draw of test rooms; the train, val and
+    probe rooms, and so the lifted scenes and the fine-tuned model, stay the same)."""
 
 
 @dataclass(frozen=True)
@@ -228,6 +241,9 @@ class EvalConfig:
     test_split: str = ""
     """Split the probes are scored on; empty = the dataset's (`val`, or `test` where the dataset
     has no val split: NYUv2, KITTI, ScanNet-1500). Never used to pick anything."""
+    val_split: str = ""
+    """Split whose views pick the learning rate (protocol=fast; neither train nor test, e.g. the
+    demo's `val` rooms); empty = the last `val_fraction` of the train split's groups."""
     protocol: str = "fast"
     """`paper`: FiT3D's linear-probe protocol as its configs state (augmentation, features
     recomputed per iteration, iteration schedules, slide inference, flip test-time augmentation);

@@ -149,12 +149,25 @@ def scenes_picture(scene_id: str) -> Path:
 
 
 # --- settings and provenance ----------------------------------------------------------------
+EVAL_ONLY = {"scenes": ("demo_probe", "demo_probe_views", "demo_test", "demo_test_views",
+                        "demo_test_seed")}  # fmt: skip
+"""Settings that only choose what the evaluator scores (the demo's probe and test rooms): they
+never tie a lifting or fine-tuning run."""
+
+
+def _tied(data: dict, section: str) -> dict:
+    """A config section as `check_settings` compares it (without `EVAL_ONLY` keys)."""
+    return {
+        k: v for k, v in (data.get(section) or {}).items() if k not in EVAL_ONLY.get(section, ())
+    }
+
+
 def check_settings(cfg: Config, folder: Path, sections: tuple[str, ...]) -> bool:
     """Refuse to mix results of different settings in one run folder.
 
     Returns True when `folder` already holds a config.yaml whose `sections` equal `cfg`'s (a rerun
-    or resume of the same run), False when there is none; raises `UserError` naming the sections
-    that differ otherwise.
+    or resume of the same run; `EVAL_ONLY` keys aside), False when there is none; raises
+    `UserError` naming the sections that differ otherwise.
     """
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
@@ -164,7 +177,7 @@ def check_settings(cfg: Config, folder: Path, sections: tuple[str, ...]) -> bool
     except yaml.YAMLError as e:
         raise UserError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
     new = to_dict(cfg)
-    changed = [s for s in sections if old.get(s) != new.get(s)]
+    changed = [s for s in sections if _tied(old, s) != _tied(new, s)]
     if changed:
         raise UserError(
             f"{path} was written with different settings ({', '.join(changed)}); "

@@ -401,7 +401,8 @@ def test_foreign_labels_are_not_overwritten(tmp_path, capsys):
 
 # --- the demo room: labels from its scan against the generator's exact maps ------------------
 DEMO = {"demo_train": 1, "demo_val": 0, "demo_views": 6, "demo_width": 96, "demo_height": 64}
-"""One small room (the default room is 336x224 with 40 views)."""
+DEMO |= {"demo_probe": 0, "demo_test": 0}
+"""One small room (the default room is 336x224 with 40 views), no probe or test rooms."""
 
 
 def _sha(path: Path) -> str:

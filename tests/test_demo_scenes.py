@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from fit3d.scenes import open_scene
-from fit3d.scenes.demo import CLASSES, generate_demo
+from fit3d.scenes.demo import (
+    CLASSES,
+    TEST_LOOP,
+    TEST_POSES,
+    TEST_SEED,
+    generate_demo,
+    generate_room,
+)
 from fit3d.scenes.demo.__main__ import main as demo_main
 
 W, H, N_VIEWS = 128, 96, 10
@@ -209,6 +216,38 @@ def test_deterministic_and_cached(tmp_path):
     assert (a / rel / depth).exists() and (a / rel / "gt_depth/DSC00003.png").exists()
     assert (a / "splits/nvs_sem_train.txt").read_text().split() == ["demo_000"]
     assert (a / "splits/nvs_sem_val.txt").read_text().split() == []
+
+
+def test_probe_and_test_rooms_are_split_and_cached_per_room(tmp_path):
+    """Probe and test rooms render poses of the same kind of loop (same rooms, fewer views); a
+    new test seed adds its own test rooms and leaves every other room's files as they were."""
+    kw = dict(seed=1, n_train=1, n_val=1, n_views=8, width=32, height=24, workers=1)
+    kw |= dict(n_probe=1, probe_views=4, n_test=2, test_views=3)
+    root = generate_demo(tmp_path / "d", **kw)
+    splits = {f.stem: f.read_text().split() for f in (root / "splits").glob("*.txt")}
+    assert splits == {
+        "nvs_sem_train": ["demo_000"],
+        "nvs_sem_val": ["demo_001"],
+        "probe_train": ["demo_000", "demo_p00"],
+        "test": ["demo_t0_00", "demo_t0_01"],
+    }
+    test_room = open_scene(root, "demo_t0_00")
+    assert [test_room.image_name(i) for i in range(len(test_room))] == [
+        f"DSC{i:05d}.JPG" for i in TEST_POSES[:3]
+    ]
+    assert len(open_scene(root, "demo_p00")) == 4 and len(open_scene(root, "demo_000")) == 8
+    # a test room's view k is pose TEST_POSES[k] of the whole loop its room films
+    generate_room(tmp_path / "data" / "whole", TEST_SEED, TEST_LOOP, 32, 24)
+    whole = open_scene(tmp_path, "whole")
+    for k, i in enumerate(TEST_POSES[:3]):
+        torch.testing.assert_close(test_room.viewmat(k), whole.viewmat(i))
+    stamps = {f: f.stat().st_mtime_ns for f in root.glob("data/*/room.json")}
+    generate_demo(root, **{**kw, "test_seed": 1})
+    assert (root / "splits/test.txt").read_text().split() == ["demo_t1_00", "demo_t1_01"]
+    assert all(f.stat().st_mtime_ns == t for f, t in stamps.items())  # nothing regenerated
+    assert (root / "data/demo_t1_00/room.json").is_file()
+    a = open_scene(root, "demo_t1_00").viewmat(0)
+    assert not torch.allclose(a, test_room.viewmat(0))  # another draw of rooms
 
 
 def test_show_writes_mosaic(demo_root, tmp_path):

@@ -40,6 +40,10 @@ TINY = [
     "scenes.demo_views=6",
     "scenes.demo_width=112",
     "scenes.demo_height=84",
+    "scenes.demo_probe=1",
+    "scenes.demo_probe_views=3",
+    "scenes.demo_test=2",
+    "scenes.demo_test_views=3",
     "eval.epochs=2",
     "eval.batch_size=4",
     "eval.lrs=[0.01,0.1]",
@@ -144,12 +148,14 @@ def test_four_feature_sets_and_weights_that_do_not_load(demo_out, tmp_path, caps
 def test_lr_swept_once_and_scaled_by_width(demo_out, tmp_path, monkeypatch):
     """eval.sweep_each_set=false: the lr sweep runs on the first set only; every other set gets
     that lr times C_first / C (assembled and control are twice as wide for seg, 3/2 for depth,
-    whose input carries the original's CLS token); 2 + 2 x 4 fits per probe instead of 4 x 4."""
-    import fit3d.eval.run as R
+    whose input carries the original's CLS token). The sweep fits seed 0 on all train views and
+    scores the val rooms (eval.val_split), so the chosen lr's head is original's seed-0 head:
+    2 + 1 + 2 x 3 fits per probe instead of 4 x 4."""
+    import fit3d.eval.fitting as F
 
     fits = []
-    fit = R._fit_cached
-    monkeypatch.setattr(R, "_fit_cached", lambda *a: fits.append(a[0]) or fit(*a))
+    fit = F.fit_cached
+    monkeypatch.setattr(F, "fit_cached", lambda *a: fits.append(a[0]) or fit(*a))
     good = _weights(tmp_path / "ft.safetensors", 1)
     args = [*TINY, f"run.out={demo_out}", "run.name=sweep1", f"eval.finetuned_weights={good}"]
     assert main([*args, "eval.probes=[seg,depth]", "eval.sweep_each_set=false"]) == 0
@@ -160,7 +166,7 @@ def test_lr_swept_once_and_scaled_by_width(demo_out, tmp_path, monkeypatch):
         assert lr["fine-tuned"][task] == first
         assert lr["assembled"][task] == pytest.approx(first / wide)
         assert lr["control"][task] == pytest.approx(first / wide)
-        assert fits.count(task) == 2 + 2 * 4
+        assert fits.count(task) == 2 + 1 + 2 * 3
 
 
 def test_cache_of_another_backbone_is_one_line_and_recomputed(demo_out, tmp_path):
@@ -172,7 +178,8 @@ def test_cache_of_another_backbone_is_one_line_and_recomputed(demo_out, tmp_path
     assert main([*args, "run.name=cache_b", f"backbone.weights={b}"]) == 0
     notes = _results(demo_out, "cache_b")["notes"]
     stale = [n for n in notes if "was written with other settings" in n]
-    assert len(stale) == 2 and all("weights_sha256" in n for n in stale)  # train and test stores
+    # train, val and test stores
+    assert len(stale) == 3 and all("weights_sha256" in n for n in stale)
     assert main([*args, "run.name=cache_b2", f"backbone.weights={b}"]) == 0  # now reused
     assert not any("other settings" in n for n in _results(demo_out, "cache_b2")["notes"])
     r_b, r_b2 = _results(demo_out, "cache_b"), _results(demo_out, "cache_b2")
@@ -234,8 +241,10 @@ def test_nyuv2_through_eval_dataset(tmp_path):
     ]
     assert main(args) == 0
     res = _results(tmp_path, "default")
-    assert res["dataset"] == {"name": "nyuv2", "train_split": "train", "test_split": "test"}
-    assert res["provenance"]["views"] == {"train": 2, "test": 2}
+    assert res["dataset"] == {
+        "name": "nyuv2", "train_split": "train", "val_split": None, "test_split": "test"
+    }  # fmt: skip
+    assert res["provenance"]["views"] == {"train": 2, "val": 0, "test": 2}
     m = res["metrics"]["original"]
     assert "eval/seg/miou" in m and "eval/depth/rmse" in m
     assert any("no usable normals labels" in n for n in res["notes"])
@@ -247,7 +256,7 @@ class _NaNDepth(ScenesSet):
 
     def _load(self, i):
         s = super()._load(i)
-        if i == 2 and self.split == "val":
+        if i == 2 and self.split == "test":
             s.depth[5:9, 10:20] = float("nan")
         return s
 
@@ -330,8 +339,9 @@ def test_cuda_with_bf16_autocast(demo_out):
 def test_headline_metric_per_test_group_equals_that_group_alone():
     """`_score` keeps `<metric>@<group>` equal to scoring that group's views alone (predictions
     arrive in uneven micro-batches; a view without valid depth adds nothing to its group)."""
+    from fit3d.eval.correspondence import recall_by_group as _recall
+    from fit3d.eval.fitting import score as _score
     from fit3d.eval.metrics import confusion_matrix, depth_metrics, seg_metrics
-    from fit3d.eval.run import _recall, _score
 
     gen = torch.Generator().manual_seed(0)
     groups = ["a", "b", "a", "c", "b", "a", "c"]
@@ -352,10 +362,9 @@ def test_headline_metric_per_test_group_equals_that_group_alone():
 
         return predict
 
-    dev = torch.device("cpu")
     views = list(range(7))
-    got = _score("depth", predict_from(pred, gt), split, views, 4, dev, batch=3)
-    seg = _score("seg", predict_from(logits, seg_gt), split, views, 4, dev, batch=3)
+    got = _score("depth", predict_from(pred, gt), split, views, 4, batch=3)
+    seg = _score("seg", predict_from(logits, seg_gt), split, views, 4, batch=3)
     for g in "abc":
         mine = [n for n in views if groups[n] == g]
         assert got[f"rmse@{g}"] == pytest.approx(depth_metrics(pred[mine], gt[mine])["rmse"])
@@ -364,7 +373,7 @@ def test_headline_metric_per_test_group_equals_that_group_alone():
     assert got["rmse"] == pytest.approx(depth_metrics(pred, gt)["rmse"])
     assert got["rmse@c"] == pytest.approx(depth_metrics(pred[6:], gt[6:])["rmse"])
     one = types.SimpleNamespace(groups=["a"] * 7)  # one group: nothing per group
-    assert not [k for k in _score("depth", predict_from(pred, gt), one, views, 4, dev) if "@" in k]
+    assert not [k for k in _score("depth", predict_from(pred, gt), one, views, 4) if "@" in k]
     # correspondence: group x's pairs all within 10 px, y's all beyond
     errors = [torch.full((5,), 2.0), torch.full((5,), 30.0), torch.full((5,), 3.0)]
     rec = _recall(errors, torch.tensor([5.0, 40.0, 70.0]), ["x", "y", "x"])

@@ -33,6 +33,10 @@ def test_tiny_pipeline_end_to_end(tmp_path) -> None:
         "scenes.demo_views=8",
         "scenes.demo_width=112",
         "scenes.demo_height=84",
+        "scenes.demo_probe=1",
+        "scenes.demo_probe_views=3",
+        "scenes.demo_test=2",
+        "scenes.demo_test_views=3",
         "lift.steps=30",
         "lift.checkpoint_every=10",
         "finetune.max_steps=3",
@@ -75,3 +79,12 @@ def test_tiny_pipeline_end_to_end(tmp_path) -> None:
             assert len(stat["values"]) == 1 and math.isfinite(stat["mean"]), (s, key, stat)
             assert lo <= stat["mean"] <= hi, (s, key, stat)
     assert (tmp_path / "eval" / "default" / "results.md").is_file()
+    # scored on the test rooms (never lifted), lr picked on the val room, probes trained on the
+    # train and probe rooms; every comparison has a verdict over the 2 test rooms
+    prov = results["provenance"]
+    assert prov["test_scenes"] == ["demo_t0_00", "demo_t0_01"]
+    assert prov["val_scenes"] == ["demo_001"] and prov["train_scenes"] == ["demo_000", "demo_p00"]
+    got = {(v["a"], v["b"], v["key"]) for v in results["verdicts"]}
+    for a, b in (("fine-tuned", "original"), ("assembled", "original"), ("assembled", "control")):
+        assert (a, b, "eval/seg/miou") in got and (a, b, "eval/corr/recall_10px") in got
+    assert all(v["rooms"] == 2 for v in results["verdicts"] if "rot" not in v["key"])

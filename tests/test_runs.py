@@ -115,6 +115,12 @@ def test_check_settings_accepts_a_rerun_and_names_the_changed_sections(tmp_path:
     # sections outside the list may change (run.name, finetune.lr)
     other_run = load_config([], ["lift.steps=10", "run.name=b", "finetune.lr=0.5"])
     assert runs.check_settings(other_run, folder, ("lift", "backbone")) is True
+    # the rooms the evaluator scores tie no lifting or fine-tuning run; the lifted rooms do
+    test_rooms = load_config([], ["lift.steps=10", "scenes.demo_test=9", "scenes.demo_test_seed=4"])
+    assert runs.check_settings(test_rooms, folder, ("lift", "scenes")) is True
+    lifted_rooms = load_config([], ["lift.steps=10", "scenes.demo_train=9"])
+    with pytest.raises(UserError, match=r"different settings \(scenes\)"):
+        runs.check_settings(lifted_rooms, folder, ("lift", "scenes"))
     changed = load_config([], ["lift.steps=11", "backbone.name=test_tiny"])
     with pytest.raises(UserError, match=r"different settings \(lift, backbone\)"):
         runs.check_settings(changed, folder, ("lift", "backbone", "scenes"))

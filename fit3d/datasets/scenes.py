@@ -1,11 +1,12 @@
 """Posed scenes as an `EvalSet`: the generated demo rooms and ScanNet++ DSLR (undistorted).
 
 Both are read with `fit3d.scenes.open_scene` (layout: `fit3d.scenes.scannetpp`). A split is a
-scene list, `<root>/splits/<train_split|val_split>.txt`; every view of every listed scene is a
-sample (`max_views` keeps that many evenly spaced views per scene), keyed `<scene>/<image name>`
-and grouped by scene. Ground truth comes from the `gt_*` folders beside the images: the demo
-generator writes them, for ScanNet++ `python -m fit3d.datasets.scannetpp_labels` renders them from
-the scan meshes. The anonymisation mask is the `eval_mask`.
+scene list, `<root>/splits/<name>.txt` (`train` / `val` name `train_split` / `val_split`); every
+view of every listed scene is a sample (`max_views` keeps that many evenly spaced views per
+scene), keyed `<scene>/<image name>` and grouped by scene. Ground truth comes from the `gt_*`
+folders beside the images: the demo generator writes them, for ScanNet++
+`python -m fit3d.datasets.scannetpp_labels` renders them from the scan meshes.
+The anonymisation mask is the `eval_mask`.
 
 Classes: demo -> `<root>/classes.json`; ScanNet++ -> `SCANNETPP_CLASSES`, the 100 classes of the
 official semantic benchmark (toolkit `metadata/semantic_benchmark/top100.txt`, in that order, as
@@ -71,7 +72,8 @@ class ScenesSet(EvalSet):
 
     Args:
         root: dataset root (`<root>/data/<scene>/dslr/...`, `<root>/splits/*.txt`).
-        split: `train` or `val` (the split files `train_split` / `val_split`).
+        split: `train` or `val` (the split files `train_split` / `val_split`), or the name of
+            any other split file `<root>/splits/<split>.txt` (the demo's `probe_train`, `test`).
         kind: `demo` or `scannetpp` (class list, depth range, published numbers).
         resolution: image scale factor on read (ScanNet++: 0.5 = FiT3D's 876x584).
         max_views: keep at most this many evenly spaced views per scene (0 = all).
@@ -91,12 +93,14 @@ class ScenesSet(EvalSet):
     ):
         if kind not in ("demo", "scannetpp"):
             raise UserError(f"scene set kind must be demo or scannetpp, got {kind!r}")
-        check_split(kind, split, ("train", "val"))
         where = GET_SCANNETPP if kind == "scannetpp" else "`python -m fit3d.scenes.demo`"
         self.root = Path(root)
         require_dir(self.root / "data", "a folder data/<scene_id>/dslr per scene", where)
-        split_file = self.root / "splits" / f"{train_split if split == 'train' else val_split}.txt"
+        name = {"train": train_split, "val": val_split}.get(split, split)
+        split_file = self.root / "splits" / f"{name}.txt"
         if not split_file.is_file():
+            known = sorted({"train", "val"} | {f.stem for f in self.root.glob("splits/*.txt")})
+            check_split(kind, split, known)
             raise missing(split_file, "one scene id per line", where)
         ids = list_scenes(self.root, split_file.stem)
         if max_scenes > 0:

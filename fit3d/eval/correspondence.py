@@ -13,7 +13,8 @@ docs/method.md, "Evaluation: 3D-awareness probes (Probe3D)". For a view pair (0,
   point projected into view 1 (relative pose, scaled K1) and the matched view-1 pixel centre.
 Recall is then taken at 5, 10 and 20 of those pixels (`fit3d.eval.metrics.correspondence_recall`),
 so Probe3D's "10 px" is 40 full-resolution pixels. No visibility test is made: an occluded view-0
-point counts as Probe3D counts it.
+point counts as Probe3D counts it. `run_corr` does this for every pair of a test split (the
+dataset's fixed pairs or covisible pairs picked per scene) and every feature set.
 """
 
 from __future__ import annotations
@@ -24,8 +25,14 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm import tqdm
 
-from fit3d.geometry import reproject
+from fit3d.eval import data as D
+from fit3d.eval.features import FEATURE_SETS
+from fit3d.eval.fitting import Context, by_group, group_keys, short
+from fit3d.eval.metrics import correspondence_recall
+from fit3d.eval.report import summarize
+from fit3d.geometry import relative_rotation, reproject, select_pairs
 
 SCALE = 0.25
 """Probe3D's correspondence resolution (a quarter of the image)."""
@@ -163,4 +170,89 @@ def pair_errors(
         xy1 = torch.stack([pix1 % w1, pix1 // w1], 1).double()
         gt_xy1, _ = reproject(xy0, d0.flatten()[pix0], K0q, K1q, viewmat0, viewmat1)
         out[s] = (gt_xy1 - xy1).norm(dim=1)
+    return out
+
+
+# --- the probe over a test split --------------------------------------------------------------
+PER_GROUP_KEYS = (
+    "recall_10px",
+    "recall_10px_rot0-15",
+    "recall_10px_rot15-30",
+    "recall_10px_rot30-60",
+    "recall_10px_rot60-180",
+)
+"""Recalls also kept per test group (`<key>@<group>`, over that group's pairs): the verdict's."""
+
+
+def test_pairs(ctx: Context) -> list[tuple[int, int, float]]:
+    """(position i, position j, rotation deg) of the test split's correspondence pairs: the
+    dataset's fixed pairs, else covisible pairs picked per group (`fit3d.geometry`)."""
+    ec, split = ctx.cfg.eval, ctx.test
+    pos = {v: n for n, v in enumerate(split.views)}
+    infos = [split.ds.info(v) for v in split.views]
+    fixed = split.ds.pairs()
+    if fixed:
+        out = [(pos[i], pos[j]) for i, j in fixed if i in pos and j in pos]
+        return [(i, j, relative_rotation(infos[i].viewmat, infos[j].viewmat)) for i, j in out]
+    pairs = []
+    for members in by_group([info.group for info in infos]).values():
+        depths, Ks = [], []
+        for n in members:  # 1/4-resolution depth: pair selection needs no more
+            d = D.label_batch(split, [n], "depth")[0]
+            small, Kq = quarter(d, infos[n].K)
+            depths.append(small)
+            Ks.append(Kq)
+        found = select_pairs(
+            depths, Ks, [infos[n].viewmat for n in members], ec.pairs_per_scene, ec.min_overlap,
+            ctx.cfg.run.seed,
+        )  # fmt: skip
+        pairs += [(members[i], members[j], rot) for i, j, rot in found]
+    return pairs
+
+
+def recall_by_group(errors: list[Tensor], rots: Tensor, groups: list[str]) -> dict[str, float]:
+    """`correspondence_recall` of the pairs, plus `PER_GROUP_KEYS` over each group's pairs as
+    `<key>@<group>` (with 2..PER_GROUP_MAX groups). errors: [M_i] per pair; rots: [P] degrees;
+    groups: [P]."""
+    out = correspondence_recall(errors, rots)
+    if group_keys(groups):
+        for g, ns in by_group(groups).items():
+            got = correspondence_recall([errors[n] for n in ns], rots[ns])
+            out |= {f"{k}@{g}": got[k] for k in PER_GROUP_KEYS}
+    return out
+
+
+def run_corr(sets: list[str], ctx: Context) -> dict:
+    """Zero-shot correspondence recall of every feature set on the test split's pairs."""
+    ec, split = ctx.cfg.eval, ctx.test
+    if "corr" not in split.tasks:
+        ctx.notes.append("test split has no usable depth and poses: corr probe skipped")
+        return {}
+    pairs = test_pairs(ctx)
+    if not pairs:
+        ctx.notes.append(f"no test view pair overlaps >= {ec.min_overlap}: corr skipped")
+        return {}
+    infos = [split.ds.info(v) for v in split.views]
+    rots = torch.tensor([r for _, _, r in pairs])
+    block = f"block{ec.corr_block % ctx.backbones['original'].num_blocks}"
+    feats = ctx.feats["test"]
+    by_set = {s: tuple(FEATURE_SETS[s]) for s in sets}
+    parts = list(dict.fromkeys(p for ps in by_set.values() for p in ps))
+    errors: dict[str, list[Tensor]] = {s: [] for s in sets}
+    for i, j, _ in tqdm(pairs, desc="corr", leave=False, disable=None):
+        d0, d1 = D.label_batch(split, [i], "depth")[0], D.label_batch(split, [j], "depth")[0]
+        found = pair_errors(
+            {p: feats.maps(i, (p,), block) for p in parts},
+            {p: feats.maps(j, (p,), block) for p in parts},
+            by_set, d0, d1, infos[i].K, infos[j].K, infos[i].viewmat, infos[j].viewmat,
+            ec.top_k,
+        )  # fmt: skip
+        for s in sets:
+            errors[s].append(found[s])
+    pair_groups = [infos[i].group for i, _, _ in pairs]
+    out = {}
+    for s in sets:
+        rec = recall_by_group(errors[s], rots, pair_groups)
+        out[s] = {f"eval/corr/{k}": summarize([v]) for k, v in rec.items()}
+        print(f"  corr        {s:11s} ({len(pairs)} pairs): " + short(out[s]), flush=True)
     return out

@@ -102,15 +102,17 @@ def _open(cfg: Config, split: str) -> EvalSet:
     return open_dataset(name, Path(cfg.eval.dataset_root).expanduser(), split)
 
 
-def open_splits(cfg: Config) -> tuple[Split | None, Split]:
-    """(train, test) splits of the configured dataset; train is None for test-only datasets.
+def open_splits(cfg: Config) -> tuple[Split | None, Split | None, Split]:
+    """(train, val, test) splits of the configured dataset: train is None for test-only
+    datasets, val None unless `eval.val_split` names one (the views that pick learning rates).
     Every root and split file is validated here, before any long work."""
     name = dataset_name(cfg)
     test_split = cfg.eval.test_split or DEFAULT_TEST_SPLIT.get(name, "val")
     train_split = cfg.eval.train_split or ("" if name in NO_TRAIN_SPLIT else "train")
+    val_split = cfg.eval.val_split if train_split else ""
     per_scene = name in SCENE_SETS  # the scene reader already keeps max_views per scene
     out: list[Split | None] = []
-    for role, split in (("train", train_split), ("test", test_split)):
+    for role, split in (("train", train_split), ("val", val_split), ("test", test_split)):
         if not split:
             out.append(None)
             continue
@@ -119,7 +121,10 @@ def open_splits(cfg: Config) -> tuple[Split | None, Split]:
         if not views:
             raise UserError(f"dataset {name} split {split!r} has no views")
         out.append(Split(role, ds, views))
-    return out[0], out[1]  # type: ignore[return-value]
+    roles = {s.role: s.ds.split for s in out if s is not None}
+    if len(set(roles.values())) < len(roles):
+        raise UserError(f"eval splits must differ (train, val, test): {roles}")
+    return out[0], out[1], out[2]  # type: ignore[return-value]
 
 
 def depth_range(cfg: Config, ds: EvalSet) -> tuple[float, float]:

@@ -35,6 +35,11 @@ def _demo_kwargs(cfg: Config) -> dict:
         "n_views": sc.demo_views,
         "width": sc.demo_width,
         "height": sc.demo_height,
+        "n_probe": sc.demo_probe,
+        "probe_views": sc.demo_probe_views,
+        "n_test": sc.demo_test,
+        "test_views": sc.demo_test_views,
+        "test_seed": sc.demo_test_seed,
     }
 
 

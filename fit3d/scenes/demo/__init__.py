@@ -4,14 +4,26 @@ Each room (`layout`) is an axis-aligned shell furnished with analytic solids in 
 (`CLASSES`), textured from scikit-image's photographs (`materials`), filmed along a hand-held-like
 loop (`camera`) by a vectorised ray caster that also gives exact depth, normals and labels
 (`raycast`), and written as a ScanNet++ scene (`write`): its DSLR capture with exact ground truth
-and its scan, a triangle mesh with segment annotations (`mesh`). `generate_demo` makes a set:
+and its scan, a triangle mesh with segment annotations (`mesh`). `generate_demo` makes a set of
+rooms in four roles, one split file each:
 
-    <out>/data/demo_NNN/{dslr,scans}/  one folder per room (see `write`)
-    <out>/splits/nvs_sem_{train,val}.txt
+    <out>/data/<room>/{dslr,scans}/    one folder per room (see `write`), `room.json` last
+    <out>/splits/nvs_sem_train.txt     demo_000..: lifted and fine-tuned on, all `n_views` views
+    <out>/splits/nvs_sem_val.txt       the next `n_val`: held out from stages 1-2, all views
+    <out>/splits/probe_train.txt       the train rooms + `n_probe` rooms demo_pNN of
+                                       `probe_views` views each: what the probes train on
+    <out>/splits/test.txt              `n_test` rooms demo_tS_NN (S = `test_seed`) of
+                                       `test_views` views each: what the probes are scored on
     <out>/classes.json                 {"classes": CLASSES}
     <out>/demo.json                    the parameters; written last, so it marks a finished set
 
-A second call with the same parameters does nothing. Command line: `python -m fit3d.scenes.demo`.
+Every room films the same kind of loop: train, val and probe rooms one of `n_views` poses, of
+which probe rooms render `probe_views` evenly spaced ones; test rooms one of `TEST_LOOP` poses,
+of which they render `TEST_POSES` (so their view pairs span every rotation bin of the
+correspondence probe). A room is generated once for its own parameters
+(`room.json`): another test seed adds its rooms beside the others and leaves every other room as
+it is. A second call with the same parameters does nothing. Command line:
+`python -m fit3d.scenes.demo`.
 """
 
 from __future__ import annotations
@@ -31,11 +43,14 @@ from pathlib import Path
 import torch
 
 from fit3d.errors import UserError
-from fit3d.io import write_json
+from fit3d.io import atomic_path, write_json
 from fit3d.scenes.demo.camera import camera_path
 from fit3d.scenes.demo.layout import CLASSES, Room, build_room
 from fit3d.scenes.demo.raycast import RoomTensors, render_view
 from fit3d.scenes.demo.write import generate_room
+
+ROOM_FILE = "room.json"
+"""A room's parameters, written after its files: marks a finished room."""
 
 __all__ = [
     "CLASSES",
@@ -49,18 +64,30 @@ __all__ = [
     "render_view",
 ]
 
-GENERATOR_VERSION = 4
-"""Bump when the generator's output changes, so cached sets are regenerated (4: adds `scans/`;
-the views are byte-identical to 3's)."""
+GENERATOR_VERSION = 5
+"""Bump when the generator's output changes, so cached sets are regenerated (5: probe and test
+rooms, a `room.json` per room; the rooms of 4 are byte-identical)."""
+TEST_LOOP = 40
+"""Poses of the loop a test room films (whatever `n_views` is): ~10 degrees apart."""
+TEST_POSES = (0, 1, 3, 6, 10, 15, 21, 28)
+"""Loop poses a test room renders (its first `test_views`): its view pairs are 1 to 28 poses
+(~10 to ~280 degrees of the loop) apart, so they fall in every rotation bin of the
+correspondence probe."""
+PROBE_SEED, TEST_SEED = 100, 1_000_000
+"""Room seeds: train and val rooms `1000 * seed + i`, probe rooms `1000 * seed + PROBE_SEED + i`,
+test rooms `TEST_SEED + 1000 * test_seed + i`."""
 
 
 def _room_job(job: tuple) -> float:
-    """Generate one room with single-threaded torch; returns seconds taken."""
+    """Generate one room with single-threaded torch, then its `room.json` (the parameters, last);
+    returns seconds taken."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         t0 = time.perf_counter()
-        generate_room(*job)
+        scene_dir, seed, n_views, width, height, poses, room = job
+        generate_room(scene_dir, seed, n_views, width, height, poses=poses)
+        write_json(scene_dir / ROOM_FILE, {"params": room})
         return time.perf_counter() - t0
     finally:
         torch.set_num_threads(threads)
@@ -121,12 +148,17 @@ def generate_demo(
     n_views: int = 40,
     width: int = 336,
     height: int = 224,
+    n_probe: int = 0,
+    probe_views: int = 10,
+    n_test: int = 0,
+    test_views: int = 5,
+    test_seed: int = 0,
     workers: int = 0,
     verbose: bool = False,
 ) -> Path:
-    """Generate the demo set under `out` (cached: a matching `demo.json` marker -> no work).
+    """Generate the demo set under `out` (cached: a matching `demo.json` marker -> no work; a
+    room whose `room.json` matches is kept). Rooms and split files: module docstring.
 
-    Train rooms are listed in `splits/nvs_sem_train.txt`, held-out rooms in `nvs_sem_val.txt`.
     Rooms are generated in `workers` processes (0 = one per CPU core; this one and spawned ones),
     each single-threaded: torch's thread pool spends most of its time waiting on these small
     per-tile operations.
@@ -141,9 +173,18 @@ def generate_demo(
         "n_views": n_views,
         "width": width,
         "height": height,
+        "n_probe": n_probe,
+        "probe_views": probe_views,
+        "n_test": n_test,
+        "test_views": test_views,
+        "test_seed": test_seed,
     }
     if n_views < 2 or n_train + n_val < 1 or width < 8 or height < 8:
         raise UserError(f"demo needs >= 2 views, >= 1 room and >= 8x8 pixels, got {params}")
+    if n_test and not 2 <= test_views <= len(TEST_POSES):
+        raise UserError(f"scenes.demo_test_views must be 2..{len(TEST_POSES)}, got {test_views}")
+    if n_probe and not 1 <= probe_views <= n_views:
+        raise UserError(f"scenes.demo_probe_views must be 1..{n_views}, got {probe_views}")
     marker = out / "demo.json"
     if _cached(marker, params):
         return out
@@ -155,6 +196,31 @@ def generate_demo(
     return out
 
 
+def rooms(params: dict) -> dict[str, list[tuple[str, int, int, list[int]]]]:
+    """Role -> [(room id, seed, poses of its loop, the poses rendered)] of a set's parameters;
+    roles `train`, `val`, `probe`, `test` (module docstring)."""
+    seed, n, n_train = params["seed"], params["n_views"], params["n_train"]
+    every = list(range(n))
+    probe = [round(k * n / params["probe_views"]) for k in range(params["probe_views"])]
+    test = list(TEST_POSES[: params["test_views"]])
+    ts = params["test_seed"]
+    return {
+        "train": [(f"demo_{i:03d}", 1000 * seed + i, n, every) for i in range(n_train)],
+        "val": [
+            (f"demo_{i:03d}", 1000 * seed + i, n, every)
+            for i in range(n_train, n_train + params["n_val"])
+        ],
+        "probe": [
+            (f"demo_p{i:02d}", 1000 * seed + PROBE_SEED + i, n, probe)
+            for i in range(params["n_probe"])
+        ],
+        "test": [
+            (f"demo_t{ts}_{i:02d}", TEST_SEED + 1000 * ts + i, TEST_LOOP, test)
+            for i in range(params["n_test"])
+        ],
+    }
+
+
 def _cached(marker: Path, params: dict) -> bool:
     try:
         return json.loads(marker.read_text()).get("params") == params
@@ -163,27 +229,42 @@ def _cached(marker: Path, params: dict) -> bool:
 
 
 def _generate(out: Path, params: dict, workers: int, verbose: bool) -> None:
-    """Generate every room (room i draws from seed 1000 * seed + i), then the set's files."""
-    seed, n_train, n_val = params["seed"], params["n_train"], params["n_val"]
-    n_views, width, height = params["n_views"], params["width"], params["height"]
+    """Generate every room whose `room.json` does not match, then the set's files."""
+    width, height = params["width"], params["height"]
     marker = out / "demo.json"
     marker.unlink(missing_ok=True)
     start = time.perf_counter()
-    ids = [f"demo_{i:03d}" for i in range(n_train + n_val)]
-    for sid in ids:  # only our own folders: `out` may hold other data
-        shutil.rmtree(out / "data" / sid, ignore_errors=True)
-    jobs = [
-        (out / "data" / sid, seed * 1000 + i, n_views, width, height) for i, sid in enumerate(ids)
-    ]
+    by_role = rooms(params)
+    jobs, ids = [], []
+    for sid, room_seed, n_views, poses in (r for role in by_role.values() for r in role):
+        room = {"version": GENERATOR_VERSION, "seed": room_seed, "n_views": n_views}
+        room |= {"poses": poses, "width": width, "height": height}
+        if _cached(out / "data" / sid / ROOM_FILE, room):
+            continue
+        shutil.rmtree(out / "data" / sid, ignore_errors=True)  # only our own folders
+        jobs.append((out / "data" / sid, room_seed, n_views, width, height, poses, room))
+        ids.append(sid)
     if not workers:  # processes pay off only for real work (spawn costs seconds)
-        big = len(jobs) * n_views * width * height > 4_000_000
+        big = sum(len(j[5]) for j in jobs) * width * height > 4_000_000
         workers = (os.cpu_count() or 1) if big else 1
     for i, secs in _run_jobs(jobs, min(len(jobs), workers)):  # lazy: as each room ends
         if verbose:
-            print(f"{ids[i]}: {n_views} views {width}x{height} in {secs:.1f} s", flush=True)
+            print(f"{ids[i]}: {len(jobs[i][5])} views {width}x{height} in {secs:.1f} s", flush=True)
     (out / "splits").mkdir(parents=True, exist_ok=True)
-    (out / "splits" / "nvs_sem_train.txt").write_text("".join(s + "\n" for s in ids[:n_train]))
-    (out / "splits" / "nvs_sem_val.txt").write_text("".join(s + "\n" for s in ids[n_train:]))
+    lists = {
+        "nvs_sem_train": by_role["train"],
+        "nvs_sem_val": by_role["val"],
+        "probe_train": by_role["train"] + by_role["probe"],
+        "test": by_role["test"],
+    }
+    for name, members in lists.items():
+        path = out / "splits" / f"{name}.txt"
+        if name == "test" and not members:  # no test rooms: no test split (not an empty one)
+            path.unlink(missing_ok=True)
+            continue
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(r[0] + "\n" for r in members))
     write_json(out / "classes.json", {"classes": CLASSES})
     seconds = time.perf_counter() - start
-    write_json(marker, {"params": params, "scenes": ids, "seconds": round(seconds, 2)})
+    scenes = [r[0] for role in by_role.values() for r in role]
+    write_json(marker, {"params": params, "scenes": scenes, "seconds": round(seconds, 2)})

@@ -87,20 +87,26 @@ def generate_room(
     height: int,
     test_every: int = 8,
     points_per_view: int = 600,
+    poses: list[int] | None = None,
 ) -> None:
     """Generate one room (all its random draws come from `seed`) under `scene_dir`: its DSLR
-    capture in `dslr/`, then its scan in `scans/`."""
+    capture in `dslr/`, then its scan in `scans/`. The camera films an `n_views`-pose loop, of
+    which `poses` (default: all) are rendered, named by their pose index; pose i is a test view
+    when i % test_every == test_every - 1."""
     rng = np.random.default_rng(seed)
     K = demo_K(width, height)
     room = build_room(rng, footprint=1.8 / K[0, 0])  # pixel size at 1.8 m
     T = RoomTensors(room)
-    viewmats = camera_path(room, n_views, rng)
+    loop = camera_path(room, n_views, rng)
+    poses = list(range(n_views)) if poses is None else list(poses)
+    viewmats = [loop[i] for i in poses]
+    n_views = len(poses)
     dslr = scene_dir / "dslr"
-    names = [f"DSC{i:05d}.JPG" for i in range(n_views)]
+    names = [f"DSC{i:05d}.JPG" for i in poses]
     for sub in (IMAGE_DIR, MASK_DIR, *GT_DIRS.values(), "nerfstudio"):
         (dslr / sub).mkdir(parents=True, exist_ok=True)
     mask = np.full((height, width), 255, np.uint8)
-    test = set(range(test_every - 1, n_views, test_every))
+    test = {k for k, i in enumerate(poses) if i % test_every == test_every - 1}
     pts, cols = [], []
     for i, (name, vm) in enumerate(zip(names, viewmats, strict=True)):
         rgb, depth, normal, cls, inst = render_view(T, vm, K, width, height)
