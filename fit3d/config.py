@@ -63,8 +63,8 @@ def _is_number(v: Any) -> bool:
 
 
 def _range_part(part: str) -> tuple[Callable[[Any], bool], str, tuple]:
-    """One alternative of a range: `> a`, `>= a`, `< a`, `<= a`, `(a, b]` (any brackets), a
-    number or a word. Returns (test, text, values just outside it)."""
+    """One alternative of a range: `> a`, `>= a`, `< a`, `<= a`, `(a, b]` (any brackets) or a
+    number. Returns (test, text, values just outside it)."""
     if m := _COMPARE.fullmatch(part):
         op, a = m[1], float(m[2])
         outside = {">": (a, a - 1), ">=": (a - 1,), "<": (a, a + 1), "<=": (a + 1,)}[op]
@@ -81,8 +81,6 @@ def _range_part(part: str) -> tuple[Callable[[Any], bool], str, tuple]:
     if re.fullmatch(_NUMBER, part):
         a = float(part)
         return (lambda v: _is_number(v) and v == a), part, (a - 1, a + 1)
-    if re.fullmatch(r"[\w:-]+", part):
-        return (lambda v: v == part), part, ()
     raise ValueError(f"cannot read the range {part!r}")
 
 
@@ -110,20 +108,20 @@ def setting(
     allowed: str | tuple | Allowed = "any",
     *,
     length: str | None = None,
-    path: Callable[[str, str, Any], None] | None = None,
+    path: Callable[[str, str], None] | None = None,
 ) -> Any:
     """A config field: its default and what it accepts, checked by `load_config`.
 
     `allowed`: a range (`> 0`, `>= 1`, `(0, 1]`, `-1 or >= 1`, `any`), a tuple of choices, or an
     `Allowed`; for a tuple field it applies to every item, and `length` (a range) to the number
-    of items. `path(key, value, section)`: raises a `UserError` unless the path the value names
+    of items. `path(key, value)`: raises a `UserError` unless the path the value names
     exists as it must (checked by `check_inputs` for the sections an entry point reads).
     """
     meta = {"allowed": _allowed(allowed), "length": _allowed(length) if length else None}
     return field(default=default, metadata={**meta, "path": path})
 
 
-def _weights_path(key: str, value: str, section: Any) -> None:
+def _weights_path(key: str, value: str) -> None:
     """'' (the default source), `random`, `<source>:<name>` (e.g. `fit3d:dinov2_small`, resolved
     by `fit3d.weights`) or a file holding a state dict."""
     if value in ("", "random") or re.fullmatch(r"[a-z][\w-]*:[^/\\].*", value):
@@ -136,16 +134,10 @@ def _weights_path(key: str, value: str, section: Any) -> None:
         raise UserError(f"{key}: {e}") from None
 
 
-def _folder(key: str, value: str, section: Any) -> None:
+def _folder(key: str, value: str) -> None:
     """'' or an existing folder."""
     if value and not Path(value).expanduser().is_dir():
         raise UserError(f"{key}={value}: no such folder")
-
-
-def _scenes_folder(key: str, value: str, section: ScenesConfig) -> None:
-    """A scene set's root must exist, except the demo set's (generated there)."""
-    if section.name != "demo":
-        _folder(key, value, section)
 
 
 def _dataset_names() -> list[str]:
@@ -198,12 +190,12 @@ EVAL_DATASETS = Allowed(
 class ScenesConfig:
     """Which scenes to read and how."""
 
-    relations: ClassVar = ("demo_train + demo_val >= 1",)
+    relations: ClassVar[tuple[str, ...]] = ("demo_train + demo_val >= 1",)
     """Rules between fields (Python expressions over them), checked by `load_config`."""
 
     name: str = setting("demo", ("demo", "scannetpp"))
     """Scene set: `demo` (generated rooms, ScanNet++ layout) or `scannetpp`."""
-    root: str = setting("", path=_scenes_folder)
+    root: str = ""
     """Dataset root. Empty: demo -> `<run.out>/scenes/demo`; scannetpp -> $SCANNETPP_ROOT."""
     train_split: str = "nvs_sem_train"
     """Split file (`<root>/splits/<name>.txt`) of scenes used for lifting and fine-tuning."""
@@ -259,7 +251,7 @@ class RunConfig:
 class LiftConfig:
     """Stage 1: lifting features into per-scene Gaussians (docs/method.md, "Stage 1: lifting")."""
 
-    relations: ClassVar = ("refine_start < refine_stop",)
+    relations: ClassVar[tuple[str, ...]] = ("refine_start < refine_stop",)
     """Rules between fields (Python expressions over them), checked by `load_config`. A
     `refine_stop` beyond `steps` densifies until the last step (short runs keep the window)."""
 
@@ -396,7 +388,7 @@ class EvalConfig:
     """The evaluator: linear probes and 3D-awareness probes (docs/method.md, the two
     "Evaluation" sections). Every batch size here is a global batch (all devices together)."""
 
-    relations: ClassVar = (
+    relations: ClassVar[tuple[str, ...]] = (
         "micro_batch == 0 or batch_size % micro_batch == 0",
         "micro_batch == 0 or paper_batch_size % micro_batch == 0",
         "seg_warmup <= seg_iters",
@@ -706,7 +698,7 @@ def check_inputs(cfg: Config, sections: tuple[str, ...]) -> None:
         section = getattr(cfg, name)
         for f in dataclasses.fields(section):
             if f.metadata.get("path") is not None:
-                f.metadata["path"](f"{name}.{f.name}", getattr(section, f.name), section)
+                f.metadata["path"](f"{name}.{f.name}", getattr(section, f.name))
 
 
 def load_config(presets: list[str] = (), overrides: list[str] = ()) -> Config:

@@ -306,8 +306,3 @@ def test_check_inputs_folders(tmp_path) -> None:
     with pytest.raises(UserError, match=f"^eval.dataset_root={missing}: no such folder$"):
         check_inputs(cfg, ("eval",))
     check_inputs(load_config([], [f"eval.dataset_root={tmp_path}"]), ("eval",))
-    spp = load_config(["scannetpp"], [f"scenes.root={missing}"])
-    with pytest.raises(UserError, match=f"^scenes.root={missing}: no such folder$"):
-        check_inputs(spp, ("scenes",))
-    demo = load_config(["demo"], [f"scenes.root={missing}"])  # the demo set is generated there
-    check_inputs(demo, ("scenes",))
