@@ -1,5 +1,6 @@
-"""Atomic file writes (JSON, safetensors whose bytes depend only on their content) and provenance
-(git commit, sha256) shared by every stage."""
+"""Atomic file writes (JSON, safetensors whose bytes depend only on their content), provenance
+(git commit, sha256) and checks of input files by content (`file_format`, `read_image`) shared by
+every stage."""
 
 from __future__ import annotations
 
@@ -12,11 +13,15 @@ import struct
 import subprocess
 import sys
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fit3d.errors import UserError
+
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 # torch is imported inside `write_safetensors`: `sha256_file` and the JSON writers are used by
@@ -146,3 +151,110 @@ def git_commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return rev + ("-dirty" if dirty else "")
+
+
+# --- what a file holds, judged by its bytes (checks before long work) --------------------------
+STATE_DICT_FORMATS = ("safetensors", "torch archive", "pickle")
+"""Formats of a weights file (`fit3d.weights.load_state_dict_file`): safetensors, `torch.save`'s
+zip archive, or its legacy pickle (Meta's and FiT3D's `.pth`)."""
+IMAGE_FORMATS = ("PNG image", "JPEG image", "TIFF image", "BMP image", "WebP image", "GIF image")
+_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "PNG image"),
+    (b"\xff\xd8\xff", "JPEG image"),
+    (b"II*\x00", "TIFF image"),
+    (b"MM\x00*", "TIFF image"),
+    (b"BM", "BMP image"),
+    (b"GIF8", "GIF image"),
+    (b"\x1f\x8b", "gzip archive"),
+    (b"\x93NUMPY", "NumPy array"),
+    (b"\x89HDF\r\n\x1a\n", "HDF5 file"),
+    (b"%PDF", "PDF document"),
+)
+
+
+def _head(path: Path, size: int = 512) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(size)
+
+
+def _text(head: bytes) -> str | None:
+    """`head` as text when it is UTF-8 without control bytes (a cut last character allowed)."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 3:
+            return None
+        text = head[: e.start].decode("utf-8")
+    return text if all(c.isprintable() or c in "\t\r\n\f" for c in text) else None
+
+
+def file_format(path: str | Path) -> str:
+    """What a file holds, from its first bytes (never its name): `empty`, `safetensors`, `torch
+    archive`, `zip archive`, `pickle`, one of `IMAGE_FORMATS`, `gzip archive`, `NumPy array`,
+    `HDF5 file`, `PDF document`, `text` or `unknown`."""
+    path = Path(path)
+    head = _head(path)
+    if not head:
+        return "empty"
+    if len(head) > 8 and head[8:9] == b"{":  # safetensors: u64 header size, then JSON
+        if 8 + struct.unpack("<Q", head[:8])[0] <= path.stat().st_size:
+            return "safetensors"
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return "zip archive"
+        return "torch archive" if any(n.endswith("data.pkl") for n in names) else "zip archive"
+    if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:
+        return "pickle"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP image"
+    for magic, name in _MAGIC:
+        if head.startswith(magic):
+            return name
+    return "text" if _text(head) is not None else "unknown"
+
+
+def describe_file(path: str | Path) -> str:
+    """A few words on what a file holds, for messages: `a text file starting 'root:x:0:0'`, `a
+    PNG image`, `an empty file`, `a file of unknown format (bytes 00 01 ...)`."""
+    fmt = file_format(path)
+    if fmt == "text":
+        lines = (_text(_head(Path(path), 200)) or "").strip().splitlines()
+        return f"a text file starting {(lines[0] if lines else '')[:40]!r}"
+    if fmt == "unknown":
+        return f"a file of unknown format (bytes {_head(Path(path), 8).hex(' ')})"
+    if fmt == "empty":
+        return "an empty file"
+    return f"an {fmt}" if fmt[0] in "aeiouAEIOU" else f"a {fmt}"
+
+
+def check_state_dict_file(path: Path) -> str:
+    """The format of weights file `path` (one of `STATE_DICT_FORMATS`); a missing file or one of
+    another kind is a one-line `UserError` naming it and saying what it is."""
+    if not path.is_file():
+        raise UserError(f"weights file not found: {path}")
+    fmt = file_format(path)
+    if fmt not in STATE_DICT_FORMATS:
+        raise UserError(
+            f"cannot read weights file {path}: it is {describe_file(path)}, not a state dict "
+            "(safetensors, or a torch .pt/.pth)"
+        )
+    return fmt
+
+
+def read_image(path: str | Path, flags: int | None = None) -> np.ndarray:
+    """`cv2.imread(path, flags)` (default `cv2.IMREAD_COLOR`: 8-bit BGR [H, W, 3]); a missing file
+    or one that does not decode is a one-line `UserError` naming it (and what it holds)."""
+    import cv2
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"missing image {path}")
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR if flags is None else flags)
+    if img is None:
+        fmt = file_format(path)
+        what = f"a damaged {fmt}" if fmt in IMAGE_FORMATS else describe_file(path)
+        raise UserError(f"image {path} does not decode: it is {what}")
+    return img

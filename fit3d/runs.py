@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import yaml
 
-from fit3d.config import Config, save_config, to_dict
+from fit3d.config import PRECISIONS, Config, save_config, to_dict
 from fit3d.errors import UserError
 from fit3d.io import git_commit
 
@@ -54,11 +54,6 @@ def resolve_device(name: str) -> torch.device:
 
 
 # --- precision ----------------------------------------------------------------------------
-PRECISIONS = ("fp32", "bf16", "fp16", "auto")
-"""Values of `lift.precision` and `eval.precision`; `auto` resolves per device
-(`resolve_precision`). `finetune.precision` takes Lightning's names, plus `auto`."""
-
-
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` computes bf16 in hardware: CUDA with bf16 support, or a CPU with AVX512-BF16
     or AMX. Elsewhere torch emulates bf16 (on an AVX2-only CPU a bf16 ViT step ran 5-12x slower

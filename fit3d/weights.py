@@ -154,29 +154,38 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a weights file into a dict with timm key names.
 
     Accepts safetensors (timm hub files, our own outputs) and torch pickles (Meta's DINOv2 `.pth`,
-    FiT3D's fine-tuned state dicts), unwrapping `{"model": ...}`, `{"state_dict": ...}` and a
-    `module.` prefix. Raises `UserError` if the file is missing or not a state dict.
+    FiT3D's fine-tuned state dicts), told apart by their bytes, not their names, unwrapping
+    `{"model": ...}`, `{"state_dict": ...}` and a `module.` prefix. Raises `UserError` if the file
+    is missing or not a state dict, saying what it is instead.
     """
-    import torch
+    from fit3d.io import check_state_dict_file
 
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise UserError(f"weights file not found: {path}")
+    fmt = check_state_dict_file(path)  # before torch loads: a text file says so at once
+    import torch
+
     try:
-        if path.suffix == ".safetensors":
+        if fmt == "safetensors":
             from safetensors.torch import load_file
 
             sd = load_file(str(path))
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+        else:  # an open file: torch.load would pick its reader by the name's suffix
+            with open(path, "rb") as f:
+                sd = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # any reader failure is a bad file from the user's point of view
         first = (str(e).strip().splitlines() or [""])[0]
         raise UserError(f"cannot read weights file {path}: {type(e).__name__}: {first}") from None
     for wrapper in ("model", "state_dict"):
         if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
             sd = sd[wrapper]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise UserError(f"weights file {path} does not hold a state dict of tensors")
+    if not isinstance(sd, dict):
+        raise UserError(f"weights file {path} holds a {type(sd).__name__}, not a state dict")
+    bad = next((k for k, v in sd.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise UserError(
+            f"weights file {path} does not hold a state dict of tensors: its {bad!r} is a "
+            f"{type(sd[bad]).__name__}"
+        )
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k.removeprefix("module."): v for k, v in sd.items()}
     if "mask_token" in sd or "register_tokens" in sd:

@@ -12,13 +12,19 @@ import sys
 
 from fit3d.cli import parse_cli
 from fit3d.errors import cli_entry
-from stage1_lift.run import run
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     """Entry point; exit code 1 when no scene of this shard could be lifted."""
-    cfg = parse_cli(argv, "python -m stage1_lift", "Stage 1: lift features into 3D Gaussians")
+    cfg = parse_cli(
+        argv,
+        "python -m stage1_lift",
+        "Stage 1: lift features into 3D Gaussians",
+        inputs=("scenes", "backbone"),
+    )
+    from stage1_lift.run import run  # torch, timm, gsplat: only for settings that passed
+
     return 0 if run(cfg)["done"] > 0 else 1
 
 

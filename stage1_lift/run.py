@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from fit3d.config import Config
+from fit3d.config import Config, validate
 from fit3d.errors import UserError
 from fit3d.io import write_json
 from fit3d.runs import (
@@ -33,7 +33,7 @@ from fit3d.runs import (
     shard_from_env,
     write_config,
 )
-from fit3d.scenes import SPLITS, resolve_scenes
+from fit3d.scenes import resolve_scenes
 from stage1_lift.loop import LiftDiverged, SceneInput, SceneUnreadable, lift_scene
 
 _STATES = ("done", "skipped", "failed", "pending")
@@ -109,10 +109,7 @@ def run(cfg: Config, on_step: Callable[[int], None] | None = None) -> dict[str, 
     Returns the merged summary (also written to `summary.json`). `on_step(step)` is passed to the
     per-scene loop (tests use it to interrupt).
     """
-    if cfg.lift.split not in SPLITS:
-        raise UserError(f"lift.split must be one of {list(SPLITS)}, got '{cfg.lift.split}'")
-    if not 0.0 < cfg.lift.feature_pixels <= 1.0:
-        raise UserError(f"lift.feature_pixels must be in (0, 1], got {cfg.lift.feature_pixels}")
+    validate(cfg)  # the config's ranges, for callers that built `cfg` themselves
     device = resolve_device(cfg.run.device)
     # `auto` -> what this device runs; config.yaml records (and check_settings compares) that
     precision = resolve_precision(cfg.lift.precision, device)

@@ -15,9 +15,10 @@ def main(argv: list[str] | None = None) -> int:
         argv,
         prog="python -m stage2_finetune",
         description="Stage 2: fine-tune a 2D backbone on features rendered from a stage-1 run.",
+        inputs=("backbone",),
     )
     from fit3d.runs import run_dir
-    from stage2_finetune.train import run
+    from stage2_finetune.train import run  # Lightning, torch, timm: only for settings that passed
 
     meta = run(cfg)
     if meta:

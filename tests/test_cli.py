@@ -1,5 +1,6 @@
 """fit3d.cli: presets stack in order and overrides win; the weights and show command lines give
-the documented options and defaults."""
+the documented options and defaults; a bad option is one line (a UserError), not a usage block;
+`parse_cli(inputs=...)` checks the paths of the sections an entry point reads."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fit3d.cli import parse_cli, show_args, weights_args
+from fit3d.cli import exit_if_invalid, labels_config, parse_cli, show_args, weights_args
 from fit3d.config import CONFIG_DIR, load_config
+from fit3d.errors import UserError
 
 
 def test_parse_cli_stacks_presets_in_order_and_overrides_win(tmp_path: Path) -> None:
@@ -32,16 +34,35 @@ def test_parse_cli_reads_a_shipped_preset_by_name() -> None:
     assert cfg.scenes.demo_views == shipped["scenes"]["demo_views"]
 
 
-def test_parse_cli_rejects_unknown_options(capsys: pytest.CaptureFixture) -> None:
-    with pytest.raises(SystemExit) as e:
+def test_parse_cli_rejects_unknown_options_in_one_line(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(UserError, match="python -m stage1_lift: unrecognized arguments: --presets"):
         parse_cli(["--presets", "demo"], "python -m stage1_lift", "")
-    assert e.value.code == 2 and "python -m stage1_lift" in capsys.readouterr().err
+    assert capsys.readouterr().err == ""  # no usage block: cli_entry prints the one line
+
+
+def test_parse_cli_checks_the_paths_of_the_sections_it_is_given(tmp_path: Path) -> None:
+    argv = [f"eval.dataset_root={tmp_path / 'nope'}"]
+    assert parse_cli(argv, "prog", "", inputs=("backbone",)).eval.dataset_root  # not read here
+    with pytest.raises(UserError, match=r"eval\.dataset_root=.*nope: no such folder"):
+        parse_cli(argv, "prog", "", inputs=("backbone", "eval"))
+
+
+def test_exit_if_invalid_exits_2_with_one_line(monkeypatch, capsys) -> None:
+    monkeypatch.setattr("sys.argv", ["labels", "scenes.nosuch=1"])
+    with pytest.raises(SystemExit) as e:
+        exit_if_invalid(labels_config)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("error: unknown config key 'scenes.nosuch'")
+    monkeypatch.setattr("sys.argv", ["labels", "scenes.max_scenes=1"])
+    exit_if_invalid(labels_config)  # good settings: returns, prints nothing
+    assert capsys.readouterr().err == ""
 
 
 def test_weights_args() -> None:
     assert weights_args([], None).prepare is False
     assert weights_args(["--prepare"], None).prepare is True
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="unrecognized arguments: --download"):
         weights_args(["--download"], None)
 
 
@@ -64,7 +85,7 @@ def test_show_args_defaults_and_values() -> None:
         0.5,
         "x.png",
     )
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="required: scene"):
         show_args([], None)  # the scene id is required
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="--views: invalid int value: 'many'"):
         show_args(["s1", "--views", "many"], None)

@@ -277,5 +277,5 @@ def test_concurrent_callers_generate_once(tmp_path):
 def test_command_line_rejects_bad_settings_in_one_line(tmp_path, capsys):
     assert demo_main([f"run.out={tmp_path}", "scenes.demo_views=1"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: demo needs >= 2 views") and "\n" not in err
+    assert err.startswith("error: scenes.demo_views must be >= 2, got 1") and "\n" not in err
     assert not (tmp_path / "scenes" / "demo").exists()  # nothing half-written

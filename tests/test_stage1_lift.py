@@ -19,8 +19,9 @@ from fit3d.config import load_config
 from fit3d.errors import UserError
 from fit3d.gaussians import load_lifted_scene
 from fit3d.scenes.scannetpp import viewmat_to_nerfstudio
-from stage1_lift.__main__ import main, run
+from stage1_lift.__main__ import main
 from stage1_lift.loop import means_lr, view_for_step
+from stage1_lift.run import run
 
 W, H, FOCAL = 48, 32, 40.0
 

@@ -21,9 +21,23 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from fit3d.datasets.base import EvalSet, Sample, ViewInfo
 from fit3d.errors import UserError
+
+if TYPE_CHECKING:
+    from fit3d.datasets.base import EvalSet, Sample, ViewInfo
+
+
+def __getattr__(name: str) -> Any:
+    """`EvalSet`, `Sample` and `ViewInfo` load `base` (torch) on first use, so `DATASETS` is
+    read and `python -m fit3d.datasets.scannetpp_labels` checks its settings before torch."""
+    if name in ("EvalSet", "Sample", "ViewInfo"):
+        from fit3d.datasets import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["EvalSet", "Sample", "ViewInfo", "open_dataset", "DATASETS"]
 

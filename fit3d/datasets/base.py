@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from fit3d.errors import UserError
+from fit3d.io import read_image
 
 TASKS = frozenset({"seg", "depth", "normals", "corr"})
 """Every task name a set may provide."""
@@ -178,10 +179,7 @@ def read_lines(path: Path) -> list[str]:
 
 def read_rgb(path: Path) -> np.ndarray:
     """RGB uint8 [H, W, 3] of an image file (EXIF orientation applied, as cv2 and mmcv do)."""
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise UserError(f"{path}: missing or unreadable image")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return cv2.cvtColor(read_image(path), cv2.COLOR_BGR2RGB)
 
 
 def read_png(path: Path, dtype: type | None = None) -> np.ndarray:

@@ -69,11 +69,17 @@ Where we differ, and why:
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # `python -m`: a bad setting stops here, before the heavy imports below
+    from fit3d.cli import exit_if_invalid, labels_config
+
+    exit_if_invalid(labels_config)
+
 import csv
 import hashlib
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,7 +89,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fit3d.cli import parse_cli
+from fit3d.cli import labels_config
 from fit3d.config import Config
 from fit3d.datasets.base import IGNORE, missing
 from fit3d.datasets.scenes import SCANNETPP_CLASSES
@@ -558,12 +564,7 @@ def run(cfg: Config) -> dict:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_cli(
-        argv,
-        "python -m fit3d.datasets.scannetpp_labels",
-        "Render ScanNet++ depth / normal / semantic / instance maps from the scan meshes",
-    )
-    run(cfg)
+    run(labels_config(argv))
     return 0
 
 

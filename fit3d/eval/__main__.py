@@ -11,8 +11,13 @@ from fit3d.errors import cli_entry
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_cli(argv, "python -m fit3d.eval", "Evaluate original vs fine-tuned features.")
-    from fit3d.eval.run import run
+    cfg = parse_cli(
+        argv,
+        "python -m fit3d.eval",
+        "Evaluate original vs fine-tuned features.",
+        inputs=("scenes", "backbone", "eval"),
+    )
+    from fit3d.eval.run import run  # torch, timm: only for settings that passed
 
     run(cfg)
     return 0

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from fit3d.config import Config, to_dict
+from fit3d.config import Config, to_dict, validate
 from fit3d.errors import UserError
 from fit3d.eval import data as D
 from fit3d.eval.correspondence import run_corr
@@ -40,7 +40,6 @@ from fit3d.eval.verdict import verdicts
 from fit3d.runs import (
     BACKBONE_FILE,
     META_FILE,
-    PRECISIONS,
     build_backbone,
     eval_cache_dir,
     provenance,
@@ -51,44 +50,8 @@ from fit3d.runs import (
     write_config,
 )
 
-PROBES = ("seg", "depth", "normals", "corr")
-PROTOCOLS = ("fast", "paper")
-HEADS = ("linear", "dpt", "both")
-
 
 # --- inputs ---------------------------------------------------------------------------------
-def _check(cfg: Config) -> None:
-    """Config values that would only fail later: a one-line UserError now."""
-    ec = cfg.eval
-    for key, value, known in (
-        ("probes", ec.probes, PROBES),
-        ("feature_sets", ec.feature_sets, tuple(FEATURE_SETS)),
-    ):
-        bad = [v for v in value if v not in known]
-        if bad:
-            raise UserError(f"unknown eval.{key} {bad} (known: {list(known)})")
-    for key, value, known in (
-        ("protocol", ec.protocol, PROTOCOLS),
-        ("head", ec.head, HEADS),
-        ("precision", ec.precision, PRECISIONS),
-    ):
-        if value not in known:
-            raise UserError(f"eval.{key} must be one of {list(known)}, got {value!r}")
-    if not ec.seeds or not ec.lrs:
-        raise UserError("eval.seeds and eval.lrs must not be empty")
-    for key in ("batch_size", "paper_batch_size", "extract_batch", "label_stride"):
-        if getattr(ec, key) < 1:
-            raise UserError(f"eval.{key} must be >= 1, got {getattr(ec, key)}")
-    for key in ("batch_size", "paper_batch_size"):
-        if ec.micro_batch and getattr(ec, key) % ec.micro_batch:
-            raise UserError(
-                f"eval.{key}={getattr(ec, key)} (a global batch) is not a multiple of "
-                f"eval.micro_batch={ec.micro_batch}: the global batch cannot be honoured"
-            )
-    if ec.depth_crop and len(ec.depth_crop) != 2:
-        raise UserError(f"eval.depth_crop must be [h, w], got {list(ec.depth_crop)}")
-
-
 def _finetuned(cfg: Config, original, notes: list[str]) -> tuple[object | None, dict]:
     """The fine-tuned backbone and its stage-2 meta.json. An explicit `eval.finetuned_weights`
     that does not load is a UserError (before any work); a missing stage-2 run is a note."""
@@ -162,7 +125,7 @@ def _pca(path: Path, sets: list[str], ctx: Context) -> None:
 def run(cfg: Config) -> dict:
     """Evaluate the configured feature sets; writes the report into `<run.out>/eval/<run.name>/`
     and returns the results dict (what results.json holds)."""
-    _check(cfg)
+    validate(cfg)  # the config's ranges, for callers that built `cfg` themselves
     ec = cfg.eval
     t0, c0 = time.time(), time.process_time()
     device = resolve_device(cfg.run.device)

@@ -11,13 +11,24 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fit3d.errors import UserError
-from fit3d.scenes.scannetpp import GET_SCANNETPP, Scene, list_scenes, open_scene
 
 if TYPE_CHECKING:
     from fit3d.config import Config
+    from fit3d.scenes.scannetpp import Scene, list_scenes, open_scene
+
+
+def __getattr__(name: str) -> Any:
+    """`Scene`, `open_scene` and `list_scenes` load the reader (torch) on first use, so entry
+    points under this package check their settings first."""
+    if name in ("Scene", "open_scene", "list_scenes"):
+        from fit3d.scenes import scannetpp
+
+        return getattr(scannetpp, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["Scene", "open_scene", "list_scenes", "resolve_scenes", "generate_demo_set"]
 
@@ -68,6 +79,7 @@ def _check_demo_set(cfg: Config, root: Path) -> None:
 def scenes_root(cfg: Config) -> Path:
     """The dataset root of `cfg.scenes` (checked: it exists and holds the expected layout)."""
     from fit3d.runs import demo_scenes_dir
+    from fit3d.scenes.scannetpp import GET_SCANNETPP
 
     sc = cfg.scenes
     if sc.name == "demo":
@@ -92,6 +104,8 @@ def resolve_scenes(cfg: Config, split: str) -> tuple[Path, list[str], float]:
 
     Pure: reads the split file; the demo set must have been generated (`generate_demo_set`).
     """
+    from fit3d.scenes.scannetpp import list_scenes
+
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     root = scenes_root(cfg)

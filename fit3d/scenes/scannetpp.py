@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from fit3d.errors import UserError
+from fit3d.io import read_image
 
 IMAGE_DIR = "undistorted_images"
 MASK_DIR = "undistorted_anon_masks"
@@ -91,16 +92,6 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"malformed JSON in {path}: {e}") from e
-
-
-def read_image(path: Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
-    """cv2.imread that raises a `UserError` naming the file when it is missing or unreadable."""
-    if not path.is_file():
-        raise UserError(f"missing image {path}")
-    img = cv2.imread(str(path), flags)
-    if img is None:
-        raise UserError(f"unreadable image {path}")
-    return img
 
 
 @dataclass(frozen=True)

@@ -8,15 +8,16 @@ backbone's PCA feature maps. Needs no GPU and no internet; open the printed URL 
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
+from pathlib import Path
 
+from fit3d.cli import ArgumentParser
 from fit3d.errors import UserError, cli_entry
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fit3d.view", description=__doc__.splitlines()[0])
+def _parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m fit3d.view", description=__doc__.splitlines()[0])
     p.add_argument("scene", help="a lifted scene folder: outputs/lift/<run>/<scene>")
     p.add_argument(
         "--finetune",
@@ -45,7 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
-    from fit3d.view.server import Viewer
+    if args.max_gaussians < 1:
+        raise UserError(f"--max-gaussians must be >= 1, got {args.max_gaussians}")
+    if not Path(args.scene).is_dir():  # the scene's files are checked by `Viewer`
+        raise UserError(f"{args.scene} is not a folder (expected outputs/lift/<run>/<scene>)")
+    if args.finetune is not None and not Path(args.finetune).exists():
+        raise UserError(f"no fine-tuned backbone at {args.finetune} (no such folder or file)")
+    from fit3d.view.server import Viewer  # torch, viser: only for arguments that passed
 
     viewer = Viewer(
         args.scene,

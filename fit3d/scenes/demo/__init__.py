@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import fcntl
+import importlib
 import json
 import multiprocessing
 import os
@@ -39,15 +40,29 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from fit3d.errors import UserError
 from fit3d.io import atomic_path, write_json
-from fit3d.scenes.demo.camera import camera_path
-from fit3d.scenes.demo.layout import CLASSES, Room, build_room
-from fit3d.scenes.demo.raycast import RoomTensors, render_view
-from fit3d.scenes.demo.write import generate_room
+
+_EXPORTS = {
+    "CLASSES": "layout",
+    "Room": "layout",
+    "build_room": "layout",
+    "camera_path": "camera",
+    "RoomTensors": "raycast",
+    "render_view": "raycast",
+    "generate_room": "write",
+}
+"""Names this package re-exports -> their submodule, imported on first use (they import torch):
+`python -m fit3d.scenes.demo` checks its settings before torch loads."""
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 ROOM_FILE = "room.json"
 """A room's parameters, written after its files: marks a finished room."""
@@ -81,6 +96,10 @@ test rooms `TEST_SEED + 1000 * test_seed + i`."""
 def _room_job(job: tuple) -> float:
     """Generate one room with single-threaded torch, then its `room.json` (the parameters, last);
     returns seconds taken."""
+    import torch
+
+    from fit3d.scenes.demo.write import generate_room
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -264,6 +283,8 @@ def _generate(out: Path, params: dict, workers: int, verbose: bool) -> None:
             continue
         with atomic_path(path) as tmp:
             tmp.write_text("".join(r[0] + "\n" for r in members))
+    from fit3d.scenes.demo.layout import CLASSES
+
     write_json(out / "classes.json", {"classes": CLASSES})
     seconds = time.perf_counter() - start
     scenes = [r[0] for role in by_role.values() for r in role]
