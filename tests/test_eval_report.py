@@ -1,4 +1,5 @@
-"""Report tables: cells, changes vs original, the headline verdict, NaN-safe JSON, PCA colours."""
+"""Report: the verdict box first, tables (cells, changes vs original), the protocol in plain
+words, NaN-safe JSON, PCA colours."""
 
 import json
 import math
@@ -6,7 +7,8 @@ import math
 import pytest
 import torch
 
-from fit3d.eval.report import markdown, summarize, verdict, write_report
+from fit3d.eval.report import fmt_lr, markdown, protocol, summarize, verdict, write_report
+from fit3d.eval.verdict import verdicts
 from fit3d.viz import pca_rgb
 
 
@@ -55,22 +57,54 @@ def test_summarize_is_mean_and_sample_std():
     assert summarize([5.0])["std"] == 0.0
 
 
-def test_markdown_changes_and_verdict():
-    text = markdown(_results())
+def _with_rooms(res: dict) -> dict:
+    """Per-room depth RMSE for 3 rooms (assembled lower in every room than original; mixed vs
+    control) and the verdicts results.json would carry."""
+    per_room = {
+        "original": (0.50, 0.30, 0.40),
+        "assembled": (0.40, 0.25, 0.30),
+        "control": (0.45, 0.20, 0.50),
+    }
+    for s, rmse in per_room.items():
+        for g, v in zip(("room1", "room2", "room3"), rmse, strict=True):
+            res["metrics"][s][f"eval/depth/rmse@{g}"] = summarize([v, v])
+    res["verdicts"] = [v.to_dict() for v in verdicts(res["metrics"])]
+    return res
+
+
+def test_markdown_opens_with_the_verdict_then_the_tables():
+    res = _with_rooms(_results())
+    text = markdown(res)
+    assert text.startswith("## Verdict")
+    assert text.index("## Verdict") < text.index("### Semantic segmentation")
     row = next(line for line in text.splitlines() if line.startswith("| assembled") and "±" in line)
     assert "34.00 ± 1.41 (+3.00)" in row  # mIoU % = mean, s.d. over 2 seeds, change vs original
-    assert "Assembled vs original: better on 2 of 3 headline metrics" in text  # corr got worse
-    assert "Assembled vs control: better on 2 of 3 headline metrics" in text
+    # assembled - original: -0.1, -0.05, -0.1 m in the 3 rooms: every resample is negative
+    line = next(ln for ln in text.splitlines() if ln.startswith("| assembled - original"))
+    assert "| -0.083 | [-0.100, -0.050] | 3 | better |" in line
+    line = next(ln for ln in text.splitlines() if ln.startswith("| assembled - control"))
+    assert line.endswith("| 3 | no clear difference |")  # -0.05, +0.05, -0.2
+    assert "assembled - original: better on depth RMSE m." in text
     assert "| - |" in text or "| - " in text  # the empty rotation bin
 
 
-def test_verdict_says_when_no_headline_metric_ran():
+def test_verdict_without_rooms_or_fine_tuned_features():
     res = _results()
-    for per_set in res["metrics"].values():  # a normals-only run: no seg, depth or corr
-        for key in [k for k in per_set if not k.startswith("eval/normals")]:
-            del per_set[key]
-    assert verdict(res) == "No headline metric (seg, depth, corr) in this run."
-    assert "better on" in verdict(_results())
+    assert "fewer than 2 groups" in verdict(res)  # no per-room scores: no verdict rows
+    for s in ("assembled",):
+        del res["metrics"][s]
+    assert "No fine-tuned features" in verdict(res)
+
+
+def test_protocol_is_plain_words():
+    res = _results()
+    res["lr"] = {"original": {"seg": 0.003}, "assembled": {"seg": 0.0015}}
+    res["config"]["eval"]["lrs"] = [0.003, 0.01, 0.03]
+    text = protocol(res)
+    assert "picked from 3e-3, 1e-2, 3e-2" in text
+    assert "chosen: seg 3e-3 (original), 1.5e-3 (assembled)" in text
+    assert "{" not in text and "[" not in text.split("rotation")[0]  # no dict or list reprs
+    assert [fmt_lr(x) for x in (0.006666666666666, 0.1, 5e-4)] == ["6.7e-3", "1e-1", "5e-4"]
 
 
 def test_write_report_json_has_no_nan(tmp_path):
@@ -87,15 +121,3 @@ def test_pca_rgb_shared_basis():
     assert rgb[0].shape == (4, 5, 3)
     torch.testing.assert_close(rgb[0], rgb[1])  # same features -> same colours across views
     assert float(rgb[0].min()) >= 0.0 and float(rgb[0].max()) <= 1.0
-
-
-def test_verdict_counts_the_test_groups_where_assembled_wins():
-    res = _results()
-    per_room = {"original": (0.50, 0.30), "assembled": (0.40, 0.35), "control": (0.45, 0.25)}
-    for s, rmse in per_room.items():
-        for g, v in zip(("room1", "room2"), rmse, strict=True):
-            res["metrics"][s][f"eval/depth/rmse@{g}"] = summarize([v, v])
-    text = verdict(res)
-    assert "RMSE m -0.04 (seed spread 0.014; better in 1 of 2 test groups: -0.1 / +0.05)" in text
-    assert "better in 1 of 2 test groups: -0.05 / +0.1" in text  # vs control
-    assert "room1" not in markdown(res).split("Assembled vs")[0]  # tables: no per-group keys

@@ -86,12 +86,6 @@ def test_verdicts_cover_each_comparison_present():
         "fine-tuned": _stats(up, key),
         "assembled": _stats(up, key),
     }
-    got = verdicts(metrics, {k: True for k in ("eval/seg/miou",)} | _all_higher())
+    got = verdicts(metrics)
     assert [(v.a, v.b) for v in got] == [("fine-tuned", "original"), ("assembled", "original")]
     assert all(v.word == "better" and v.diff == pytest.approx(0.05) for v in got)
-
-
-def _all_higher() -> dict[str, bool]:
-    from fit3d.eval.verdict import VERDICT_KEYS
-
-    return {k: "rmse" not in k for k in VERDICT_KEYS}

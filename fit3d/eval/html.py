@@ -1,11 +1,12 @@
 """results.html: the evaluation report as one self-contained page to open or send.
 
 Everything is inside the file: pictures are embedded as `data:` URIs, the style is inline, there
-is no script and no link, so the page makes no network request. It holds the protocol
-paragraph, one table per probe (mean ± sample s.d. over seeds, change vs original, the winner
-of each column marked), recall@10px per rotation bin as a plot, the PCA and bar-chart pictures
-and the provenance (backbone, weights sha256, commit, config). Numbers come from the same
-`results` dict as results.json (see `fit3d.eval.report`).
+is no script and no link, so the page makes no network request. It opens with the verdict box
+(each comparison's difference and 95% room interval, in words, as a table and a forest plot),
+then one table per probe (mean ± sample s.d. over seeds, change vs original, the winner of each
+column marked), recall@10px per rotation bin as a plot, the PCA and bar-chart pictures, the
+protocol in plain sentences and the provenance (backbone, weights sha256, commit, config).
+Numbers come from the same `results` dict as results.json (see `fit3d.eval.report`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from fit3d.eval.report import METRICS, PROBE_TITLES, protocol, verdict
+from fit3d.eval.report import (
+    METRICS,
+    PROBE_TITLES,
+    forest_plot,
+    protocol,
+    verdict_rows,
+    verdict_summary,
+)
 from fit3d.io import atomic_path
 
 ROTATION_KEYS = [k for k in METRICS if k.startswith("eval/corr/recall_10px_rot")]
@@ -38,6 +46,11 @@ td.winner { font-weight: bold; background: #e6f4e6; }
 img { max-width: 100%; border: 1px solid #ddd; }
 pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; font-size: 0.8em; }
 code { font-size: 0.9em; }
+#verdict { border: 2px solid #446; border-radius: 6px; padding: 0.2em 1em 0.6em; margin: 1em 0; }
+#verdict h2 { margin-top: 0.4em; }
+#verdict td:nth-child(2), #verdict th:nth-child(2) { text-align: left; }
+td.better { background: #e6f4e6; font-weight: bold; }
+td.worse { background: #f8e3e3; font-weight: bold; }
 """
 
 
@@ -186,6 +199,63 @@ def provenance(results: dict) -> str:
     )
 
 
+def verdict_box(results: dict) -> str:
+    """The page's first section: its title, the summary sentence, one table row per comparison
+    and metric (data-* attributes carry results.json's values) and the forest plot."""
+    rows = verdict_rows(results)
+    backbone = results.get("provenance", {}).get("backbone", "")
+    parts = [
+        f'<section id="verdict"><h1>FiT3D evaluation: {html.escape(backbone)}</h1>',
+        "<h2>Verdict</h2>",
+        f'<p id="verdict-summary">{html.escape(verdict_summary(results))}</p>',
+    ]
+    if rows:
+        body = []
+        for r, v in zip(rows, results["verdicts"], strict=True):
+            attrs = (
+                f'data-a="{html.escape(v["a"])}" data-b="{html.escape(v["b"])}" '
+                f'data-key="{v["key"]}" data-diff="{v["diff"]!r}" data-lo="{v["lo"]!r}" '
+                f'data-hi="{v["hi"]!r}" data-rooms="{v["rooms"]}"'
+            )
+            cls = {"better": ' class="better"', "worse": ' class="worse"'}.get(r["word"], "")
+            body.append(
+                f"<tr {attrs}><td>{html.escape(r['comparison'])}</td>"
+                f"<td>{html.escape(r['metric'])}</td><td>{r['difference']}</td>"
+                f"<td>{r['interval']}</td><td>{r['rooms']}</td>"
+                f"<td{cls}>{html.escape(r['word'])}</td></tr>"
+            )
+        parts.append(
+            "<table><tr><th>comparison</th><th>metric</th><th>difference</th>"
+            "<th>95% interval over rooms</th><th>rooms</th><th>verdict</th></tr>\n"
+            + "\n".join(body)
+            + "</table>"
+        )
+    forest = forest_plot(results)
+    if forest is not None:
+        parts.append(
+            _figure(data_uri(forest), "each difference (dot) and its 95% room interval (bar)")
+        )
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _protocol_html(text: str) -> str:
+    """Protocol text (paragraphs, `- ` bullet lines) as HTML."""
+    out, items = [], []
+    for line in text.strip().split("\n"):
+        if line.startswith("- "):
+            items.append(f"<li>{html.escape(line[2:])}</li>")
+            continue
+        if items:
+            out.append("<ul>" + "".join(items) + "</ul>")
+            items = []
+        if line.strip():
+            out.append(f"<p>{html.escape(line)}</p>")
+    if items:
+        out.append("<ul>" + "".join(items) + "</ul>")
+    return "\n".join(out)
+
+
 def render(results: dict, pictures: Mapping[str, bytes]) -> str:
     """The whole page as a string; `pictures` maps captions to PNG bytes."""
     backbone = results.get("provenance", {}).get("backbone", "")
@@ -198,13 +268,11 @@ def render(results: dict, pictures: Mapping[str, bytes]) -> str:
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>FiT3D evaluation: {html.escape(backbone)}</title>",
         f"<style>{_STYLE}</style></head><body>",
-        f"<h1>FiT3D evaluation: {html.escape(backbone)}</h1>",
-        f'<p id="protocol">{html.escape(proto.strip())}</p>',
+        verdict_box(results),
         "<h2>Results</h2>",
-        "<p>Mean ± sample s.d. over seeds; change vs <code>original</code> in brackets; "
+        "<p>Mean ± sample s.d. over probe seeds; change vs <code>original</code> in brackets; "
         "the best value of each column is highlighted (↑ higher is better, ↓ lower).</p>",
         tables(results),
-        "".join(f"<p>{html.escape(line)}</p>" for line in verdict(results).split("\n\n")),
     ]
     rot = rotation_plot(results)
     if rot is not None:
@@ -220,7 +288,15 @@ def render(results: dict, pictures: Mapping[str, bytes]) -> str:
         parts.append("<h2>Notes</h2><ul>")
         parts += [f"<li>{html.escape(n)}</li>" for n in notes]
         parts.append("</ul>")
-    parts += ["<h2>Provenance</h2>", provenance(results), "</body></html>"]
+    parts += [
+        '<h2>How these numbers were made</h2><details id="protocol" open>'
+        "<summary>protocol</summary>",
+        _protocol_html(proto),
+        "</details>",
+        "<h2>Provenance</h2>",
+        provenance(results),
+        "</body></html>",
+    ]
     return "\n".join(parts) + "\n"
 
 

@@ -16,8 +16,9 @@ after FiT3D; empty when the paper has none); the markdown puts them beside ours.
 `provenance` keeps `train_scenes` / `test_scenes` (the groups of each split), `views`, `device`,
 `seconds`, `cpu_seconds` and the weights of both backbones. With 2 to 64 test groups
 (scenes), each probe's headline metric is also kept per group as `<key>@<group>` (e.g.
-`eval/depth/rmse@demo_006`, over that group's views); the verdict counts the groups where the
-assembled features win, since a few test scenes can decide a comparison.
+`eval/depth/rmse@demo_006`, over that group's views); `verdicts` (`fit3d.eval.verdict`) holds
+each comparison's mean per-room difference and 95% room bootstrap interval, and the report opens
+with them.
 
 Spread = sample standard deviation over the probe seeds (0 for the deterministic
 correspondence probe). Changes are relative to the `original` row.
@@ -25,6 +26,7 @@ correspondence probe). Changes are relative to the `original` row.
 
 from __future__ import annotations
 
+import io
 import math
 import statistics
 from pathlib import Path
@@ -69,8 +71,6 @@ METRICS: dict[str, tuple[str, bool, float]] = {
 }
 """Metric key -> (column label, higher is better, display scale). Correspondence pixels are
 pixels of the 1/4-resolution image (Probe3D's units)."""
-HEADLINE = ("eval/seg/miou", "eval/depth/rmse", "eval/corr/recall_10px")
-"""The metrics on which the assembled features should beat the original (FiT3D's claim)."""
 PROBE_TITLES = {
     "seg": "Semantic segmentation (linear)",
     "depth": "Depth (linear, 256 bins)",
@@ -114,10 +114,13 @@ def _cell(stat: dict | None, base: dict | None, scale: float) -> str:
     return text
 
 
-def markdown(results: dict) -> str:
-    """One table per probe: rows = feature sets, columns = that probe's metrics."""
+def markdown(results: dict, forest: str = "") -> str:
+    """The verdict box (with the picture `forest`, a file name, if given), then one table per
+    probe: rows = feature sets, columns = that probe's metrics."""
     sets, metrics = results["feature_sets"], results["metrics"]
-    lines = []
+    lines = [verdict(results), ""]
+    if forest:
+        lines += [f"![differences and their room intervals]({forest})", ""]
     for probe, title in PROBE_TITLES.items():
         keys = [k for k in METRICS if k.split("/")[1] == probe]
         keys = [k for k in keys if any(k in metrics.get(s, {}) for s in sets)]
@@ -141,76 +144,139 @@ def markdown(results: dict) -> str:
                 label = "FiT3D paper, " + ("original" if which == "original" else "FiT3D")
                 lines.append(f"| *{label}* | " + " | ".join(cells) + " |")
         lines.append("")
-    lines.append(verdict(results))
     return "\n".join(lines)
 
 
+COMPARISON_TITLES = {
+    ("fine-tuned", "original"): "fine-tuned - original",
+    ("assembled", "original"): "assembled - original",
+    ("assembled", "control"): "assembled - control",
+}
+"""How the verdict names each comparison A - B."""
+
+
+def metric_label(key: str) -> str:
+    """`seg mIoU %`, `corr R@10 30-60deg %`, ... for a metric key."""
+    probe = key.split("/")[1].replace("_dpt", " (DPT)")
+    return f"{probe} {METRICS[key][0]}"
+
+
+def _signed(value: float, scale: float) -> str:
+    """A difference in display units: 2 decimals for percentages, 3 for metres and degrees."""
+    digits = 2 if scale == 100.0 or abs(value * scale) >= 10 else 3
+    return f"{value * scale:+.{digits}f}"
+
+
+def verdict_rows(results: dict) -> list[dict]:
+    """The verdicts of results.json as display rows: comparison, metric, difference, interval
+    (display units, sign as A - B), rooms, word."""
+    rows = []
+    for v in results.get("verdicts") or []:
+        scale = METRICS[v["key"]][2]
+        finite = v["lo"] is not None and not math.isnan(v["lo"])
+        interval = f"[{_signed(v['lo'], scale)}, {_signed(v['hi'], scale)}]" if finite else "-"
+        rows.append(
+            {
+                "comparison": COMPARISON_TITLES.get((v["a"], v["b"]), f"{v['a']} - {v['b']}"),
+                "metric": metric_label(v["key"])
+                + (" (higher is better)" if METRICS[v["key"]][1] else " (lower is better)"),
+                "difference": _signed(v["diff"], scale),
+                "interval": interval,
+                "rooms": v["rooms"],
+                "word": v["word"],
+                "key": v["key"],
+            }
+        )
+    return rows
+
+
+def verdict_summary(results: dict) -> str:
+    """One sentence per comparison: on which metrics A is better or worse than B (the room
+    interval excludes zero), and how many show no clear difference."""
+    rows = verdict_rows(results)
+    if not rows:
+        if "assembled" not in results["metrics"] and "fine-tuned" not in results["metrics"]:
+            return "No fine-tuned features: no comparison was run."
+        return "No verdict: the test split has fewer than 2 groups (rooms) or no headline metric."
+    rooms = max(r["rooms"] for r in rows)
+    out = [f"Verdict over {rooms} test rooms (95% paired bootstrap intervals over rooms):"]
+    for title in dict.fromkeys(r["comparison"] for r in rows):
+        mine = [r for r in rows if r["comparison"] == title]
+        said = []
+        for word in ("better", "worse"):
+            names = [r["metric"].split(" (")[0] for r in mine if r["word"] == word]
+            if names:
+                said.append(f"{word} on {', '.join(names)}")
+        unclear = sum(r["word"] == "no clear difference" for r in mine)
+        if unclear:
+            said.append(f"no clear difference on {unclear} of {len(mine)} metrics")
+        out.append(f"{title}: " + "; ".join(said) + ".")
+    return " ".join(out)
+
+
 def verdict(results: dict) -> str:
-    """On how many headline metrics the assembled features beat the original, and the control
-    (original ++ original: a gain over the control is more than extra width)."""
-    metrics = results["metrics"]
-    if "assembled" not in metrics or "original" not in metrics:
-        return "No fine-tuned features: the FiT3D comparison (assembled vs original) was not run."
-    lines = []
-    for ref in ("original", "control"):
-        if ref not in metrics:
-            continue
-        parts, wins, total = [], 0, 0
-        for key in HEADLINE:
-            a, o = metrics["assembled"].get(key), metrics[ref].get(key)
-            if a is None or o is None or math.isnan(a["mean"]) or math.isnan(o["mean"]):
-                continue
-            label, higher, scale = METRICS[key]
-            delta = (a["mean"] - o["mean"]) * scale
-            spread = max(a["std"], o["std"]) * scale
-            total += 1
-            wins += delta > 0 if higher else delta < 0
-            parts.append(
-                f"{label} {delta:+.4g} (seed spread {spread:.2g}"
-                + _by_group(metrics["assembled"], metrics[ref], key)
-                + ")"
-            )
-        if total:  # a run without seg, depth or correspondence has no headline metric
-            lines.append(
-                f"Assembled vs {ref}: better on {wins} of {total} headline metrics: "
-                + "; ".join(parts)
-            )
-    return "\n\n".join(lines) or "No headline metric (seg, depth, corr) in this run."
+    """The verdict box in markdown: the summary, then one row per comparison and metric."""
+    rows = verdict_rows(results)
+    lines = ["## Verdict", "", verdict_summary(results)]
+    if rows:
+        lines += [
+            "",
+            "| comparison | metric | difference | 95% interval | rooms | verdict |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['comparison']} | {r['metric']} | {r['difference']} | {r['interval']} | "
+            f"{r['rooms']} | {r['word']} |"
+            for r in rows
+        ]
+    return "\n".join(lines)
 
 
-def _by_group(a: dict, o: dict, key: str) -> str:
-    """'; better in k of n test groups: d1 / d2 / ...' from the per-group `key@group` entries
-    of two feature sets (group deltas as mean ± s.d. beyond 6 groups); '' when there are none."""
-    label, higher, scale = METRICS[key]
-    groups = [k for k in a if k.startswith(key + "@") and k in o]
-    deltas = [(a[k]["mean"] - o[k]["mean"]) * scale for k in groups]
-    deltas = [d for d in deltas if not math.isnan(d)]
-    if len(deltas) < 2:
-        return ""
-    wins = sum(d > 0 if higher else d < 0 for d in deltas)
-    if len(deltas) <= 6:
-        each = " / ".join(f"{d:+.3g}" for d in deltas)
-    else:
-        each = f"{statistics.fmean(deltas):+.3g} ± {statistics.stdev(deltas):.2g}"
-    return f"; better in {wins} of {len(deltas)} test groups: {each}"
+def fmt_lr(lr: float) -> str:
+    """A learning rate as people write them: 3e-3, 1.5e-4, 0.1 stays 1e-1."""
+    mantissa, exponent = f"{lr:.1e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def _listing(values) -> str:
+    return ", ".join(str(v) for v in values)
+
+
+def _chosen_lrs(lrs: dict) -> str:
+    """'seg 3e-3 (original, fine-tuned), 1.5e-3 (assembled, control); depth ...'."""
+    by_probe: dict[str, dict[str, list[str]]] = {}
+    for s, per_probe in lrs.items():
+        for probe, lr in (per_probe or {}).items():
+            by_probe.setdefault(probe, {}).setdefault(fmt_lr(lr), []).append(s)
+    return "; ".join(
+        f"{probe} " + ", ".join(f"{lr} ({', '.join(sets)})" for lr, sets in chosen.items())
+        for probe, chosen in by_probe.items()
+    )
 
 
 def protocol(results: dict) -> str:
-    """A few lines saying how the numbers were made (for results.md and results.html)."""
+    """Plain sentences saying how the numbers were made (for results.md and results.html)."""
     ec, prov = results["config"]["eval"], results["provenance"]
     name = results.get("protocol", ec.get("protocol", "fast"))
     data = results.get("dataset") or {}
-    lrs = {s: lr for s, lr in results["lr"].items() if lr}
     batch16 = ec.get("paper_batch_size", 16)
     seg_iters, depth_iters = ec.get("seg_iters", 40000), ec.get("depth_iters", 38400)
     dpt_lr, dpt_epochs = ec.get("dpt_lr", 5e-4), ec.get("dpt_epochs", 10)
     dpt_hidden, corr_block = ec.get("dpt_hidden", 512), ec.get("corr_block", -1)
+    views = prov["views"]
+    val = ""
+    if views.get("val"):
+        val = (
+            f" Learning rates were picked on {views['val']} views of "
+            f"{len(prov.get('val_scenes') or [])} validation groups ({data.get('val_split')} "
+            "split), neither train nor test."
+        )
     where = (
-        f"trained on {prov['views']['train']} views ({len(prov['train_scenes'])} groups) of "
+        f"trained on {views['train']} views ({len(prov['train_scenes'])} groups) of "
         f"{data.get('name', 'the scenes')} {data.get('train_split') or 'train'} and scored on "
-        f"{prov['views']['test']} views ({len(prov['test_scenes'])} groups) of its "
-        f"{data.get('test_split') or 'val'} split; mean ± sample s.d. over seeds {ec['seeds']}; "
-        "change vs original in brackets."
+        f"{views['test']} views ({len(prov['test_scenes'])} groups) of its "
+        f"{data.get('test_split') or 'val'} split; mean ± sample s.d. over probe seeds "
+        f"{_listing(ec['seeds'])}; change vs original in brackets.{val}"
     )
     if name == "paper":
         text = (
@@ -218,31 +284,77 @@ def protocol(results: dict) -> str:
             "(augmented crops with features recomputed each iteration, 40k / 38.4k iterations at "
             f"global batch 16 scaled to {batch16} ({seg_iters} / {depth_iters} at batch 16 "
             "here), AdamW, poly / cosine with warm-up, slide inference 512/341, flip test-time "
-            "augmentation, no checkpoint picked); "
+            "augmentation, no checkpoint picked). "
         )
     else:
+        chosen = _chosen_lrs(results.get("lr") or {})
         text = (
-            f"Protocol: fast (cached features; {ec['epochs']} epochs, batch {ec['batch_size']}, "
-            f"learning rate from {ec['lrs']} picked on a validation part of the train split, "
-            f"chosen: {lrs}); see the list below for how it differs from protocol=paper. "
+            f"Protocol: fast (cached features; {ec['epochs']} epochs at batch "
+            f"{ec['batch_size']}; learning rate picked from {_listing(map(fmt_lr, ec['lrs']))}"
+            + (f", chosen: {chosen}" if chosen else "")
+            + "); the list below says how it differs from protocol=paper. "
         )
     text += (
         f"Heads {where} Segmentation reads the last block after the final norm; linear depth "
         "and normals read it before the final norm (depth also gets the original CLS token). "
         "DPT heads (Probe3D) read the raw outputs of the four quarter blocks and train with "
-        f"Probe3D's schedule (AdamW lr {dpt_lr}, {dpt_epochs} epochs, 15% warm-up, cosine; "
-        f"width {dpt_hidden}). Correspondence (zero-shot, as Probe3D computes it): raw output of "
-        f"block {corr_block}, no final norm; depth and K at 1/4 resolution, matches only "
-        "between pixels with valid depth in both views, ratio-test weight, top "
+        f"Probe3D's schedule (AdamW lr {fmt_lr(dpt_lr)}, {dpt_epochs} epochs, 15% warm-up, "
+        f"cosine; width {dpt_hidden}). Correspondence (zero-shot, as Probe3D computes it): raw "
+        f"output of block {corr_block}, no final norm; depth and K at 1/4 resolution, matches "
+        "only between pixels with valid depth in both views, ratio-test weight, top "
         f"{ec['top_k']} matches of up to {ec['pairs_per_scene']} covisible pairs per test group; "
         "errors and the 5/10/20 px thresholds in 1/4-resolution pixels (x4 at full "
         "resolution); recall@10 binned by relative rotation [0,15), [15,30), [30,60), [60,180] "
-        "degrees.\n"
+        "degrees. Verdicts: per test room, each set's score (probe seeds averaged), the paired "
+        "difference, its mean over rooms and a 95% percentile bootstrap interval resampling "
+        "rooms; 'better' or 'worse' only where the interval excludes zero.\n"
     )
     if name != "paper":
         text += "\nHow protocol=fast differs from protocol=paper (FiT3D's configs):\n"
         text += "".join(f"- {d}\n" for d in FAST_DIFFERENCES)
     return text
+
+
+def forest_plot(results: dict) -> bytes | None:
+    """PNG of every verdict's difference and room interval: one row per metric (its own units),
+    one marker per comparison, zero marked; None without verdicts."""
+    from matplotlib.figure import Figure
+
+    rows = verdict_rows(results)
+    if not rows:
+        return None
+    keys = list(dict.fromkeys(r["key"] for r in rows))
+    comparisons = list(dict.fromkeys(r["comparison"] for r in rows))
+    colors = matplotlib.colormaps["tab10"].colors
+    fig = Figure(figsize=(7.5, 0.62 * len(keys) + 0.9))
+    axes = fig.subplots(len(keys), 1, squeeze=False)[:, 0]
+    for ax, key in zip(axes, keys, strict=True):
+        scale = METRICS[key][2]
+        for k, comp in enumerate(comparisons):
+            r = next((r for r in rows if r["key"] == key and r["comparison"] == comp), None)
+            v = next(
+                (v for v in results["verdicts"] if v["key"] == key
+                 and COMPARISON_TITLES.get((v["a"], v["b"])) == comp),
+                None,
+            )  # fmt: skip
+            if r is None or v is None or v["lo"] is None:
+                continue
+            y = len(comparisons) - 1 - k
+            lo, hi, d = v["lo"] * scale, v["hi"] * scale, v["diff"] * scale
+            ax.plot([lo, hi], [y, y], color=colors[k], lw=2)
+            ax.plot([d], [y], "o", color=colors[k], ms=5, label=comp if key == keys[0] else None)
+        ax.axvline(0, color="0.3", lw=0.8)
+        ax.set_yticks([])
+        ax.set_ylim(-0.7, len(comparisons) - 0.3)
+        better = "right" if METRICS[key][1] else "left"
+        ax.set_ylabel(metric_label(key), rotation=0, ha="right", va="center", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.set_title(f"better to the {better}", fontsize=6, loc="right", pad=1, color="0.4")
+    fig.legend(loc="upper center", ncol=len(comparisons), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
 
 
 def bar_chart(path: Path, results: dict) -> None:
@@ -310,13 +422,18 @@ def _json_safe(obj):
 
 
 def write_report(out_dir: Path, results: dict) -> str:
-    """Write results.json (NaN as null), results.md and results.png; return the markdown."""
-    text = markdown(results)
+    """Write results.json (NaN as null), results.md, results.png and forest.png (the verdicts'
+    intervals); return the markdown."""
+    write_json(out_dir / "results.json", _json_safe(results))
+    forest = forest_plot(results)
+    if forest is not None:
+        with atomic_path(out_dir / "forest.png") as tmp:
+            tmp.write_bytes(forest)
+    text = markdown(results, "forest.png" if forest is not None else "")
     notes = "".join(f"- {n}\n" for n in results.get("notes", []))
     header = f"# FiT3D evaluation: {results['provenance'].get('backbone', '')}\n\n"
-    write_json(out_dir / "results.json", _json_safe(results))
     with atomic_path(out_dir / "results.md") as tmp:
-        body = header + text + "\n\n" + protocol(results)
+        body = header + text + "\n\n## How these numbers were made\n\n" + protocol(results)
         tmp.write_text(body + ("\nNotes:\n" + notes if notes else ""))
     bar_chart(out_dir / "results.png", results)
     return text

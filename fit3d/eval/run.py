@@ -35,7 +35,7 @@ from fit3d.eval.correspondence import run_corr
 from fit3d.eval.features import FEATURE_SETS, MapPlan, SplitFeatures, feature_store, fill_features
 from fit3d.eval.fitting import Context, by_group, run_task
 from fit3d.eval.html import write_html
-from fit3d.eval.report import METRICS, pca_panel, write_report
+from fit3d.eval.report import pca_panel, write_report
 from fit3d.eval.verdict import verdicts
 from fit3d.runs import (
     BACKBONE_FILE,
@@ -224,7 +224,7 @@ def run(cfg: Config) -> dict:
             "val_split": val.ds.split if val else None,
             "test_split": test.ds.split,
         },  # fmt: skip
-        "verdicts": [v.to_dict() for v in verdicts(metrics, {k: m[1] for k, m in METRICS.items()})],
+        "verdicts": [v.to_dict() for v in verdicts(metrics)],
         "paper": _paper_numbers(test.ds, cfg.backbone.name, sets),
         "provenance": {
             **provenance(original, weights_key="original_weights"),

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from fit3d.eval.report import METRICS
+
 BOOTSTRAP = 10000
 """Bootstrap resamples of the rooms per interval."""
 LEVEL = 0.95
@@ -109,13 +111,13 @@ def compare(metrics: dict, a: str, b: str, key: str, higher: bool) -> Verdict | 
     return Verdict(a, b, key, float(np.mean(diffs)), lo, hi, len(rooms), higher)
 
 
-def verdicts(metrics: dict, higher: dict[str, bool]) -> list[Verdict]:
-    """Every comparison of `COMPARISONS` x `VERDICT_KEYS` the results allow, in that order.
-    higher: metric key -> whether higher is better."""
+def verdicts(metrics: dict) -> list[Verdict]:
+    """Every comparison of `COMPARISONS` x `VERDICT_KEYS` the results allow, in that order
+    (whether higher is better: `fit3d.eval.report.METRICS`)."""
     out = []
     for a, b in COMPARISONS:
         for key in VERDICT_KEYS:
-            v = compare(metrics, a, b, key, higher[key])
+            v = compare(metrics, a, b, key, METRICS[key][1])
             if v is not None:
                 out.append(v)
     return out
