@@ -163,6 +163,15 @@ class LastCheckpoint(Callback):
             trainer.save_checkpoint(self.path, weights_only=False)  # full state: resumable
 
 
+def lightning_precision(cfg: Config) -> str:
+    """`finetune.precision` as Lightning takes it: `auto` -> `bf16-mixed` where the device has
+    bf16 natively, else `32-true`; any other value as it is."""
+    if cfg.finetune.precision != "auto":
+        return cfg.finetune.precision
+    resolved = resolve_precision("auto", resolve_device(cfg.run.device))
+    return {"bf16": "bf16-mixed", "fp32": "32-true"}[resolved]
+
+
 def make_trainer(cfg: Config, out: Path, callbacks: list[Callback]) -> L.Trainer:
     f = cfg.finetune
     if cfg.run.device not in _ACCELERATORS:
@@ -173,7 +182,7 @@ def make_trainer(cfg: Config, out: Path, callbacks: list[Callback]) -> L.Trainer
         devices=f.devices,
         num_nodes=f.num_nodes,
         strategy=f.strategy,
-        precision=f.precision,
+        precision=lightning_precision(cfg),
         max_epochs=f.epochs,
         max_steps=f.max_steps,
         logger=_loggers(cfg, out),
@@ -188,10 +197,8 @@ def make_trainer(cfg: Config, out: Path, callbacks: list[Callback]) -> L.Trainer
 
 def run(cfg: Config, callbacks: list[Callback] | None = None) -> dict[str, Any]:
     """Fine-tune per `cfg`; returns the meta dict (rank 0) or {} (other DDP ranks)."""
-    if cfg.finetune.precision == "auto":  # what this device runs; config.yaml and meta record it
-        resolved = resolve_precision("auto", resolve_device(cfg.run.device))
-        precision = {"bf16": "bf16-mixed", "fp32": "32-true"}[resolved]
-        cfg = replace(cfg, finetune=replace(cfg.finetune, precision=precision))
+    # what this device runs: config.yaml and meta.json record it
+    cfg = replace(cfg, finetune=replace(cfg.finetune, precision=lightning_precision(cfg)))
     f = cfg.finetune
     out = run_dir(cfg, "finetune")
     lift = read_lift_run(run_dir(cfg, "lift", f.lift_run))  # fails before the model is built

@@ -18,11 +18,11 @@ rooms in four roles, one split file each:
     <out>/demo.json                    the parameters; written last, so it marks a finished set
 
 Every room films the same kind of loop: train, val and probe rooms one of `n_views` poses, of
-which probe rooms render `probe_views` evenly spaced ones; test rooms one of `TEST_LOOP` poses,
-of which they render `TEST_POSES` (so their view pairs span every rotation bin of the
-correspondence probe). A room is generated once for its own parameters
-(`room.json`): another test seed adds its rooms beside the others and leaves every other room as
-it is. A second call with the same parameters does nothing. Command line:
+which probe rooms render `probe_views` (at most all) evenly spaced ones; test rooms one of
+`TEST_LOOP` poses, of which they render `TEST_POSES` (so their view pairs span every rotation bin
+of the correspondence probe). A room is generated once for its own parameters (`room.json`):
+another test seed adds its rooms beside the others and leaves every other room as it is. A
+second call with the same parameters does nothing. Command line:
 `python -m fit3d.scenes.demo`.
 """
 
@@ -202,8 +202,6 @@ def generate_demo(
         raise UserError(f"demo needs >= 2 views, >= 1 room and >= 8x8 pixels, got {params}")
     if n_test and not 2 <= test_views <= len(TEST_POSES):
         raise UserError(f"scenes.demo_test_views must be 2..{len(TEST_POSES)}, got {test_views}")
-    if n_probe and not 1 <= probe_views <= n_views:
-        raise UserError(f"scenes.demo_probe_views must be 1..{n_views}, got {probe_views}")
     marker = out / "demo.json"
     if _cached(marker, params):
         return out
@@ -220,7 +218,8 @@ def rooms(params: dict) -> dict[str, list[tuple[str, int, int, list[int]]]]:
     roles `train`, `val`, `probe`, `test` (module docstring)."""
     seed, n, n_train = params["seed"], params["n_views"], params["n_train"]
     every = list(range(n))
-    probe = [round(k * n / params["probe_views"]) for k in range(params["probe_views"])]
+    n_probe_views = min(params["probe_views"], n)
+    probe = [round(k * n / n_probe_views) for k in range(n_probe_views)]
     test = list(TEST_POSES[: params["test_views"]])
     ts = params["test_seed"]
     return {
