@@ -194,13 +194,6 @@ class Backbone(nn.Module):
         side as it was loaded."""
         return {**self.model.state_dict(), **self.pooling_state}
 
-    def timm_model(self) -> nn.Module:
-        """A standalone timm model (pooling side included, CPU, eval mode) with these weights."""
-        model = _create(self.timm_name, self.create_kwargs)
-        sd = {k: v.detach().to("cpu", copy=True) for k, v in self.timm_state_dict().items()}
-        model.load_state_dict(sd, strict=True)
-        return model.eval()
-
     def preprocess(self, images: Tensor) -> Tensor:
         """[B,3,H,W] in [0,1] -> [B,3,H',W'] resized (bilinear, no crop) down to multiples of the
         patch size (H' = floor(H/p)*p), ImageNet-normalised."""

@@ -16,6 +16,7 @@ Stage 2 writes `<run>/timm_model/` (`EXPORT_DIR`) next to `backbone.safetensors`
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -47,31 +48,58 @@ def export_dir(finetune_run: str | Path) -> Path:
     return Path(finetune_run) / EXPORT_DIR
 
 
-def write_export(folder: str | Path, backbone: Any, meta: dict[str, Any]) -> Path:
+def timm_config(backbone: Any, info: dict[str, Any]) -> dict[str, Any]:
+    """timm's config.json for `backbone` (a `fit3d.backbones.Backbone`): the architecture, the
+    arguments it is built with (`model_args`, applied by `timm.create_model`), the source
+    checkpoint's facts (tag, licence, input size) with fit3d's preprocessing, and `info` under
+    `fit3d`. Written here rather than by timm's `save_for_hf`, whose arguments and output changed
+    across timm 1.0.x; the format is what timm's hub and `local-dir:` loaders read."""
+    src = dict(backbone.model.pretrained_cfg)
+    keep = ("tag", "input_size", "min_input_size", "first_conv", "classifier", "license")
+    cfg = {k: src[k] for k in keep if src.get(k) is not None}
+    cfg |= {**DATA_CONFIG, "num_classes": 0, "fixed_input_size": False, "custom_load": False}
+    return {
+        "architecture": src["architecture"],
+        "num_classes": 0,
+        "num_features": backbone.embed_dim,
+        "global_pool": backbone.model.global_pool,
+        "model_args": {"num_classes": 0, "dynamic_img_size": True, **backbone.create_kwargs},
+        "pretrained_cfg": cfg,
+        FIT3D_KEY: info,
+    }
+
+
+def write_export(
+    folder: str | Path, backbone: Any, meta: dict[str, Any], weights_file: str | Path = ""
+) -> Path:
     """Write `backbone` (a `fit3d.backbones.Backbone`) as a timm model folder with a model card
-    built from the stage-2 `meta`; the folder appears complete or not at all (built beside it,
-    then renamed). Returns the folder."""
-    from timm.models import save_for_hf
+    built from the stage-2 `meta`. `weights_file`: a file already holding
+    `backbone.timm_state_dict()` (stage 2's backbone.safetensors), hard-linked (else copied) as
+    model.safetensors instead of written again. The folder appears complete or not at all (built
+    beside it, then renamed). Returns the folder."""
+    from fit3d.io import write_json, write_safetensors
 
     folder = Path(folder)
     part, old = folder.with_name(f".{folder.name}.part"), folder.with_name(f".{folder.name}.old")
     for stale in (part, old):
         shutil.rmtree(stale, ignore_errors=True)
-    model = backbone.timm_model()
+    part.mkdir(parents=True)
     info = {
         "backbone": backbone.alias,
         "timm_name": backbone.timm_name,
         "base_weights": backbone.weights_info.to_dict(),
         "weights_sha256": meta.get("weights_sha256", ""),
     }
-    save_for_hf(
-        model,
-        str(part),
-        model_config={FIT3D_KEY: info},
-        safe_serialization=True,
-        data_config=DATA_CONFIG,
-    )
-    license_ = model.pretrained_cfg.get("license") or "other"
+    if weights_file:
+        try:
+            os.link(weights_file, part / WEIGHTS_FILE)
+        except OSError:  # another file system, or no hard links there
+            shutil.copyfile(weights_file, part / WEIGHTS_FILE)
+    else:
+        write_safetensors(part / WEIGHTS_FILE, backbone.timm_state_dict(), {"format": "pt"})
+    config = timm_config(backbone, info)
+    write_json(part / "config.json", config)
+    license_ = config["pretrained_cfg"].get("license") or "other"
     (part / CARD_FILE).write_text(model_card(info, meta, license_))
     if folder.exists():
         folder.rename(old)

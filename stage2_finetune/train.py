@@ -305,6 +305,6 @@ def _finish(
         },
         "config": to_dict(cfg),
     }
-    meta["export"] = str(write_export(export_dir(out), tuned, meta))
+    meta["export"] = str(write_export(export_dir(out), tuned, meta, weights_file))
     write_json(out / META_FILE, meta)
     return meta

@@ -51,7 +51,7 @@ def _fake_run(folder: Path, bb: Backbone) -> dict:
         "optimizer": {"lr": 3e-5, "weight_decay": 1e-4, "grad_clip": 0.1},
         "heldout": {"masked_l1": {"views": 5, "original": 0.4561, "finetuned": 0.4172}},
     }
-    meta["export"] = str(write_export(folder / EXPORT_DIR, bb, meta))
+    meta["export"] = str(write_export(folder / EXPORT_DIR, bb, meta, folder / BACKBONE_FILE))
     write_json(folder / META_FILE, meta)
     return meta
 
