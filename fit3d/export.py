@@ -226,8 +226,7 @@ def refresh_card(finetune_run: str | Path, results: dict[str, Any], tables: str)
         f"`{key}`)\n\n{views.get('train', 0)} train / {views.get('test', 0)} test views, test "
         f"scenes {', '.join(prov.get('test_scenes') or []) or '-'}. Feature sets: `original` "
         "(the base model), `fine-tuned` (this model), `assembled` (both, concatenated), "
-        "`control` (the base model twice).\n\n"
-        + re.sub(r"^### ", "#### ", tables.strip(), flags=re.M)
+        "`control` (the base model twice).\n\n" + _nested(tables)
     )
     begin, end = _EVAL_BEGIN.format(key), _EVAL_END.format(key)
     block = f"{begin}\n{body}\n{end}"
@@ -242,6 +241,13 @@ def refresh_card(finetune_run: str | Path, results: dict[str, Any], tables: str)
     with atomic_path(card) as tmp:
         tmp.write_text(text)
     return True
+
+
+def _nested(report: str) -> str:
+    """An evaluator report's markdown placed under a card's `###` heading: headings two levels
+    down, pictures left out (they stay in the eval run's folder)."""
+    text = re.sub(r"^!\[.*\]\(.*\)\n?", "", report.strip(), flags=re.M)
+    return re.sub(r"^(#+) ", lambda m: "#" * (len(m.group(1)) + 2) + " ", text, flags=re.M)
 
 
 def load_backbone(source: str = "dinov2", weights: str | None = None):

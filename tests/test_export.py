@@ -94,7 +94,8 @@ def test_model_card_and_its_evaluation_refresh(tmp_path: Path) -> None:
     wanted += ["0.4561", "0.4172", meta["weights_sha256"], "No evaluation yet"]
     for want in wanted:
         assert want in text, want
-    tables = "### Depth (linear)\n\n| features | RMSE m |\n|---|---|\n| fine-tuned | 0.7313 |"
+    tables = "## Verdict\n\n![intervals](forest.png)\n\n### Depth (linear)\n\n"
+    tables += "| features | RMSE m |\n|---|---|\n| fine-tuned | 0.7313 |"
     results = {
         "protocol": "fast",
         "dataset": {"name": "demo"},
@@ -107,7 +108,8 @@ def test_model_card_and_its_evaluation_refresh(tmp_path: Path) -> None:
     }
     assert refresh_card(tmp_path, results, tables)
     text = card.read_text()
-    assert "| fine-tuned | 0.7313 |" in text and "#### Depth" in text
+    assert "| fine-tuned | 0.7313 |" in text and "\n##### Depth (linear)\n" in text
+    assert "\n#### Verdict\n" in text and "forest.png" not in text  # under the card's headings
     assert "No evaluation yet" not in text and "demo_006" in text
     # the same eval run again replaces its table; another eval run adds one
     assert refresh_card(tmp_path, results, tables.replace("0.7313", "0.7001"))

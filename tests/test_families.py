@@ -29,8 +29,13 @@ SCENES = [
     "scenes.demo_views=8",
     "scenes.demo_width=112",
     "scenes.demo_height=84",
+    "scenes.demo_probe=1",
+    "scenes.demo_probe_views=3",
+    "scenes.demo_test=2",
+    "scenes.demo_test_views=3",
 ]
-"""One train and one held-out room, 8 views of 112x84 (token grids 8x6 at p14, 7x5 at p16)."""
+"""One train and one held-out room of 8 views, one probe room, two test rooms, all 112x84 (token
+grids 8x6 at p14, 7x5 at p16): tests/test_pipeline.py's set."""
 QUARTERS = [
     "eval.head=both",
     "eval.dpt_probes=[depth]",
@@ -106,5 +111,6 @@ def test_family_through_every_stage(tmp_path: Path, scenes: Path, alias: str) ->
             assert math.isfinite(results["metrics"][s][key]["mean"]), (s, key)
     # the model card carries the evaluator's table rows for this model
     card = (run / EXPORT_DIR / CARD_FILE).read_text()
-    rows = [r for r in (out / "results.md").read_text().splitlines() if r.startswith("| fine")]
+    report = (out / "results.md").read_text().splitlines()
+    rows = [r for r in report if r.startswith("| fine-tuned |")]  # one per probe table
     assert len(rows) == len(keys) and all(r in card for r in rows)
