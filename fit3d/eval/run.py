@@ -37,6 +37,7 @@ from fit3d.eval.fitting import Context, by_group, run_task
 from fit3d.eval.html import write_html
 from fit3d.eval.report import pca_panel, write_report
 from fit3d.eval.verdict import verdicts
+from fit3d.export import refresh_card
 from fit3d.runs import (
     BACKBONE_FILE,
     META_FILE,
@@ -245,6 +246,8 @@ def run(cfg: Config) -> dict:
         "config": to_dict(cfg),
     }
     text = write_report(out_dir, results)
+    if ec.finetune_run:  # the exported model's card shows these numbers (if they are its own)
+        refresh_card(run_dir(cfg, "finetune", ec.finetune_run), results, text)
     write_html(out_dir, results, [p for p in ("results.png", "pca.png") if (out_dir / p).is_file()])
     print(text)
     prov = results["provenance"]
