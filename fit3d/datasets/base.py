@@ -30,8 +30,13 @@ Conventions (docs/method.md, "Conventions"):
 
 `EvalSet` attributes: `name`, `split`, `tasks` (subset of {"seg", "depth", "normals", "corr"}: the
 ground truth the set provides), `classes` (names, id = index; None without segmentation),
-`min_depth` / `max_depth` (the protocol's depth range in metres, None = unbounded), `paper`
-(published numbers for this set, see `PaperNumbers`).
+`min_depth` / `max_depth` (the protocol's depth range in metres: the depth bins, and valid ground
+truth; None = unbounded), `gt_max_depth` (where valid ground truth ends if not at `max_depth`),
+`paper` (published numbers for this set, see `PaperNumbers`), and the protocol details the
+evaluator follows: `mask_tasks` (the tasks `eval_mask` applies to), `mask_is_crop` (the mask is
+a test-time crop, Eigen's or Garg's, that the originals never apply to training labels),
+`image_norm` (`imagenet`, or `half` for mean = std = 0.5) and `color_brightness` (the brightness
+range of FiT3D's depth colour augmentation).
 
 Bad roots raise `fit3d.errors.UserError` with one line: the path tried, what was expected there
 and where the official release is documented (`missing`).
@@ -102,7 +107,12 @@ class EvalSet(Sequence[Sample]):
     classes: tuple[str, ...] | None = None
     min_depth: float = 1e-3
     max_depth: float | None = None
+    gt_max_depth: float | None = None
     paper: PaperNumbers = {}
+    mask_tasks: frozenset[str] = frozenset({"seg", "depth", "normals"})
+    mask_is_crop: bool = False
+    image_norm: str = "imagenet"
+    color_brightness: tuple[float, float] = (0.75, 1.25)
 
     @abstractmethod
     def __len__(self) -> int: ...

@@ -13,8 +13,10 @@ lists are BTS's `eigen_train_files_with_gt.txt` / `eigen_test_files_with_gt.txt`
 (github.com/cleinc/bts, `train_test_inputs/`), accepted under either name: one
 `<image path> <depth path | None> <focal>` per line; lines without depth are skipped, as FiT3D does.
 
-Protocol: the KB crop (bottom 352 rows, centred 1216 columns) is applied to image, depth and K;
-`eval_mask` is the Garg crop of that 352x1216 frame; depth range (1e-3, 80) m.
+Protocol: the KB crop (bottom 352 rows, centred 1216 columns) is applied to image, depth and K,
+train and test; `eval_mask` is the Garg crop of that 352x1216 frame, scored at test only (FiT3D
+trains on every ground-truth pixel of the KB crop); depth range (1e-3, 80) m; the depth probe's
+colour augmentation draws its brightness from [0.9, 1.1] (FiT3D's KITTI config).
 K: the rectified colour camera (P_rect_02) of each recording day.
 """
 
@@ -86,6 +88,8 @@ class KITTI(EvalSet):
     tasks = frozenset({"depth"})
     max_depth = 80.0
     paper = PAPER
+    mask_is_crop = True
+    color_brightness = (0.9, 1.1)
 
     def __init__(self, root: str | Path, split: str):
         check_split(self.name, split, tuple(LISTS))
