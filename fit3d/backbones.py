@@ -82,6 +82,9 @@ class Features:
     """Last block through the final norm, patch tokens [B, C, h, w] (FiT3D's teacher/student)."""
     cls: Tensor | None
     """CLS token of the last block before the final norm [B, C] (mean patch token without one)."""
+    block_cls: list[Tensor] | None = None
+    """With `block_cls`: the CLS token [B, C] of each requested block, raw (mean patch token
+    without one), in `blocks` order (Probe3D's `dense-cls` output per level)."""
 
 
 def _cpu_bf16(x: Tensor) -> bool:
@@ -164,6 +167,7 @@ class Backbone(nn.Module):
         norm: bool = False,
         final: bool = True,
         cls: bool = False,
+        block_cls: bool = False,
     ) -> Features:
         """Every dense feature a consumer needs, from one forward pass of preprocessed x
         [B,3,H',W'] (see `Features`). `blocks` are 0-based (negatives count from the end) and come
@@ -200,7 +204,15 @@ class Backbone(nn.Module):
             has_cls = prefix.shape[1] > 0 and getattr(self.model, "cls_token", None) is not None
             token = prefix[:, 0] if has_cls else raw[n - 1].mean((2, 3))
         maps = [normed(raw[i]) if norm else raw[i] for i in idx]
-        return Features(blocks=maps, final=fin, cls=token)
+        per_block = None
+        if block_cls:  # the same rule as `token`, per requested block
+            prefix = {i: p for i, (_, p) in zip(take, out, strict=True)}
+            has_cls = getattr(self.model, "cls_token", None) is not None
+            per_block = [
+                prefix[i][:, 0] if has_cls and prefix[i].shape[1] > 0 else raw[i].mean((2, 3))
+                for i in idx
+            ]
+        return Features(blocks=maps, final=fin, cls=token, block_cls=per_block)
 
     def quarter_blocks(self) -> tuple[int, ...]:
         """The block after each quarter of the network (Probe3D): (2,5,8,11) for 12 blocks."""

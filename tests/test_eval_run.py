@@ -213,8 +213,8 @@ def test_nyuv2_through_eval_dataset(tmp_path):
     labels = np.zeros((480, 640, n), np.uint16)
     labels[:240] = 5  # raw 5 -> NYU-40 1 (wall); raw 11 -> 2 (floor)
     labels[240:] = 11
-    _write_mat73(root / "nyu_depth_v2_labeled.mat", {"images": images, "depths": depths,
-                                                      "labels": labels})  # fmt: skip
+    arrays = {"images": images, "depths": depths, "rawDepths": depths, "labels": labels}
+    _write_mat73(root / "nyu_depth_v2_labeled.mat", arrays)
     scipy.io.savemat(root / "splits.mat", {"trainNdxs": np.array([[1], [3]]),
                                            "testNdxs": np.array([[2], [4]])})  # fmt: skip
     map_class = np.full((1, 894), 40, dtype=np.float64)

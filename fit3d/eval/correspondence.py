@@ -14,6 +14,15 @@ docs/method.md, "Evaluation: 3D-awareness probes (Probe3D)". For a view pair (0,
 Recall is then taken at 5, 10 and 20 of those pixels (`fit3d.eval.metrics.correspondence_recall`),
 so Probe3D's "10 px" is 40 full-resolution pixels. No visibility test is made: an occluded view-0
 point counts as Probe3D counts it.
+
+Probe3D's NAVI protocol (`navi_pair_errors`, `eval.corr_protocol`) differs in three places: the
+3D points are the full-resolution back-projected grid (pixel centres at +0.5 with the full K)
+sampled by nearest-neighbour resizing to 1/4 (pixel (i, j) keeps the point of full pixel
+(4i, 4j)); the token map is upsampled to the 1/4 grid bicubically (align_corners=False) instead
+of sampled bilinearly; and each match has two errors, the 3D distance in metres between the
+view-0 point moved into view 1 and the matched view-1 point, and the 2D distance in
+full-resolution pixels of view 1 between their projections with K1 (scored by
+`fit3d.eval.metrics.navi_recall`).
 """
 
 from __future__ import annotations
@@ -163,4 +172,67 @@ def pair_errors(
         xy1 = torch.stack([pix1 % w1, pix1 // w1], 1).double()
         gt_xy1, _ = reproject(xy0, d0.flatten()[pix0], K0q, K1q, viewmat0, viewmat1)
         out[s] = (gt_xy1 - xy1).norm(dim=1)
+    return out
+
+
+def _backprojected(depth: Tensor, K: Tensor) -> Tensor:
+    """Camera-frame points [H//4 * W//4, 3] float64 of the 1/4 grid NAVI's protocol keeps: full
+    pixel (4i, 4j) back-projected at its centre (+0.5) with K [3, 3] and its depth [H, W]."""
+    d = quarter(depth, K)[0].double()  # nearest: pixel (i, j) is full pixel (4i, 4j)
+    h, w = d.shape
+    ys, xs = torch.meshgrid(
+        torch.arange(h, dtype=torch.float64) * 4 + 0.5,
+        torch.arange(w, dtype=torch.float64) * 4 + 0.5,
+        indexing="ij",
+    )
+    pix = torch.stack([xs, ys, torch.ones_like(xs)], -1).reshape(-1, 3)  # [N, 3]
+    rays = torch.linalg.solve(K.double(), pix.T).T  # [N, 3]
+    return rays * d.reshape(-1, 1)
+
+
+def _bicubic(feat: Tensor, size: tuple[int, int]) -> Tensor:
+    """Token map [C, h, w] -> features [H4*W4, C], upsampled bicubically (align_corners=False) to
+    the H4 x W4 grid, row-major; not normalised."""
+    feat = feat[None].to(torch.promote_types(feat.dtype, torch.float32))
+    up = F.interpolate(feat, size=size, mode="bicubic", align_corners=False)[0]
+    return up.flatten(1).T
+
+
+def navi_pair_errors(
+    maps0: dict[str, Tensor],
+    maps1: dict[str, Tensor],
+    sets: Sets,
+    depth0: Tensor,
+    depth1: Tensor,
+    K0: Tensor,
+    K1: Tensor,
+    viewmat0: Tensor,
+    viewmat1: Tensor,
+    top_k: int = 1000,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per feature set, (3D errors [M] metres, 2D errors [M] full-resolution pixels of view 1) of
+    its `top_k` best-weighted matches under Probe3D's NAVI protocol (module docstring). Arguments
+    as `pair_errors`."""
+    p0, p1 = _backprojected(depth0, K0), _backprojected(depth1, K1)  # [N0, 3], [N1, 3]
+    v0, v1 = p0[:, 2] > 0, p1[:, 2] > 0
+    empty = torch.zeros(0, dtype=torch.float64)
+    if not v0.any() or not v1.any():
+        return {s: (empty, empty) for s in sets}
+    size0, size1 = (tuple(quarter(d, K)[0].shape) for d, K in ((depth0, K0), (depth1, K1)))
+    f0 = {p: _bicubic(m, size0)[v0] for p, m in maps0.items()}
+    f1 = {p: _bicubic(m, size1)[v1] for p, m in maps1.items()}
+    rel = viewmat1.double() @ torch.linalg.inv(viewmat0.double())  # cam0 -> cam1
+    K1d = K1.double()
+
+    def project(x: Tensor) -> Tensor:  # [M, 3] -> [M, 2], Probe3D's z clamp
+        uvw = x @ K1d.T
+        return uvw[:, :2] / uvw[:, 2:].clamp_min(1e-9)
+
+    out = {}
+    for s, (idx, weight) in ratio_matches_sets(f0, f1, sets).items():
+        keep = top_indices(weight, top_k)
+        x0 = p0[v0][keep]  # [M, 3] view-0 camera frame
+        x1 = p1[v1][idx[keep]]  # [M, 3] view-1 camera frame
+        x0in1 = x0 @ rel[:3, :3].T + rel[:3, 3]
+        out[s] = ((x0in1 - x1).norm(dim=1), (project(x0in1) - project(x1)).norm(dim=1))
     return out

@@ -35,7 +35,7 @@ from fit3d.config import Config, to_dict
 from fit3d.errors import UserError
 from fit3d.eval import data as D
 from fit3d.eval import paper as P
-from fit3d.eval.correspondence import pair_errors
+from fit3d.eval.correspondence import navi_pair_errors, pair_errors
 from fit3d.eval.features import (
     FEATURE_SETS,
     MapPlan,
@@ -46,12 +46,15 @@ from fit3d.eval.features import (
 )
 from fit3d.eval.html import write_html
 from fit3d.eval.metrics import (
+    ALIGNED_KEYS,
     DEPTH_KEYS,
     NORMAL_KEYS,
+    aligned_depth_per_image,
     confusion_matrix,
     correspondence_recall,
     depth_per_image,
     mean_metrics,
+    navi_recall,
     normal_per_image,
     seg_metrics,
 )
@@ -123,6 +126,7 @@ def _check(cfg: Config) -> None:
             )
     if ec.depth_crop and len(ec.depth_crop) != 2:
         raise UserError(f"eval.depth_crop must be [h, w], got {list(ec.depth_crop)}")
+    P.check_options(ec)
 
 
 def _finetuned(cfg: Config, original, notes: list[str]) -> tuple[object | None, dict]:
@@ -165,16 +169,23 @@ def _heads(cfg: Config) -> tuple[str, ...]:
     return {"linear": ("linear",), "dpt": ("dpt",), "both": ("linear", "dpt")}[cfg.eval.head]
 
 
-def _plan(cfg: Config, backbone, need_final: bool) -> MapPlan:
-    """Maps every probe of this run reads from the cache."""
+def _plan(cfg: Config, backbone, need_final: bool, norm: str = "imagenet") -> MapPlan:
+    """Maps every probe of this run reads from the cache (`norm`: the input normalisation)."""
     ec = cfg.eval
     n = backbone.num_blocks
     blocks = {n - 1}
-    if "dpt" in _heads(cfg) and {"depth", "normals"} & set(ec.probes) & set(ec.dpt_probes):
+    dpt = "dpt" in _heads(cfg) and {"depth", "normals"} & set(ec.probes) & set(ec.dpt_probes)
+    if dpt:
         blocks |= set(backbone.quarter_blocks())
     if "corr" in ec.probes:
         blocks.add(ec.corr_block % n)
-    return MapPlan(final=need_final, blocks=tuple(sorted(blocks)))
+    return MapPlan(
+        final=need_final,
+        blocks=tuple(sorted(blocks)),
+        block_cls=bool(dpt) and ec.dpt_input == "dense-cls",
+        fit=ec.fit,
+        norm=norm,
+    )
 
 
 # --- batches from the cache -----------------------------------------------------------------
@@ -254,10 +265,14 @@ def _score(
     num_classes: int,
     device: torch.device,
     batch: int = 8,
+    empty: str = "skip",
+    aligned: bool = False,
 ) -> dict[str, float]:
     """Metrics of `predict(group) -> (prediction [B, H, W(, 3)], labels)` over the positions,
     in position order. With 2..PER_GROUP_MAX test groups, the probe's headline metric (`SELECT`)
-    is also given per group as `<metric>@<group>` (over that group's views only)."""
+    is also given per group as `<metric>@<group>` (over that group's views only). `empty`: what
+    a view without valid ground truth adds (`fit3d.eval.metrics`); `aligned`: depth also gets
+    Probe3D's scale-and-shift-aligned metrics."""
     groups = [split.groups[n] for n in positions]
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
     conf_g = {g: torch.zeros_like(conf) for g in groups}
@@ -277,7 +292,10 @@ def _score(
                     conf_g[g] += c
                 else:
                     per_view = depth_per_image if task == "depth" else normal_per_image
-                    per_image[g] += per_view(pred[b : b + 1], y[b : b + 1].float())
+                    got = per_view(pred[b : b + 1], y[b : b + 1].float(), empty=empty)
+                    if aligned and got:
+                        got[0] |= aligned_depth_per_image(pred[b : b + 1], y[b : b + 1].float())[0]
+                    per_image[g] += got
             k += len(pred)
     key = SELECT[task][0]
     if task == "seg":
@@ -285,6 +303,7 @@ def _score(
         out = seg_metrics(conf)
     else:
         keys = DEPTH_KEYS if task == "depth" else NORMAL_KEYS
+        keys = keys + ALIGNED_KEYS if aligned else keys
         group_metrics = {g: mean_metrics(v, keys) for g, v in per_image.items()}
         out = mean_metrics([d for v in per_image.values() for d in v], keys)
     if _group_keys(groups):
@@ -305,6 +324,7 @@ class Context:
         self.num_classes = 0
         self.max_depth = 10.0
         self.min_depth = 1e-3
+        self.plan: MapPlan | None = None  # fit and normalisation of every feature pass
 
 
 def _new_head(task: str, head: str, ctx: Context, x_example) -> torch.nn.Module:
@@ -313,7 +333,7 @@ def _new_head(task: str, head: str, ctx: Context, x_example) -> torch.nn.Module:
     paper = ec.protocol == "paper"
     if head == "dpt":
         chans = [t.shape[0] for t in x_example]
-        return DPTHead(chans, task, ec.dpt_hidden, ctx.max_depth, ctx.min_depth)
+        return DPTHead(chans, task, ec.dpt_hidden, ctx.max_depth, ctx.min_depth, code=ec.probe3d)
     c = x_example.shape[0]
     if task == "seg":
         return SegHead(c, ctx.num_classes)
@@ -347,8 +367,8 @@ def _fit_cached(
         ctx.quarter,
     )  # fmt: skip
     return train_head(
-        module, batches, steps, lr, schedule, loss_fn(task, head), ctx.device, wd, stride,
-        amp=ctx.amp, desc=f"{task} {head} lr {lr:g} seed {seed}",
+        module, batches, steps, lr, schedule, loss_fn(task, head, probe3d=ec.probe3d), ctx.device,
+        wd, stride, amp=ctx.amp, desc=f"{task} {head} lr {lr:g} seed {seed}",
     )  # fmt: skip
 
 
@@ -363,7 +383,10 @@ def _score_cached(task: str, head: str, parts, module, ctx: Context, role: str, 
                 out = module(x if isinstance(x, list) else x.float(), tuple(y.shape[1:3]))
             yield out, y
 
-    return _score(task, predict, split, positions, ctx.num_classes, ctx.device)
+    empty, aligned = P.empty_rule(ctx.cfg.eval, task, head), task == "depth" and head == "dpt"
+    return _score(
+        task, predict, split, positions, ctx.num_classes, ctx.device, empty=empty, aligned=aligned
+    )
 
 
 def _null():
@@ -392,19 +415,48 @@ def _fit_paper(task: str, parts, ctx: Context, seed: int) -> torch.nn.Module:
         schedule, lr, wd, clip = mmcv_cosine(iters, warm), 1e-4, 0.01, 35.0
         beta1 = one_cycle_beta1(iters)
     crop = tuple(ec.depth_crop) or P.DEPTH_CROP.get(split.ds.name, (416, 544))
-    views = P.AugmentedViews(split, task, seed, ec.seg_crop, ec.seg_scale, crop)
+    views = P.AugmentedViews(
+        split, task, seed, ec.seg_crop, ec.seg_scale, crop, gamma_on_255=not ec.fixes
+    )
     torch.manual_seed(seed)
     first = views[0][0][None].to(ctx.device)
-    example = P.live_features(ctx.backbones, parts, first, task, ec.precision)[0]
+    example = P.live_features(ctx.backbones, parts, first, task, ec.precision, ctx.plan)[0]
     module = _new_head(task, "linear", ctx, example)
     batches = P.augmented_batches(
         views, ctx.backbones, parts, batch, ec.micro_batch or batch, ctx.device, ec.precision,
-        ec.num_workers,
+        ec.num_workers, plan=ctx.plan,
     )  # fmt: skip
     warmup = P.scaled_iters(ec.sigloss_warmup, batch) if ec.sigloss_warmup else 0
+    loss = loss_fn(task, "linear", warmup, as_published=not ec.fixes, gpu_batch=ec.paper_gpu_batch)
     return train_head(
-        module, batches, iters, lr, schedule, loss_fn(task, "linear", warmup), ctx.device, wd,
+        module, batches, iters, lr, schedule, loss, ctx.device, wd,
         1, clip, beta1, ctx.amp, desc=f"{task} paper seed {seed}",
+    )  # fmt: skip
+
+
+def _fit_probe3d_live(task: str, head: str, parts, ctx: Context, seed: int) -> torch.nn.Module:
+    """A Probe3D probe (normals, or a DPT head) trained as Probe3D trains it: on augmented images
+    (`fit3d.eval.paper`, Probe3D augmentation) with features recomputed, its schedule."""
+    ec = ctx.cfg.eval
+    split = ctx.train
+    kind = _input_kind(task, head)
+    steps = ec.dpt_epochs * D.steps_per_epoch(len(split), ec.batch_size)
+    views = P.AugmentedViews(split, task, seed, ec.seg_crop, ec.seg_scale, (), probe3d=True)
+    torch.manual_seed(seed)
+    first = views[0][0][None].to(ctx.device)
+    example = P.live_features(
+        ctx.backbones, parts, first, kind, ec.precision, ctx.plan, ctx.quarter
+    )  # fmt: skip
+    example = [t[0] for t in example] if isinstance(example, list) else example[0]
+    module = _new_head(task, head, ctx, example)
+    batches = P.augmented_batches(
+        views, ctx.backbones, parts, ec.batch_size, ec.micro_batch or ec.batch_size, ctx.device,
+        ec.precision, ec.num_workers, kind, ctx.plan, ctx.quarter,
+    )  # fmt: skip
+    return train_head(
+        module, batches, steps, ec.dpt_lr, probe3d_schedule(steps, 0.15 * steps),
+        loss_fn(task, head, probe3d=ec.probe3d), ctx.device, 0.01, 1, amp=ctx.amp,
+        desc=f"{task} {head} probe3d seed {seed}",
     )  # fmt: skip
 
 
@@ -420,15 +472,16 @@ def _score_paper(task: str, parts, module, ctx: Context) -> dict:
             if task == "seg":
                 img = P.seg_test_image(image, tuple(ec.seg_scale))
                 logits = P.slide_logits(
-                    module, ctx.backbones, parts, img, ec.seg_crop, P.SEG_STRIDE, ec.precision
-                )
+                    module, ctx.backbones, parts, img, ec.seg_crop, P.SEG_STRIDE, ec.precision,
+                    ctx.plan,
+                )  # fmt: skip
                 logits = torch.nn.functional.interpolate(
                     logits[None], size=tuple(y.shape), mode="bilinear", align_corners=False
                 )
                 yield logits, y[None]
             else:
                 pred = P.flip_depth(module, ctx.backbones, parts, image, tuple(y.shape),
-                                    ec.precision)  # fmt: skip
+                                    ec.precision, ctx.plan)  # fmt: skip
                 yield pred[None], y[None]
 
     return _score(task, predict, split, list(range(len(split))), ctx.num_classes, ctx.device, 1)
@@ -480,6 +533,9 @@ def _run_task(task: str, head: str, sets: list[str], ctx: Context) -> tuple[dict
             if paper_linear:
                 module = _fit_paper(task, parts, ctx, seed)
                 m = _score_paper(task, parts, module, ctx)
+            elif probe3d and ec.protocol == "paper" and ec.probe3d_augment:
+                module = _fit_probe3d_live(task, head, parts, ctx, seed)
+                m = _score_cached(task, head, parts, module, ctx, "test", test_pos)
             else:
                 module = _fit_cached(task, head, parts, ctx, lrs[s], seed, all_train, probe3d)
                 m = _score_cached(task, head, parts, module, ctx, "test", test_pos)
@@ -544,6 +600,25 @@ def _recall(errors: list[Tensor], rots: Tensor, groups: list[str]) -> dict[str, 
     return out
 
 
+def _navi_recall(
+    err3d: list[Tensor], err2d: list[Tensor], rots: Tensor, groups: list[str]
+) -> dict[str, float]:
+    """`navi_recall` of the pairs, plus `recall_2cm@<group>` (with 2..PER_GROUP_MAX groups)."""
+    out = navi_recall(err3d, err2d, rots)
+    if _group_keys(groups):
+        for g, ns in _by_group(groups).items():
+            got = navi_recall([err3d[n] for n in ns], [err2d[n] for n in ns], rots[ns])
+            out[f"recall_2cm@{g}"] = got["recall_2cm"]
+    return out
+
+
+def _K(split: D.Split, n: int, infos: list) -> Tensor:
+    """Intrinsics of view n: its ViewInfo's, else (sets that compute K per crop, e.g. NAVI) the
+    sample's."""
+    K = infos[n].K
+    return K if K is not None else split.ds[split.views[n]].K
+
+
 def _run_corr(sets: list[str], ctx: Context) -> dict:
     """Zero-shot correspondence recall of every feature set on the test split's pairs."""
     ec, split = ctx.cfg.eval, ctx.test
@@ -560,21 +635,26 @@ def _run_corr(sets: list[str], ctx: Context) -> dict:
     feats = ctx.feats["test"]
     by_set = {s: tuple(FEATURE_SETS[s]) for s in sets}
     parts = list(dict.fromkeys(p for ps in by_set.values() for p in ps))
-    errors: dict[str, list[Tensor]] = {s: [] for s in sets}
+    errors: dict[str, list] = {s: [] for s in sets}
+    navi = P.corr_protocol(ec, split.ds.name) == "navi"
     for i, j, _ in tqdm(pairs, desc="corr", leave=False, disable=None):
         d0, d1 = D.label_batch(split, [i], "depth")[0], D.label_batch(split, [j], "depth")[0]
-        found = pair_errors(
+        found = (navi_pair_errors if navi else pair_errors)(
             {p: feats.maps(i, (p,), block) for p in parts},
             {p: feats.maps(j, (p,), block) for p in parts},
-            by_set, d0, d1, infos[i].K, infos[j].K, infos[i].viewmat, infos[j].viewmat,
-            ec.top_k,
+            by_set, d0, d1, _K(split, i, infos), _K(split, j, infos), infos[i].viewmat,
+            infos[j].viewmat, ec.top_k,
         )  # fmt: skip
         for s in sets:
             errors[s].append(found[s])
     pair_groups = [infos[i].group for i, _, _ in pairs]
     out = {}
     for s in sets:
-        rec = _recall(errors[s], rots, pair_groups)
+        if navi:
+            err3d, err2d = [e[0] for e in errors[s]], [e[1] for e in errors[s]]
+            rec = _navi_recall(err3d, err2d, rots, pair_groups)
+        else:
+            rec = _recall(errors[s], rots, pair_groups)
         out[s] = {f"eval/corr/{k}": summarize([v]) for k, v in rec.items()}
         print(f"  corr        {s:11s} ({len(pairs)} pairs): " + _short(out[s]), flush=True)
     return out
@@ -629,6 +709,7 @@ def run(cfg: Config) -> dict:
         D.store_labels(cfg, split, cache / "labels" / f"{name}_{split.ds.split}", notes)
     ctx.num_classes = test.ds.num_classes or (train.ds.num_classes if train else 0)
     ctx.min_depth, ctx.max_depth = D.depth_range(cfg, test.ds)
+    norm = D.image_norm(cfg, test.ds)
     for n in notes:
         print(f"warning: {n}", file=sys.stderr)
     n_notes = len(notes)
@@ -644,8 +725,10 @@ def run(cfg: Config) -> dict:
         cached_probes |= {"depth", "normals"} & set(ec.dpt_probes)
     need_cache = {p for p in ec.probes if p in cached_probes} or ec.pca_views > 0
     need_final = "seg" in ec.probes and not paper or ec.pca_views > 0
-    plan = _plan(cfg, original, need_final)
+    plan = _plan(cfg, original, need_final, norm)
+    ctx.plan = plan
     options = f"resolution={cfg.scenes.resolution}" if name in D.SCENE_SETS else ""
+    options += "".join(f" {k}={v}" for k, v in D.dataset_options(cfg, name).items())
     for split in (s for s in (train, test) if s is not None and need_cache):
         stores = {}
         for role, bb in backbones.items():
@@ -693,6 +776,8 @@ def run(cfg: Config) -> dict:
         "lr": lrs,
         "notes": notes,
         "protocol": ec.protocol,
+        "as_published": P.as_published(ec, ec.probes, "dpt" in _heads(cfg)),
+        "fixes": P.fixes_applied(ec, ec.probes, "dpt" in _heads(cfg)),
         "dataset": {
             "name": name,
             "train_split": train.ds.split if train else None,
