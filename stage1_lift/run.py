@@ -113,6 +113,11 @@ def run(cfg: Config, on_step: Callable[[int], None] | None = None) -> dict[str, 
         raise UserError(f"lift.split must be one of {list(SPLITS)}, got '{cfg.lift.split}'")
     if not 0.0 < cfg.lift.feature_pixels <= 1.0:
         raise UserError(f"lift.feature_pixels must be in (0, 1], got {cfg.lift.feature_pixels}")
+    if cfg.lift.views not in ("train", "all") or cfg.lift.prune_radius_px < 0:
+        raise UserError(
+            f"lift.views must be train or all (got '{cfg.lift.views}') and lift.prune_radius_px "
+            f">= 0 (got {cfg.lift.prune_radius_px})"
+        )
     device = resolve_device(cfg.run.device)
     # `auto` -> what this device runs; config.yaml records (and check_settings compares) that
     precision = resolve_precision(cfg.lift.precision, device)
@@ -136,7 +141,9 @@ def run(cfg: Config, on_step: Callable[[int], None] | None = None) -> dict[str, 
             print(f"{sid}: done, skipped")
             continue
         try:
-            inp = SceneInput.read(root, sid, resolution, cfg.lift.image_scale)
+            inp = SceneInput.read(
+                root, sid, resolution, cfg.lift.image_scale, cfg.lift.views == "all"
+            )
         except (UserError, SceneUnreadable, OSError, ValueError) as e:
             write_json(out_dir / STATUS_FILE, {"status": "skipped", "reason": str(e)})
             print(f"{sid}: skipped: {e}", file=sys.stderr)

@@ -212,6 +212,8 @@ def run(cfg: Config, callbacks: list[Callback] | None = None) -> dict[str, Any]:
         resume = ckpt_path.is_file()  # same settings, interrupted: carry on from the checkpoint
     trainer = make_trainer(cfg, out, list(callbacks or []))
     plan = batch_plan(f.batch_size, f.device_batch, trainer.num_devices * trainer.num_nodes)
+    if f.views not in ("train", "all"):
+        raise UserError(f"finetune.views must be train or all, got '{f.views}'")
     data = FinetuneDataModule(
         lift,
         backbone.token_grid,
@@ -223,6 +225,7 @@ def run(cfg: Config, callbacks: list[Callback] | None = None) -> dict[str, Any]:
         val_views=f.val_views,
         target_dir=finetune_target_dir(out),
         val_batch_size=plan.device_batch,
+        all_views=f.views == "all",
     )
     fused = f.precision != "16-mixed"  # fp16's loss scaler unscales inside a fused step
     module = FinetuneModule(backbone, f.lr, f.weight_decay, f.grad_clip, plan.device_batch, fused)
