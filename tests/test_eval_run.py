@@ -301,6 +301,10 @@ def test_scannetpp_layout_paper_protocol_end_to_end(demo_out, tmp_path):
         assert key in m and m[key]["mean"] is not None, key
     assert res["config"]["eval"]["protocol"] == "paper"
     assert "Protocol: paper" in (tmp_path / "eval" / "default" / "results.md").read_text()
+    # the published pipeline's quirks, reproduced and listed (eval.fixes=false by default)
+    assert len(res["as_published"]) == 4 and res["fixes"][0].startswith("Probe3D 2025")
+    assert "As published" in (tmp_path / "eval" / "default" / "results.md").read_text()
+    assert "eval/depth_dpt/aligned_rmse" in m  # Probe3D's scale-and-shift-aligned metrics
     assert (tmp_path / "eval" / "default" / "results.html").is_file()
 
 

@@ -223,6 +223,27 @@ def reduce_zero_label(label: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def read_pair_list(
+    lists: Sequence[Path], what: str, where: str
+) -> tuple[Path, list[tuple[str, str]]]:
+    """The first existing file of `lists` (a split list in BTS's format, one `<image> <depth |
+    None> [focal]` per line, as FiT3D's depth toolbox reads it) and its (image, depth) paths:
+    lines without depth skipped, a leading slash dropped, sorted by image path."""
+    lst = next((p for p in lists if p.is_file()), None)
+    if lst is None:
+        raise missing(lists[0], what, where)
+    items = []
+    for ln in read_lines(lst):
+        parts = ln.split()
+        if len(parts) < 2:
+            raise UserError(f"{lst}: line {ln!r} is not '<image> <depth> <focal>'")
+        if parts[1] != "None":
+            items.append((parts[0].lstrip("/\\"), parts[1].lstrip("/\\")))
+    if not items:
+        raise UserError(f"{lst}: lists no image with ground-truth depth")
+    return lst, sorted(items)
+
+
 def intrinsics(fx: float, fy: float, cx: float, cy: float) -> torch.Tensor:
     """[3, 3] float32 pinhole matrix."""
     return torch.tensor([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]], dtype=torch.float32)

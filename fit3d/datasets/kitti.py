@@ -36,7 +36,7 @@ from fit3d.datasets.base import (
     check_split,
     intrinsics,
     missing,
-    read_lines,
+    read_pair_list,
     read_png,
     read_rgb,
     to_image,
@@ -95,19 +95,8 @@ class KITTI(EvalSet):
         check_split(self.name, split, tuple(LISTS))
         self.root, self.split = Path(root), split
         lists = [self.root / n for n in LISTS[split]]
-        lst = next((p for p in lists if p.is_file()), None)
-        if lst is None:
-            raise missing(lists[0], "the Eigen split list (or BTS's name for it)", WHERE)
-        self.items: list[tuple[str, str]] = []
-        for ln in read_lines(lst):
-            parts = ln.split()
-            if len(parts) < 2:
-                raise UserError(f"{lst}: line {ln!r} is not '<image> <depth> <focal>'")
-            if parts[1] != "None":
-                self.items.append((parts[0], parts[1]))
-        self.items.sort()
-        if not self.items:
-            raise UserError(f"{lst}: lists no image with ground-truth depth")
+        what = "the Eigen split list (or BTS's name for it)"
+        lst, self.items = read_pair_list(lists, what, WHERE)
         for sub, k, what in (
             ("input", 0, "KITTI raw image"),
             ("gt_depth", 1, "annotated depth PNG"),

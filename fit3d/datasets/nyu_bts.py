@@ -40,7 +40,7 @@ from fit3d.datasets.base import (
     check_split,
     intrinsics,
     missing,
-    read_lines,
+    read_pair_list,
     read_png,
     read_rgb,
     to_image,
@@ -78,19 +78,8 @@ class NYUDepth(EvalSet):
         self.root, self.split = Path(root), split
         self.crop = nyu_crop and split == "train"
         lists = [self.root / n for n in LISTS[split]]
-        lst = next((p for p in lists if p.is_file()), None)
-        if lst is None:
-            raise missing(lists[0], "the NYU split list (or BTS's name for it)", WHERE)
-        items = []
-        for ln in read_lines(lst):
-            parts = ln.split()
-            if len(parts) < 2:
-                raise UserError(f"{lst}: line {ln!r} is not '<rgb> <depth> <focal>'")
-            if parts[1] != "None":
-                items.append((parts[0].lstrip("/\\"), parts[1].lstrip("/\\")))
-        if not items:
-            raise UserError(f"{lst}: lists no frame with ground-truth depth")
-        self.items = sorted(items)
+        what = "the NYU split list (or BTS's name for it)"
+        lst, self.items = read_pair_list(lists, what, WHERE)
         bts = self.root / BTS_DIRS[split]
         self.base = self.root if (self.root / self.items[0][0]).is_file() else bts
         lacking = [
