@@ -99,3 +99,21 @@ def test_bad_view_choice_stops_the_lift_with_one_line(tmp_path):
     cfg = load_config([], [f"run.out={tmp_path}", "lift.views=most"])
     with pytest.raises(UserError, match="lift.views must be train or all"):
         run(cfg)
+
+
+def test_finetuning_on_all_views_takes_the_test_frames_too(tmp_path):
+    from stage2_finetune.data import FinetuneDataModule, read_lift_run
+    from stage2_finetune.synthetic import write_lift_run, write_scenes
+
+    ids = ["s0", "s1"]  # 6 views each: 2 and 5 are test views
+    write_scenes(tmp_path / "scenes", ids)
+    write_lift_run(tmp_path / "lift" / "default", tmp_path / "scenes", ids)
+    run = read_lift_run(tmp_path / "lift" / "default")
+
+    def grid(h: int, w: int) -> tuple[int, int]:
+        return h // 14, w // 14
+
+    train_only = FinetuneDataModule(run, grid).train_pairs
+    everything = FinetuneDataModule(run, grid, all_views=True).train_pairs
+    assert len(train_only) == 8 and all(v not in (2, 5) for _, v in train_only)
+    assert sorted(everything) == [(s, v) for s in range(2) for v in range(6)]
