@@ -339,6 +339,13 @@ class LiftConfig:
     """Write a resumable checkpoint every this many steps (0 = never)."""
     pca_view: int = setting(0, ">= 0")
     """Index into the scene's test views of the view shown in `pca.png`."""
+    prune_radius_px: float = setting(20.0, ">= 0")
+    """Also prune Gaussians whose screen radius exceeded this many pixels since the last
+    refinement, after the first opacity reset until `refine_stop` (3DGS / FiT3D: 20; 0 = off).
+    Inactive without opacity resets (`reset_every` 0, the demo's). >= 0."""
+    views: str = setting("train", ("train", "all"))
+    """Views each scene is fitted to: `train` (its train list; test views held out for the
+    metrics in meta.json) or `all` (train and test frames, as FiT3D; the ScanNet++ preset)."""
 
 
 @dataclass(frozen=True)
@@ -397,6 +404,9 @@ class FinetuneConfig:
     """View pairs per held-out scene for the correspondence check in meta.json (0 = skip)."""
     pca_views: int = setting(2, ">= 0")
     """Held-out views shown in pca.png (original vs fine-tuned, shared PCA basis)."""
+    views: str = setting("train", ("train", "all"))
+    """Views of each stage-1 scene stage 2 trains on: `train` or `all` (train and test frames,
+    FiT3D's `train_samples_all.txt`; the ScanNet++ preset)."""
 
 
 @dataclass(frozen=True)
@@ -533,6 +543,59 @@ class EvalConfig:
     """Correspondences kept per pair (best ratio-test weight; Probe3D: 1000)."""
     pca_views: int = setting(3, ">= 0")
     """Held-out views shown in `pca.png`."""
+    # --- parity with FiT3D's and Probe3D's code (docs/method.md, "Protocol table"): each default
+    # is the original's; the other values are fit3d's alternatives or the originals' fixes ---
+    fixes: bool = False
+    """protocol=paper: False reproduces FiT3D's published pipeline, quirks included, each listed
+    in the report as "as published": ColorAug's gamma on 0-255 values, the gradient loss sliced
+    over the batch (0 at 2 images per GPU), SigLoss and the gradient loss per GPU on
+    `paper_gpu_batch` images, cross-entropy averaged over ignored pixels too. True applies the
+    fixes (gamma on [0, 1], the gradient over rows and columns, losses pooled over the global
+    batch, cross-entropy over labelled pixels), listed in the report as "fixes applied"."""
+    paper_gpu_batch: int = setting(2, ">= 1")
+    """protocol=paper, as published: images per GPU in FiT3D's runs (2 x 8 GPUs); its per-GPU
+    losses are taken on consecutive chunks of this many images (>= 1; divides
+    `paper_batch_size` and `micro_batch`)."""
+    probe3d: str = setting("head", ("head", "published"))
+    """Probe3D's code the DPT heads follow: `head` (its current HEAD, with the 2025 fixes:
+    bilinear upsampling with align_corners=True, the gradient loss over rows and columns) or
+    `published` (its 2024 code, behind its published table: nearest upsampling in the head,
+    align_corners=False for the label resize, the gradient loss sliced over the batch)."""
+    dpt_input: str = setting("dense-cls", ("dense-cls", "dense"))
+    """DPT head input per level: `dense-cls` (patch tokens ++ that block's CLS token broadcast,
+    2C channels, Probe3D's configs) or `dense` (patch tokens only, C)."""
+    fit: str = setting("pad", ("pad", "resize"))
+    """How evaluation images meet the patch grid: `pad` (normalise, then centre-pad with zeros
+    up to a multiple of the patch size, as FiT3D's and Probe3D's evaluation code do) or `resize`
+    (resize down, as stage 1's teacher does). Equal where images are multiples of the patch."""
+    image_norm: str = setting("auto", ("auto", "imagenet", "half"))
+    """Input normalisation of the evaluated images: `auto` (the original's for the dataset:
+    mean = std = 0.5 on ScanNet-1500 as Probe3D, ImageNet elsewhere), `imagenet` or `half`."""
+    normals_valid: str = setting("depth", ("depth", "normal"))
+    """Pixels the normals probes train and score on: `depth` (depth > 0, as Probe3D; a pixel
+    with depth but no normal scores 90 degrees) or `normal` (a non-zero ground-truth normal)."""
+    empty_images: str = setting("auto", ("auto", "skip", "zero"))
+    """What a test image without valid ground truth adds to the means: `auto` (each original's
+    rule: FiT3D's linear depth skips it, Probe3D's probes (normals, DPT depth) average it in
+    with every metric 0), `skip` or `zero`."""
+    corr_protocol: str = setting("auto", ("auto", "scannet", "navi"))
+    """Correspondence protocol: `auto` (NAVI's on `navi`, ScanNet's elsewhere), `scannet` (recall
+    at 5/10/20 1/4-resolution px, bins 0-15-30-60-180 deg) or `navi` (recall of the 3D error at
+    1/2/5 cm and the 2D error at 5/25/50 px, recall@2 cm in bins 0-30-60-90-120 deg, features
+    upsampled bicubically)."""
+    crop_train_labels: bool = False
+    """Apply a dataset's test-time crop (Eigen's on NYU and ScanNet, Garg's on KITTI) to its
+    training labels too. The originals score the crop only (False)."""
+    probe3d_augment: bool = True
+    """protocol=paper: train the Probe3D probes (normals, DPT heads) on augmented images with
+    features recomputed (ColorJitter 0.2 with p 0.8, RandomResizedCrop scale 0.5-1 with p 0.5,
+    Probe3D's); False: on cached features (protocol=fast always does)."""
+    nyu_depth: str = setting("raw", ("raw", "filled"))
+    """Ground-truth depth of `nyuv2` (the labeled .mat): `raw` (the Kinect's, holes invalid, as
+    BTS's export that FiT3D scores on) or `filled` (the inpainted maps)."""
+    nyu_center_crop: bool = True
+    """`nyu_normals`: cut frames to their middle 480x480, train and test (Probe3D's NYU
+    config); False keeps 480x640."""
 
 
 @dataclass(frozen=True)

@@ -68,9 +68,13 @@ class Views:
         return self.images[i].float() / 255.0
 
 
-def read_views(scene: Scene) -> Views:
-    """Load cameras, images and masks of the train and test views; SceneUnreadable if unusable."""
+def read_views(scene: Scene, all_views: bool = False) -> Views:
+    """Load cameras, images and masks of the train and test views; SceneUnreadable if unusable.
+    `all_views`: fit every view, test views included (FiT3D, `lift.views=all`); the test-view
+    metrics are then not held out."""
     train, test = list(scene.train_views), list(scene.test_views)
+    if all_views:
+        train = sorted(set(train) | set(test))
     if len(scene) == 0 or not train:
         raise SceneUnreadable("no train views")
     views = sorted(set(train) | set(test))
@@ -108,11 +112,13 @@ class SceneInput:
     resolution: float
 
     @classmethod
-    def read(cls, root: Path, scene_id: str, resolution: float, image_scale: float) -> SceneInput:
+    def read(
+        cls, root: Path, scene_id: str, resolution: float, image_scale: float, all_views=False
+    ) -> SceneInput:
         """Open a scene for lifting; `SceneUnreadable`/`UserError` when it cannot be lifted."""
         lift_res = resolution * image_scale
         scene = open_scene(root, scene_id, lift_res)
-        views = read_views(scene)
+        views = read_views(scene, all_views)
         teacher = scene if lift_res == resolution else open_scene(root, scene_id, resolution)
         return cls(scene, views, teacher.load_image, Path(root).resolve(), resolution)
 
@@ -132,9 +138,14 @@ def view_for_step(step: int, train: list[int], seed: int) -> int:
     return train[int(torch.randperm(len(train), generator=gen)[pos])]
 
 
-def make_strategy(cfg: Config) -> DefaultStrategy:
-    """gsplat's DefaultStrategy with the configured (3DGS) schedule."""
+def make_strategy(cfg: Config, image_size: int = 0) -> DefaultStrategy:
+    """gsplat's DefaultStrategy with the configured (3DGS) schedule. `lift.prune_radius_px` > 0
+    (3DGS / FiT3D: 20) also prunes Gaussians whose screen radius exceeded that many pixels of
+    an `image_size` (the longer side of the lifting views) since the last refinement, after the
+    first opacity reset and until densification stops (gsplat's `prune_scale2d` with
+    `refine_scale2d_stop_iter`; its 2D-scale split rule stays off)."""
     c = cfg.lift
+    screen = c.prune_radius_px > 0 and image_size > 0
     return DefaultStrategy(
         prune_opa=c.prune_opa,
         grow_grad2d=c.grow_grad2d,
@@ -143,7 +154,15 @@ def make_strategy(cfg: Config) -> DefaultStrategy:
         refine_stop_iter=c.refine_stop,
         refine_every=c.refine_every,
         reset_every=c.reset_every if c.reset_every > 0 else c.steps + 1,
+        prune_scale2d=c.prune_radius_px / image_size if screen else 0.15,
+        refine_scale2d_stop_iter=c.refine_stop if screen else 0,
+        grow_scale2d=float("inf"),
     )
+
+
+def longest_side(views: Views) -> int:
+    """The longer image side (pixels) of a scene's train views: the unit of gsplat's 2D scales."""
+    return max(max(views.sizes[i]) for i in views.train)
 
 
 def adam(params: Any, lr: float) -> torch.optim.Adam:
@@ -252,7 +271,7 @@ def new_state(views: Views, scene: Scene, cfg: Config, embed_dim: int, device, s
         decoder=decoder,
         optimizers=make_optimizers(params, cfg, extent),
         decoder_opt=adam(decoder.parameters(), c.lr_decoder),
-        strategy_state=make_strategy(cfg).initialize_state(scene_scale=extent),
+        strategy_state=make_strategy(cfg, longest_side(views)).initialize_state(scene_scale=extent),
         step=0,
         seconds=0.0,
     )
@@ -456,7 +475,7 @@ def _train(
     c, views, scene_id = cfg.lift, inp.views, inp.scene.scene_id
     seed = scene_seed(cfg.run.seed, scene_id)
     extent = state.strategy_state["scene_scale"]
-    strategy = make_strategy(cfg)
+    strategy = make_strategy(cfg, longest_side(views))
     strategy.check_sanity(state.params, state.optimizers)
     backend = backend_for(device)
     bar = tqdm(total=c.steps, initial=state.step, desc=scene_id, dynamic_ncols=True, leave=True)

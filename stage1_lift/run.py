@@ -133,7 +133,9 @@ def run(cfg: Config, on_step: Callable[[int], None] | None = None) -> dict[str, 
             print(f"{sid}: done, skipped")
             continue
         try:
-            inp = SceneInput.read(root, sid, resolution, cfg.lift.image_scale)
+            inp = SceneInput.read(
+                root, sid, resolution, cfg.lift.image_scale, cfg.lift.views == "all"
+            )
         except (UserError, SceneUnreadable, OSError, ValueError) as e:
             write_json(out_dir / STATUS_FILE, {"status": "skipped", "reason": str(e)})
             print(f"{sid}: skipped: {e}", file=sys.stderr)

@@ -376,6 +376,7 @@ class FinetuneDataModule(L.LightningDataModule):
         val_views: int = 2,
         target_dir: str | Path | None = None,
         val_batch_size: int | None = None,
+        all_views: bool = False,
     ):
         super().__init__()
         self.run, self.val_run = run, val_run
@@ -384,7 +385,14 @@ class FinetuneDataModule(L.LightningDataModule):
         self.window, self.seed, self.val_views = window, seed, val_views
         self.target_dir = Path(target_dir) if target_dir is not None else None
         self.scenes = open_run_scenes(run)
-        self.train_pairs = [(si, v) for si, s in enumerate(self.scenes) for v in s.train_views]
+        # all_views (`finetune.views=all`): FiT3D's train_samples_all.txt, test frames included
+        self.train_pairs = [
+            (si, v)
+            for si, s in enumerate(self.scenes)
+            for v in (
+                sorted(set(s.train_views) | set(s.test_views)) if all_views else s.train_views
+            )
+        ]
         if not self.train_pairs:
             raise UserError(f"stage-1 run {run.path}: its scenes have no train views")
         self.val_scenes = self.scenes if val_run is None else open_run_scenes(val_run)

@@ -232,6 +232,7 @@ def run(cfg: Config, callbacks: list[Callback] | None = None) -> dict[str, Any]:
         val_views=f.val_views,
         target_dir=finetune_target_dir(out),
         val_batch_size=plan.device_batch,
+        all_views=f.views == "all",
     )
     fused = f.precision != "16-mixed"  # fp16's loss scaler unscales inside a fused step
     module = FinetuneModule(backbone, f.lr, f.weight_decay, f.grad_clip, plan.device_batch, fused)

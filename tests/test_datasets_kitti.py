@@ -60,6 +60,7 @@ def test_kb_crop_depth_scale_and_garg_mask(root):
         172.854 - 23
     )
     assert ds.max_depth == 80.0 and ds.tasks == {"depth"}
+    assert ds.mask_is_crop  # Garg's crop is scored at test only; FiT3D trains on all GT
 
 
 def test_bad_roots(root, tmp_path):

@@ -59,6 +59,9 @@ def root(tmp_path_factory):
 def test_splits_keys_and_pose(root):
     train, val, test = (open_dataset("navi", root, s) for s in ("train", "val", "test"))
     assert (len(train), len(val), len(test)) == (18, 2, 8)
+    assert len(open_dataset("navi", root, "trainval")) == 20  # what Probe3D trains on
+    # Probe3D's NAVI: depth bins to 1 m, ground truth counted to 10 m (its loss's cut)
+    assert (test.max_depth, test.gt_max_depth) == (1.0, 10.0)
     assert val.info(0).group == "keywest/multiview_09_pixel"
     s = test[3]
     assert s.key == "keywest/wild_set/003" and s.group == "keywest/wild_set"

@@ -66,7 +66,7 @@ def root(tmp_path):
 
 def test_test_split_and_normals_cache(root):
     path, images, raw, normals = root
-    ds = open_dataset("nyu_normals", path, "test")
+    ds = open_dataset("nyu_normals", path, "test", center_crop=False)
     assert len(ds) == 2 and ds.tasks == {"depth", "normals"}
     s = ds[0]  # image number 3
     assert s.key == "0003"
@@ -77,19 +77,31 @@ def test_test_split_and_normals_cache(root):
     assert (s.normals[:5] == 0).all()
     assert (path / "test_normals.npy").is_file()
     (path / "all_normals.pklz").unlink()  # the cache is enough from now on
-    again = open_dataset("nyu_normals", path, "test")[1]
+    again = open_dataset("nyu_normals", path, "test", center_crop=False)[1]
     assert again.key == "0002" and torch.allclose(
         again.normals[10, 10], torch.tensor([np.sin(0.3), 0, -np.cos(0.3)]).float()
     )
 
 
+def test_center_crop_default_is_probe3d_480x480(root):
+    path, images, raw, normals = root
+    ds = open_dataset("nyu_normals", path, "test")  # Probe3D's NYU config: center_crop True
+    s, full = ds[0], open_dataset("nyu_normals", path, "test", center_crop=False)[0]
+    assert s.image.shape == (480, 480, 3) and ds.info(0).width == 480
+    assert torch.equal(s.image, full.image[:, 80:560])  # Probe3D's [..., 80:-80]
+    assert torch.equal(s.depth, full.depth[:, 80:560])
+    assert torch.equal(s.normals, full.normals[:, 80:560])
+    assert s.K[0, 2] == pytest.approx(full.K[0, 2] - 80) and s.K[1, 2] == full.K[1, 2]
+
+
 def test_geonet_train_val(root):
     path, *_ = root
-    train, val = (
-        open_dataset("nyu_normals", path, "train"),
-        open_dataset("nyu_normals", path, "val"),
+    train, val, trainval = (
+        open_dataset("nyu_normals", path, split, center_crop=False)
+        for split in ("train", "val", "trainval")
     )
     assert (len(train), len(val)) == (19, 2)  # every 20th file is val
+    assert len(trainval) == 21  # what Probe3D trains on
     assert [val.info(i).key for i in range(2)] == [
         "living_room_0000_0000-0",
         "living_room_0020_0000-20",

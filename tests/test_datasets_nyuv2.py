@@ -38,13 +38,15 @@ def root(tmp_path_factory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("nyu")
     images = rng.integers(0, 256, (480, 640, 3, N), dtype=np.uint8)  # MATLAB: H, W, C, N
     depths = rng.uniform(0.5, 9.5, (480, 640, N)).astype(np.float32)
+    raw_depths = depths * (rng.random((480, 640, N)) > 0.3)  # holes, as the Kinect's
     labels = np.zeros((480, 640, N), np.uint16)
     raws = list(RAW_TO_40)
     for n in range(N):
         for k, raw in enumerate(raws):
             labels[k * 60 : (k + 1) * 60, :, n] = raw  # horizontal bands, last band unlabeled
     write_mat73(
-        root / "nyu_depth_v2_labeled.mat", {"images": images, "depths": depths, "labels": labels}
+        root / "nyu_depth_v2_labeled.mat",
+        {"images": images, "depths": depths, "rawDepths": raw_depths, "labels": labels},
     )
     scipy.io.savemat(
         root / "splits.mat", {"trainNdxs": np.array([[1], [3]]), "testNdxs": np.array([[2], [4]])}
@@ -53,7 +55,7 @@ def root(tmp_path_factory) -> tuple[Path, dict]:
     for raw, c40 in RAW_TO_40.items():
         map_class[0, raw - 1] = c40
     scipy.io.savemat(root / "classMapping40.mat", {"mapClass": map_class})
-    return root, {"images": images, "depths": depths, "labels": labels}
+    return root, {"images": images, "depths": depths, "raw": raw_depths, "labels": labels}
 
 
 def test_test_split_images_depth_labels_and_eigen_crop(root):
@@ -63,7 +65,10 @@ def test_test_split_images_depth_labels_and_eigen_crop(root):
     s = ds[1]  # test image number 4 -> index 3
     assert s.key == "0004"
     assert torch.equal((s.image * 255).round().byte(), torch.from_numpy(planted["images"][..., 3]))
-    assert torch.allclose(s.depth, torch.from_numpy(planted["depths"][..., 3]))
+    assert torch.equal(s.depth, torch.from_numpy(planted["raw"][..., 3]))  # raw, holes = 0
+    filled = open_dataset("nyuv2", path, "test", depth="filled")[1]
+    assert torch.equal(filled.depth, torch.from_numpy(planted["depths"][..., 3]))
+    assert ds.mask_tasks == {"depth"} and ds.mask_is_crop  # seg scored on the whole frame
     for k, raw in enumerate(RAW_TO_40):
         band = s.seg[k * 60 : (k + 1) * 60]
         assert (band == NYU13_CLASSES.index(NAME_OF_40[RAW_TO_40[raw]])).all()
@@ -80,6 +85,12 @@ def test_train_split_and_no_crop_option(root):
     ds = open_dataset("nyuv2", path, "train", eigen_crop=False)
     assert [ds.info(i).key for i in range(len(ds))] == ["0001", "0003"]
     assert ds[0].eval_mask is None
+
+
+def test_bad_depth_option(root):
+    path, _ = root
+    with pytest.raises(UserError, match="depth must be one of"):
+        open_dataset("nyuv2", path, "test", depth="inpainted")
 
 
 def test_bad_roots(root, tmp_path):

@@ -45,6 +45,7 @@ def test_loftr_layout(tmp_path):
     np.savez(tmp_path / "intrinsics.npz", scene0707_00=K_COLOR)
     ds = open_dataset("scannet1500", tmp_path, "test")
     assert len(ds) == 4 and ds.pairs() == [(0, 1), (2, 3)]
+    assert ds.image_norm == "half"  # Probe3D's ScanNet pairs: mean = std = 0.5
     s0, s1 = ds[2], ds[3]
     assert (s0.key, s1.key, s0.group) == ("0001/0", "0001/1", "scene0707_00")
     assert s0.image.shape == (480, 640, 3) and torch.allclose(

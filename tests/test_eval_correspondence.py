@@ -192,3 +192,34 @@ def test_ties_go_to_the_lower_index():
     w = torch.tensor([0.5, 0.7, 0.7, 0.9, 0.7, 0.5], dtype=torch.float64)
     assert top_indices(w, 3).tolist() == [3, 1, 2]
     assert top_indices(w, 6).tolist() == [3, 1, 2, 4, 0, 5]
+
+
+def test_navi_protocol_recovers_the_3d_and_2d_error_of_a_planted_point_cloud():
+    """Probe3D's NAVI errors on a plane z = Z seen by view 0 and by view 1 translated by TX:
+    view 1's token map is view 0's moved by TX * F / Z full pixels plus one 1/4 cell to the
+    right, so every match lands one cell (4 full pixels) right of the true point. Its 3D error
+    is then 4 Z / F metres along x and its 2D error 4 full-resolution pixels (an independent
+    formula), whatever the relative pose."""
+    from fit3d.eval.correspondence import navi_pair_errors
+    from fit3d.eval.metrics import navi_recall
+
+    size, focal, z, tx = 64, 200.0, 0.3, 0.06  # view 1 sees x1 = x0 - 40 full px = 10 cells
+    k = torch.tensor([[focal, 0, size / 2], [0, focal, size / 2], [0, 0, 1]], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    cells = size // 4
+    feat0 = torch.randn(8, cells, cells, generator=gen)  # a token per 1/4 cell: upsampling is 1:1
+    shift = round(tx * focal / z / 4) + 1  # 10 cells of parallax + the planted one
+    feat1 = torch.randn(8, cells, cells, generator=gen)  # cells nobody in view 0 matches well
+    feat1[:, :, : cells - shift] = feat0[:, :, shift:]
+    depth = torch.full((size, size), z)
+    errs3d, errs2d = navi_pair_errors(
+        {"f": feat0}, {"f": feat1}, {"f": ("f",)}, depth, depth, k, k,
+        _viewmat(0.0), _viewmat(tx), top_k=cells * (cells - shift),
+    )["f"]  # fmt: skip
+    assert len(errs3d) == cells * (cells - shift)
+    tol = {"rtol": 1e-5, "atol": 1e-8}  # the depth map is fp32
+    torch.testing.assert_close(errs3d, torch.full_like(errs3d, 4 * z / focal), **tol)  # 6 mm
+    torch.testing.assert_close(errs2d, torch.full_like(errs2d, 4.0), **tol)
+    m = navi_recall([errs3d], [errs2d], torch.tensor([0.0]))
+    assert (m["recall_1cm"], m["recall2d_5px"], m["recall2d_25px"]) == (1.0, 1.0, 1.0)
+    assert m["recall_2cm_rot0-30"] == 1.0

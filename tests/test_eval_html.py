@@ -27,7 +27,7 @@ def _results() -> dict:
             "eval/depth/rmse": summarize(rmse),
             "eval/corr/recall_10px": summarize([r10]),
         }
-        keys = [k for k in METRICS if "_rot" in k]
+        keys = [k for k in METRICS if "recall_10px_rot" in k]
         out |= {k: summarize([v]) for k, v in zip(keys, rot, strict=True)}
         return out
 

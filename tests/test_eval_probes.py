@@ -12,7 +12,9 @@ from fit3d.eval.probes import (
     DPTHead,
     SegHead,
     angular_nll,
+    batch_sliced_gradient_loss,
     bins_to_depth,
+    cross_entropy_all_pixels,
     fast_schedule,
     gradient_loss,
     loss_fn,
@@ -208,3 +210,108 @@ def test_micro_batches_accumulate_to_the_global_batch():
                                 loss_fn("normals", "dpt"), torch.device("cpu")))  # fmt: skip
     for a, b in zip(heads[0].parameters(), heads[1].parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(16, 24), (13, 22)])
+def test_strided_resample_with_align_corners(size):
+    x = torch.randn(2, 5, 4, 6)
+    full = F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+    torch.testing.assert_close(resample(x, size, 1, align_corners=True), full)
+    torch.testing.assert_close(resample(x, size, 3, align_corners=True), full[:, :, 1::3, 1::3])
+
+
+def _identity_dpt(code: str) -> DPTHead:
+    """A 4-channel normals DPT head whose convolutions pass their input through (1x1
+    projections = identity, residual units = 0 + x, output convs = centre tap identity): its raw
+    output is then up2(relu(up4(up2 f0 + up2 f1 + up2 f2 + up2 f3))) for positive inputs."""
+    head = DPTHead([4] * 4, "normals", hidden=4, code=code)
+    with torch.no_grad():
+        for m in head.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.zero_()
+                m.bias.zero_()
+        for conv in [*head.proj, head.out1, head.out2]:
+            k = conv.kernel_size[0] // 2
+            conv.weight[:, :, k, k] = torch.eye(4)
+    return head.eval()
+
+
+@pytest.mark.parametrize("code", ["head", "published"])
+def test_dpt_upsampling_follows_the_probe3d_code_version(code):
+    feats = [torch.rand(1, 4, 3, 5) + 0.1 for _ in range(4)]
+    if code == "head":  # Probe3D HEAD (2025): bilinear, align_corners=True, label resize too
+
+        def up(x, s):
+            return F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=True)
+
+        corners = True
+    else:  # the 2024 code: nearest inside the head, default (False) label resize
+
+        def up(x, s):
+            return F.interpolate(x, scale_factor=s, mode="nearest")
+
+        corners = False
+    ref = up(torch.relu(up(sum(up(f, 2) for f in feats), 4)), 2)
+    head = _identity_dpt(code)
+    with torch.no_grad():
+        torch.testing.assert_close(head.raw(feats), ref)
+        out = head(feats, (30, 50))
+    label = F.interpolate(ref, size=(30, 50), mode="bicubic", align_corners=corners)
+    torch.testing.assert_close(out[..., :3], unit(label[:, :3], 1).permute(0, 2, 3, 1))
+
+
+def test_batch_sliced_gradient_loss_is_fit3ds_4d_slicing():
+    """FiT3D's / Probe3D-2024's gradient loss on [B, 1, H, W]: its +-2 differences run over the
+    batch. With a constant log-difference d_b per image: B = 2 gives exactly 0; B = 4 compares
+    images (0, 2) and (1, 3) at stride 1 only (the strided batches 0,2 / 0 / 0 have no pair two
+    apart), divided by the valid pixels of the whole batch."""
+    gt = torch.full((2, 3, 4), 2.0)
+    pred = gt * torch.tensor([1.0, 3.0])[:, None, None]
+    assert float(batch_sliced_gradient_loss(pred, gt)) == 0.0
+    assert float(gradient_loss(pred, gt)) == 0.0  # constant per image: no spatial gradient
+    scale = torch.tensor([1.0, 2.0, 4.0, 0.5])
+    gt4 = torch.full((4, 3, 4), 2.0)
+    gt4[3, 0, 0] = 0  # one invalid pixel in image 3
+    pred4 = gt4.clone()
+    pred4[:] = 2.0 * scale[:, None, None]
+    d = torch.log(2.0 * scale + 1e-3) - math.log(2.0 + 1e-3)  # [4]
+    pairs = 12 * abs(float(d[0] - d[2])) + 11 * abs(float(d[1] - d[3]))
+    expected = pairs / (4 * 12 - 1)
+    assert float(batch_sliced_gradient_loss(pred4, gt4)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_cross_entropy_over_all_pixels_as_mmseg_0_27():
+    logits = torch.zeros(1, 4, 2, 3)  # uniform: log 4 per labelled pixel
+    labels = torch.tensor([[[0, 1, 255], [2, 255, 255]]])
+    assert float(cross_entropy_all_pixels(logits, labels)) == pytest.approx(3 * math.log(4) / 6)
+    fixed = loss_fn("seg", "linear")(logits, labels, 0)
+    assert float(fixed) == pytest.approx(math.log(4))  # mean over the labelled pixels
+    published = loss_fn("seg", "linear", as_published=True)(logits, labels, 0)
+    assert float(published) == pytest.approx(math.log(4) / 2)
+
+
+def test_published_depth_loss_is_per_gpu_sigloss_plus_sliced_gradient():
+    gen = torch.Generator().manual_seed(2)
+    gt = torch.rand(4, 5, 6, generator=gen) * 3 + 0.5
+    pred = torch.rand(4, 5, 6, generator=gen) * 3 + 0.5
+    published = loss_fn("depth", "linear", 10, as_published=True, gpu_batch=2)
+    per_gpu = [sig_loss(pred[k : k + 2], gt[k : k + 2]) for k in (0, 2)]  # gradient: 0 at 2
+    assert float(published(pred, gt, 50)) == pytest.approx(float(sum(per_gpu) / 2), rel=1e-6)
+    warm = [sig_loss(pred[k : k + 2], gt[k : k + 2], mean_only=True) for k in (0, 2)]
+    assert float(published(pred, gt, 5)) == pytest.approx(float(sum(warm) / 2), rel=1e-6)
+    fixed = loss_fn("depth", "linear", 10)(pred, gt, 50)
+    pooled = sig_loss(pred, gt) + 0.5 * gradient_loss(pred, gt)
+    assert float(fixed) == pytest.approx(float(pooled), rel=1e-6)
+    dpt_2024 = loss_fn("depth", "dpt", probe3d="published")(pred, gt, 0)
+    ref = 10 * probe3d_sig_loss(pred, gt) + 0.5 * batch_sliced_gradient_loss(pred, gt)
+    assert float(dpt_2024) == pytest.approx(float(ref), rel=1e-6)
+
+
+def test_angular_nll_counts_depth_pixels_without_normal_at_90_degrees():
+    out = torch.tensor([[[[0.0, 0.0, 1.0, 2.0], [0.0, 0.0, 1.0, 2.0]]]])  # [1, 1, 2, 4]
+    gt = torch.tensor([[[[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.0, 1.0]]]])  # pixel 1: no normal
+    k = 2.0
+    reg = -math.log(k**2 + 1) + math.log1p(math.exp(-k * math.pi))
+    eps = 1e-4
+    expected = (reg + k * math.acos(1 - eps) + reg + k * math.pi / 2) / 2
+    assert float(angular_nll(out, gt)) == pytest.approx(expected, abs=1e-5)  # fp32 clamp

@@ -220,8 +220,8 @@ def test_nyuv2_through_eval_dataset(tmp_path):
     labels = np.zeros((480, 640, n), np.uint16)
     labels[:240] = 5  # raw 5 -> NYU-40 1 (wall); raw 11 -> 2 (floor)
     labels[240:] = 11
-    _write_mat73(root / "nyu_depth_v2_labeled.mat", {"images": images, "depths": depths,
-                                                      "labels": labels})  # fmt: skip
+    arrays = {"images": images, "depths": depths, "rawDepths": depths, "labels": labels}
+    _write_mat73(root / "nyu_depth_v2_labeled.mat", arrays)
     scipy.io.savemat(root / "splits.mat", {"trainNdxs": np.array([[1], [3]]),
                                            "testNdxs": np.array([[2], [4]])})  # fmt: skip
     map_class = np.full((1, 894), 40, dtype=np.float64)
@@ -310,6 +310,10 @@ def test_scannetpp_layout_paper_protocol_end_to_end(demo_out, tmp_path):
         assert key in m and m[key]["mean"] is not None, key
     assert res["config"]["eval"]["protocol"] == "paper"
     assert "Protocol: paper" in (tmp_path / "eval" / "default" / "results.md").read_text()
+    # the published pipeline's quirks, reproduced and listed (eval.fixes=false by default)
+    assert len(res["as_published"]) == 4 and res["fixes"][0].startswith("Probe3D 2025")
+    assert "As published" in (tmp_path / "eval" / "default" / "results.md").read_text()
+    assert "eval/depth_dpt/aligned_rmse" in m  # Probe3D's scale-and-shift-aligned metrics
     assert (tmp_path / "eval" / "default" / "results.html").is_file()
 
 

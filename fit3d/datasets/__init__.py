@@ -5,13 +5,14 @@ root, split, **options) -> EvalSet`, a lazy sequence of `Sample`s.
 |---|---|---|---|
 | `demo`, `scannetpp` | `scenes` | train, val | seg, depth, normals, corr |
 | `nyuv2` | `nyuv2` | train, test | seg (13 classes), depth |
+| `nyu` | `nyu_bts` | train, test | depth (BTS's raw frames: FiT3D's NYU depth) |
 | `ade20k` | `ade20k` | train, val | seg (150) |
 | `voc2012` | `voc` | train, val | seg (21) |
 | `kitti` | `kitti` | train, test | depth |
 | `scannet` | `scannet` | train, val | seg (40), depth |
-| `navi` | `navi` | train, val, test | depth, normals, corr |
+| `navi` | `navi` | train, val, trainval, test | depth, normals, corr |
 | `scannet1500` | `scannet1500` | test | depth, corr (fixed pairs) |
-| `nyu_normals` | `nyu_normals` | train, val, test | depth, normals |
+| `nyu_normals` | `nyu_normals` | train, val, trainval, test | depth, normals |
 
 Each module's docstring gives the official layout it reads and where to get it; `python -m
 fit3d.datasets.scannetpp_labels` renders ScanNet++'s ground truth from its meshes.
@@ -45,6 +46,7 @@ DATASETS: dict[str, tuple[str, str]] = {
     "demo": ("scenes", "ScenesSet"),
     "scannetpp": ("scenes", "ScenesSet"),
     "nyuv2": ("nyuv2", "NYUv2"),
+    "nyu": ("nyu_bts", "NYUDepth"),
     "ade20k": ("ade20k", "ADE20k"),
     "voc2012": ("voc", "VOC2012"),
     "kitti": ("kitti", "KITTI"),

@@ -30,8 +30,13 @@ Conventions (docs/method.md, "Conventions"):
 
 `EvalSet` attributes: `name`, `split`, `tasks` (subset of {"seg", "depth", "normals", "corr"}: the
 ground truth the set provides), `classes` (names, id = index; None without segmentation),
-`min_depth` / `max_depth` (the protocol's depth range in metres, None = unbounded), `paper`
-(published numbers for this set, see `PaperNumbers`).
+`min_depth` / `max_depth` (the protocol's depth range in metres: the depth bins, and valid ground
+truth; None = unbounded), `gt_max_depth` (where valid ground truth ends if not at `max_depth`),
+`paper` (published numbers for this set, see `PaperNumbers`), and the protocol details the
+evaluator follows: `mask_tasks` (the tasks `eval_mask` applies to), `mask_is_crop` (the mask is
+a test-time crop, Eigen's or Garg's, that the originals never apply to training labels),
+`image_norm` (`imagenet`, or `half` for mean = std = 0.5) and `color_brightness` (the brightness
+range of FiT3D's depth colour augmentation).
 
 Bad roots raise `fit3d.errors.UserError` with one line: the path tried, what was expected there
 and where the official release is documented (`missing`).
@@ -103,7 +108,12 @@ class EvalSet(Sequence[Sample]):
     classes: tuple[str, ...] | None = None
     min_depth: float = 1e-3
     max_depth: float | None = None
+    gt_max_depth: float | None = None
     paper: PaperNumbers = {}
+    mask_tasks: frozenset[str] = frozenset({"seg", "depth", "normals"})
+    mask_is_crop: bool = False
+    image_norm: str = "imagenet"
+    color_brightness: tuple[float, float] = (0.75, 1.25)
 
     @abstractmethod
     def __len__(self) -> int: ...
@@ -209,6 +219,27 @@ def reduce_zero_label(label: np.ndarray) -> torch.Tensor:
     out = lab - 1
     out[(lab == 0) | (lab == IGNORE)] = IGNORE
     return torch.from_numpy(out)
+
+
+def read_pair_list(
+    lists: Sequence[Path], what: str, where: str
+) -> tuple[Path, list[tuple[str, str]]]:
+    """The first existing file of `lists` (a split list in BTS's format, one `<image> <depth |
+    None> [focal]` per line, as FiT3D's depth toolbox reads it) and its (image, depth) paths:
+    lines without depth skipped, a leading slash dropped, sorted by image path."""
+    lst = next((p for p in lists if p.is_file()), None)
+    if lst is None:
+        raise missing(lists[0], what, where)
+    items = []
+    for ln in read_lines(lst):
+        parts = ln.split()
+        if len(parts) < 2:
+            raise UserError(f"{lst}: line {ln!r} is not '<image> <depth> <focal>'")
+        if parts[1] != "None":
+            items.append((parts[0].lstrip("/\\"), parts[1].lstrip("/\\")))
+    if not items:
+        raise UserError(f"{lst}: lists no image with ground-truth depth")
+    return lst, sorted(items)
 
 
 def intrinsics(fx: float, fy: float, cx: float, cy: float) -> torch.Tensor:

@@ -13,8 +13,10 @@ lists are BTS's `eigen_train_files_with_gt.txt` / `eigen_test_files_with_gt.txt`
 (github.com/cleinc/bts, `train_test_inputs/`), accepted under either name: one
 `<image path> <depth path | None> <focal>` per line; lines without depth are skipped, as FiT3D does.
 
-Protocol: the KB crop (bottom 352 rows, centred 1216 columns) is applied to image, depth and K;
-`eval_mask` is the Garg crop of that 352x1216 frame; depth range (1e-3, 80) m.
+Protocol: the KB crop (bottom 352 rows, centred 1216 columns) is applied to image, depth and K,
+train and test; `eval_mask` is the Garg crop of that 352x1216 frame, scored at test only (FiT3D
+trains on every ground-truth pixel of the KB crop); depth range (1e-3, 80) m; the depth probe's
+colour augmentation draws its brightness from [0.9, 1.1] (FiT3D's KITTI config).
 K: the rectified colour camera (P_rect_02) of each recording day.
 """
 
@@ -34,7 +36,7 @@ from fit3d.datasets.base import (
     check_split,
     intrinsics,
     missing,
-    read_lines,
+    read_pair_list,
     read_png,
     read_rgb,
     to_image,
@@ -86,24 +88,15 @@ class KITTI(EvalSet):
     tasks = frozenset({"depth"})
     max_depth = 80.0
     paper = PAPER
+    mask_is_crop = True
+    color_brightness = (0.9, 1.1)
 
     def __init__(self, root: str | Path, split: str):
         check_split(self.name, split, tuple(LISTS))
         self.root, self.split = Path(root), split
         lists = [self.root / n for n in LISTS[split]]
-        lst = next((p for p in lists if p.is_file()), None)
-        if lst is None:
-            raise missing(lists[0], "the Eigen split list (or BTS's name for it)", WHERE)
-        self.items: list[tuple[str, str]] = []
-        for ln in read_lines(lst):
-            parts = ln.split()
-            if len(parts) < 2:
-                raise UserError(f"{lst}: line {ln!r} is not '<image> <depth> <focal>'")
-            if parts[1] != "None":
-                self.items.append((parts[0], parts[1]))
-        self.items.sort()
-        if not self.items:
-            raise UserError(f"{lst}: lists no image with ground-truth depth")
+        what = "the Eigen split list (or BTS's name for it)"
+        lst, self.items = read_pair_list(lists, what, WHERE)
         for sub, k, what in (
             ("input", 0, "KITTI raw image"),
             ("gt_depth", 1, "annotated depth PNG"),

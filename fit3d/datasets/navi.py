@@ -12,7 +12,10 @@ Layout (`navi_v1.tar.gz` from github.com/google/navi, optionally after Probe3D's
 
 Splits, as Probe3D's NAVI loader defines them over objects that have a `wild_set` and at least one
 multiview collection: `train` / `val` = the first 90% / the rest of each object's multiview
-collections (sorted by name), `test` = the `wild_set` collections. A group is one
+collections (sorted by name), `trainval` = all of them (what Probe3D's probes train on), `test` =
+the `wild_set` collections. Depth range: bins up to 1 m (Probe3D's NAVI `max_depth`); ground
+truth counts up to 10 m (Probe3D's depth loss zeroes deeper pixels, in place, before its
+metrics). A group is one
 `<object>/<collection>`: its views share the object's frame, so the camera `q, t` (object to
 camera, OpenCV axes, millimetres) is the `viewmat` (translation in metres). K: focal_length at the
 annotated size, principal point at the image centre (as Probe3D assumes), scaled to the file read.
@@ -109,11 +112,13 @@ class NAVI(EvalSet):
     name = "navi"
     tasks = frozenset({"depth", "normals", "corr"})
     paper = {}
+    max_depth = 1.0
+    gt_max_depth = 10.0
 
     def __init__(
         self, root: str | Path, split: str, crop: bool = True, size: int = 512, seed: int = 8
     ):
-        check_split(self.name, split, ("train", "val", "test"))
+        check_split(self.name, split, ("train", "val", "trainval", "test"))
         self.root, self.split, self.crop, self.size = Path(root), split, crop, size
         require_dir(self.root, "one folder per object", WHERE)
         self.views: list[tuple[str, Path, dict]] = []  # (group, collection dir, annotation)
@@ -127,6 +132,7 @@ class NAVI(EvalSet):
             chosen = {
                 "train": multi[:n_train],
                 "val": multi[n_train:],
+                "trainval": multi,
                 "test": [obj / "wild_set"],
             }[split]
             for coll in chosen:

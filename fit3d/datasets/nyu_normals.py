@@ -13,11 +13,13 @@ dl.fbaipublicfiles.com/fair_self_supervision_benchmark/nyuv2_surfacenormal_metad
 into the root as Probe3D does; GeoNet: github.com/xjqi/GeoNet, data1.zip + data2.zip merged.)
 
 Splits: `test` = the images of `test_SN40.json` (654) with the labeled set's raw Kinect depth
-(`rawDepths`, as Probe3D) and the normals of `all_normals.pklz`; `train` / `val` = GeoNet's files
+(`rawDepths`, as Probe3D) and the normals of `all_normals.pklz`; `trainval` = GeoNet's files
 sorted by name, the two bad files Probe3D drops removed (positions 6919 and 21181 of the full
-release), every 20th file for `val`. GeoNet images are stored mean-subtracted (twice the
-ImageNet-Caffe mean per channel) and are restored here; all frames are cut to 480x640. Depth
-beyond 10 m is set to 0 (invalid), as Probe3D does.
+release): what Probe3D's probes train on; `train` / `val` = every 20th of those for `val`, the
+rest for `train`. GeoNet images are stored mean-subtracted (twice the ImageNet-Caffe mean per
+channel) and are restored here; all frames are cut to 480x640, then (`center_crop=True`, Probe3D's
+NYU config) to their middle 480x480 (columns 80:560), train and test. Depth beyond 10 m is set to
+0 (invalid), as Probe3D does.
 
 The normals' axes are the releases' (x to the right; Probe3D trains and scores them unchanged); we
 do not re-orient them, so on this set `normals` are in that convention rather than OpenCV's.
@@ -91,9 +93,10 @@ class NYUNormals(EvalSet):
     max_depth = MAX_DEPTH
     paper = PAPER
 
-    def __init__(self, root: str | Path, split: str):
-        check_split(self.name, split, ("train", "val", "test"))
+    def __init__(self, root: str | Path, split: str, center_crop: bool = True):
+        check_split(self.name, split, ("train", "val", "trainval", "test"))
         self.root, self.split = Path(root), split
+        self.cols = slice(80, 560) if center_crop else slice(0, 640)
         if split == "test":
             mat = require_file(
                 root_mat := self.root / "nyu_depth_v2_labeled.mat", "the labeled set", WHERE_NYU
@@ -114,7 +117,11 @@ class NYUNormals(EvalSet):
             if len(files) > max(GEONET_BAD):
                 for pos in GEONET_BAD:
                     del files[pos]
-            keep = (lambda k: k % 20 != 0) if split == "train" else (lambda k: k % 20 == 0)
+            keep = {
+                "train": lambda k: k % 20 != 0,
+                "val": lambda k: k % 20 == 0,
+                "trainval": lambda k: True,
+            }[split]
             self.files = [folder / f for k, f in enumerate(files) if keep(k)]
             if not self.files:
                 raise missing(folder, "GeoNet *.mat files", WHERE_GEONET)
@@ -146,8 +153,13 @@ class NYUNormals(EvalSet):
     def _key(self, i: int) -> str:
         return f"{self.indices[i] + 1:04d}" if self.split == "test" else self.files[i].stem
 
+    def _K(self) -> torch.Tensor:
+        fx, fy, cx, cy = K_NYU
+        return intrinsics(fx, fy, cx - self.cols.start, cy)
+
     def info(self, i: int) -> ViewInfo:
-        return ViewInfo(self._key(i), "", 480, 640, intrinsics(*K_NYU), None)
+        width = self.cols.stop - self.cols.start
+        return ViewInfo(self._key(i), "", 480, width, self._K(), None)
 
     def _load(self, i: int) -> Sample:
         if self.split == "test":
@@ -170,10 +182,11 @@ class NYUNormals(EvalSet):
         depth = np.where(np.isfinite(depth) & (depth <= MAX_DEPTH), depth, 0.0).astype(np.float32)
         norm = np.linalg.norm(normals, axis=-1, keepdims=True)
         normals = np.divide(normals, norm, out=np.zeros_like(normals), where=norm > 1e-6)
+        c = self.cols
         return Sample(
             key=self._key(i),
-            image=to_image(rgb),
-            depth=torch.from_numpy(depth),
-            normals=torch.from_numpy(normals),
-            K=intrinsics(*K_NYU),
+            image=to_image(np.ascontiguousarray(rgb[:, c])),
+            depth=torch.from_numpy(np.ascontiguousarray(depth[:, c])),
+            normals=torch.from_numpy(np.ascontiguousarray(normals[:, c])),
+            K=self._K(),
         )

@@ -13,14 +13,15 @@ set of every depth benchmark).
 
 Segmentation: 13 classes (`NYU13_CLASSES`, FiT3D's NYUV2Dataset order), raw label -> NYU-40 ->
 NYU-13 (`NYU40_TO_13`, Couprie et al.'s mapping as in the meta-data repo's class13Mapping.mat);
-unlabeled -> 255 (FiT3D's reduce_zero_label). Depth: the labeled set's `depths` (metres, holes
-filled), range (1e-3, 10) m; `eval_mask` is the Eigen crop (rows 45:471, columns 41:601 of the
-480x640 frame, FiT3D's `eigen_crop`). FiT3D scores segmentation on the whole frame:
-`eigen_crop=False` gives `eval_mask=None` for segmentation-only runs.
+unlabeled -> 255 (FiT3D's reduce_zero_label), scored on the whole frame as FiT3D does. Depth:
+`depth="raw"` (default) reads the Kinect depth with its holes (`rawDepths`, what BTS's export of
+the test set holds), `depth="filled"` the inpainted `depths`; range (1e-3, 10) m. `eval_mask`
+is the Eigen crop (rows 45:471, columns 41:601 of the 480x640 frame, FiT3D's `eigen_crop`) and
+applies to depth only (`mask_tasks`), at test only (`mask_is_crop`).
 
-Differences from FiT3D: its depth probe trains on the 24k-frame raw-video subset of BTS
-(`nyu_train.txt`, not part of this release); here `train` is the 795 labeled images. The test
-images and depths are the same 654 frames.
+FiT3D's NYUv2 depth numbers come from another set: BTS's export of 24k raw video frames for
+training and the 654 test frames (`fit3d.datasets.nyu_bts`, dataset `nyu`). Depth from this
+reader trains on the 795 labeled images instead, so its results carry no published number.
 """
 
 from __future__ import annotations
@@ -63,9 +64,10 @@ EIGEN_CROP = (45, 471, 41, 601)
 """Rows [45, 471), columns [41, 601) of the 480x640 frame."""
 K_NYU = (518.8579, 519.4696, 325.5824, 253.7362)
 """fx, fy, cx, cy of the NYU Kinect colour camera (as the NYU toolbox publishes them)."""
-PAPER: PaperNumbers = {
-    "dinov2": {"eval/seg/miou": (0.6555, 0.675), "eval/depth/rmse": (0.4423, 0.4198)}
-}
+PAPER: PaperNumbers = {"dinov2": {"eval/seg/miou": (0.6555, 0.675)}}
+"""FiT3D's NYUv2 segmentation; its depth numbers belong to `nyu` (BTS's frames)."""
+DEPTH_KEYS = {"raw": "rawDepths", "filled": "depths"}
+"""`depth` option -> the labeled set's dataset."""
 
 
 class LabeledMat:
@@ -74,7 +76,7 @@ class LabeledMat:
     The handle is opened on first use in each process, so forked loader workers do not share it.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, keys: tuple[str, ...] = ("images", "depths", "labels")):
         import h5py
 
         self.path = path
@@ -82,14 +84,14 @@ class LabeledMat:
         self._pid = -1
         try:
             with h5py.File(path, "r") as f:
-                missing_keys = [k for k in ("images", "depths", "labels") if k not in f]
+                missing_keys = [k for k in dict.fromkeys(("images", *keys)) if k not in f]
                 self.count = int(f["images"].shape[0]) if "images" in f else 0
                 shape = tuple(f["images"].shape[1:]) if "images" in f else ()
         except OSError as e:
             raise missing(path, "the MATLAB v7.3 (HDF5) labeled set", WHERE) from e
         if missing_keys or shape != (3, 640, 480):
             raise UserError(
-                f"{path}: expected datasets images [N,3,640,480], depths, labels (found "
+                f"{path}: expected datasets images [N,3,640,480], {', '.join(keys[1:])} (found "
                 f"{'missing ' + ', '.join(missing_keys) if missing_keys else f'images {shape}'})"
             )
 
@@ -131,10 +133,17 @@ class NYUv2(EvalSet):
     classes = NYU13_CLASSES
     max_depth = 10.0
     paper = PAPER
+    mask_tasks = frozenset({"depth"})
+    mask_is_crop = True
 
-    def __init__(self, root: str | Path, split: str, eigen_crop: bool = True):
+    def __init__(self, root: str | Path, split: str, eigen_crop: bool = True, depth: str = "raw"):
         check_split(self.name, split, ("train", "test"))
+        if depth not in DEPTH_KEYS:
+            raise UserError(
+                f"dataset nyuv2: depth must be one of {list(DEPTH_KEYS)}, got {depth!r}"
+            )
         self.root, self.split, self.eigen_crop = Path(root), split, eigen_crop
+        self.depth_key = DEPTH_KEYS[depth]
         mat_path = require_file(
             self.root / "nyu_depth_v2_labeled.mat", "the labeled set (MATLAB v7.3)", WHERE
         )
@@ -148,7 +157,7 @@ class NYUv2(EvalSet):
             raise UserError(f"{map_path}: expected a MATLAB file with mapClass ({e})") from e
         # raw id (0 = unlabeled, 1..894) -> 13-class id (0 = unlabeled)
         self.raw_to_13 = NYU40_TO_13[np.concatenate([[0], map40.astype(np.int64)])]
-        self.mat = LabeledMat(mat_path)
+        self.mat = LabeledMat(mat_path, ("images", self.depth_key, "labels"))
         bad = [i + 1 for i in self.indices if not 0 <= i < self.mat.count]
         if bad:
             raise UserError(f"{self.root / 'splits.mat'}: image {bad[0]} is not in {mat_path}")
@@ -164,7 +173,7 @@ class NYUv2(EvalSet):
         raw = self.mat.array("labels", j).astype(np.int64)
         if raw.max(initial=0) >= len(self.raw_to_13):
             raise UserError(f"{self.mat.path}: image {j + 1} has label {raw.max()} > 894")
-        depth = self.mat.array("depths", j).astype(np.float32)
+        depth = self.mat.array(self.depth_key, j).astype(np.float32)
         return Sample(
             key=f"{j + 1:04d}",
             image=to_image(self.mat.image(j)),

@@ -23,7 +23,8 @@ Two layouts are read (auto-detected):
 
 Labels: NYU-40 ids 1..40 -> 0..39, 0 -> 255 (reduce_zero_label), `SCANNET40_CLASSES` in FiT3D's
 ScanNetDataset order. Depth: range (1e-3, 10) m; `eval_mask` is the Eigen crop of a 480x640 frame
-(FiT3D's `eigen_crop=True`; None at other sizes, or with `eigen_crop=False`).
+(FiT3D's `eigen_crop=True`; None at other sizes, or with `eigen_crop=False`), scored at test
+only, as FiT3D's ScanNet config does.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class ScanNet(EvalSet):
     classes = SCANNET40_CLASSES
     max_depth = 10.0
     paper = PAPER
+    mask_is_crop = True
 
     def __init__(self, root: str | Path, split: str, task: str = "seg", eigen_crop: bool = True):
         check_split(self.name, split, ("train", "val"))

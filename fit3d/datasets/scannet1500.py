@@ -19,7 +19,8 @@ Each pair p contributes two samples, 2p (view 0) and 2p + 1 (view 1), and `pairs
 (2p, 2p + 1) in file order. Colour is resized to the depth size (640x480) and K scaled with it.
 Poses: layout 1 gives world-to-camera from the pose files; layout 2 puts view 0 at the origin
 (identity) and view 1 at T_0to1. Either way `viewmat_1 @ inv(viewmat_0)` is the relative pose.
-ScanNet lists no EXIF rotations; a non-zero one is refused.
+ScanNet lists no EXIF rotations; a non-zero one is refused. Probe3D normalises these images with
+mean = std = 0.5 (not ImageNet's): `image_norm = "half"`.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class ScanNet1500(EvalSet):
     name = "scannet1500"
     tasks = frozenset({"depth", "corr"})
     paper = PAPER
+    image_norm = "half"
 
     def __init__(self, root: str | Path, split: str = "test"):
         check_split(self.name, split, ("test",))

@@ -15,6 +15,15 @@ Recall is then taken at 5, 10 and 20 of those pixels (`fit3d.eval.metrics.corres
 so Probe3D's "10 px" is 40 full-resolution pixels. No visibility test is made: an occluded view-0
 point counts as Probe3D counts it. `run_corr` does this for every pair of a test split (the
 dataset's fixed pairs or covisible pairs picked per scene) and every feature set.
+
+Probe3D's NAVI protocol (`navi_pair_errors`, `eval.corr_protocol`) differs in three places: the
+3D points are the full-resolution back-projected grid (pixel centres at +0.5 with the full K)
+sampled by nearest-neighbour resizing to 1/4 (pixel (i, j) keeps the point of full pixel
+(4i, 4j)); the token map is upsampled to the 1/4 grid bicubically (align_corners=False) instead
+of sampled bilinearly; and each match has two errors, the 3D distance in metres between the
+view-0 point moved into view 1 and the matched view-1 point, and the 2D distance in
+full-resolution pixels of view 1 between their projections with K1 (scored by
+`fit3d.eval.metrics.navi_recall`).
 """
 
 from __future__ import annotations
@@ -28,9 +37,10 @@ from torch import Tensor
 from tqdm import tqdm
 
 from fit3d.eval import data as D
+from fit3d.eval import paper as P
 from fit3d.eval.features import FEATURE_SETS
 from fit3d.eval.fitting import Context, by_group, group_keys, short
-from fit3d.eval.metrics import correspondence_recall
+from fit3d.eval.metrics import correspondence_recall, navi_recall
 from fit3d.eval.report import summarize
 from fit3d.geometry import relative_rotation, reproject, select_pairs
 
@@ -173,6 +183,69 @@ def pair_errors(
     return out
 
 
+def _backprojected(depth: Tensor, K: Tensor) -> Tensor:
+    """Camera-frame points [H//4 * W//4, 3] float64 of the 1/4 grid NAVI's protocol keeps: full
+    pixel (4i, 4j) back-projected at its centre (+0.5) with K [3, 3] and its depth [H, W]."""
+    d = quarter(depth, K)[0].double()  # nearest: pixel (i, j) is full pixel (4i, 4j)
+    h, w = d.shape
+    ys, xs = torch.meshgrid(
+        torch.arange(h, dtype=torch.float64) * 4 + 0.5,
+        torch.arange(w, dtype=torch.float64) * 4 + 0.5,
+        indexing="ij",
+    )
+    pix = torch.stack([xs, ys, torch.ones_like(xs)], -1).reshape(-1, 3)  # [N, 3]
+    rays = torch.linalg.solve(K.double(), pix.T).T  # [N, 3]
+    return rays * d.reshape(-1, 1)
+
+
+def _bicubic(feat: Tensor, size: tuple[int, int]) -> Tensor:
+    """Token map [C, h, w] -> features [H4*W4, C], upsampled bicubically (align_corners=False) to
+    the H4 x W4 grid, row-major; not normalised."""
+    feat = feat[None].to(torch.promote_types(feat.dtype, torch.float32))
+    up = F.interpolate(feat, size=size, mode="bicubic", align_corners=False)[0]
+    return up.flatten(1).T
+
+
+def navi_pair_errors(
+    maps0: dict[str, Tensor],
+    maps1: dict[str, Tensor],
+    sets: Sets,
+    depth0: Tensor,
+    depth1: Tensor,
+    K0: Tensor,
+    K1: Tensor,
+    viewmat0: Tensor,
+    viewmat1: Tensor,
+    top_k: int = 1000,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per feature set, (3D errors [M] metres, 2D errors [M] full-resolution pixels of view 1) of
+    its `top_k` best-weighted matches under Probe3D's NAVI protocol (module docstring). Arguments
+    as `pair_errors`."""
+    p0, p1 = _backprojected(depth0, K0), _backprojected(depth1, K1)  # [N0, 3], [N1, 3]
+    v0, v1 = p0[:, 2] > 0, p1[:, 2] > 0
+    empty = torch.zeros(0, dtype=torch.float64)
+    if not v0.any() or not v1.any():
+        return {s: (empty, empty) for s in sets}
+    size0, size1 = (tuple(quarter(d, K)[0].shape) for d, K in ((depth0, K0), (depth1, K1)))
+    f0 = {p: _bicubic(m, size0)[v0] for p, m in maps0.items()}
+    f1 = {p: _bicubic(m, size1)[v1] for p, m in maps1.items()}
+    rel = viewmat1.double() @ torch.linalg.inv(viewmat0.double())  # cam0 -> cam1
+    K1d = K1.double()
+
+    def project(x: Tensor) -> Tensor:  # [M, 3] -> [M, 2], Probe3D's z clamp
+        uvw = x @ K1d.T
+        return uvw[:, :2] / uvw[:, 2:].clamp_min(1e-9)
+
+    out = {}
+    for s, (idx, weight) in ratio_matches_sets(f0, f1, sets).items():
+        keep = top_indices(weight, top_k)
+        x0 = p0[v0][keep]  # [M, 3] view-0 camera frame
+        x1 = p1[v1][idx[keep]]  # [M, 3] view-1 camera frame
+        x0in1 = x0 @ rel[:3, :3].T + rel[:3, 3]
+        out[s] = ((x0in1 - x1).norm(dim=1), (project(x0in1) - project(x1)).norm(dim=1))
+    return out
+
+
 # --- the probe over a test split --------------------------------------------------------------
 PER_GROUP_KEYS = (
     "recall_10px",
@@ -181,7 +254,8 @@ PER_GROUP_KEYS = (
     "recall_10px_rot30-60",
     "recall_10px_rot60-180",
 )
-"""Recalls also kept per test group (`<key>@<group>`, over that group's pairs): the verdict's."""
+"""Recalls also kept per test group (`<key>@<group>`, over that group's pairs): the verdict's.
+Under the NAVI protocol, `recall_2cm`."""
 
 
 def test_pairs(ctx: Context) -> list[tuple[int, int, float]]:
@@ -222,6 +296,25 @@ def recall_by_group(errors: list[Tensor], rots: Tensor, groups: list[str]) -> di
     return out
 
 
+def navi_recall_by_group(
+    err3d: list[Tensor], err2d: list[Tensor], rots: Tensor, groups: list[str]
+) -> dict[str, float]:
+    """`navi_recall` of the pairs, plus `recall_2cm@<group>` (with 2..PER_GROUP_MAX groups)."""
+    out = navi_recall(err3d, err2d, rots)
+    if group_keys(groups):
+        for g, ns in by_group(groups).items():
+            got = navi_recall([err3d[n] for n in ns], [err2d[n] for n in ns], rots[ns])
+            out[f"recall_2cm@{g}"] = got["recall_2cm"]
+    return out
+
+
+def _K(split: D.Split, n: int, infos: list) -> Tensor:
+    """Intrinsics of view n: its ViewInfo's, else (sets that compute K per crop, e.g. NAVI) the
+    sample's."""
+    K = infos[n].K
+    return K if K is not None else split.ds[split.views[n]].K
+
+
 def run_corr(sets: list[str], ctx: Context) -> dict:
     """Zero-shot correspondence recall of every feature set on the test split's pairs."""
     ec, split = ctx.cfg.eval, ctx.test
@@ -238,21 +331,26 @@ def run_corr(sets: list[str], ctx: Context) -> dict:
     feats = ctx.feats["test"]
     by_set = {s: tuple(FEATURE_SETS[s]) for s in sets}
     parts = list(dict.fromkeys(p for ps in by_set.values() for p in ps))
-    errors: dict[str, list[Tensor]] = {s: [] for s in sets}
+    errors: dict[str, list] = {s: [] for s in sets}
+    navi = P.corr_protocol(ec, split.ds.name) == "navi"
     for i, j, _ in tqdm(pairs, desc="corr", leave=False, disable=None):
         d0, d1 = D.label_batch(split, [i], "depth")[0], D.label_batch(split, [j], "depth")[0]
-        found = pair_errors(
+        found = (navi_pair_errors if navi else pair_errors)(
             {p: feats.maps(i, (p,), block) for p in parts},
             {p: feats.maps(j, (p,), block) for p in parts},
-            by_set, d0, d1, infos[i].K, infos[j].K, infos[i].viewmat, infos[j].viewmat,
-            ec.top_k,
+            by_set, d0, d1, _K(split, i, infos), _K(split, j, infos), infos[i].viewmat,
+            infos[j].viewmat, ec.top_k,
         )  # fmt: skip
         for s in sets:
             errors[s].append(found[s])
     pair_groups = [infos[i].group for i, _, _ in pairs]
     out = {}
     for s in sets:
-        rec = recall_by_group(errors[s], rots, pair_groups)
+        if navi:
+            err3d, err2d = [e[0] for e in errors[s]], [e[1] for e in errors[s]]
+            rec = navi_recall_by_group(err3d, err2d, rots, pair_groups)
+        else:
+            rec = recall_by_group(errors[s], rots, pair_groups)
         out[s] = {f"eval/corr/{k}": summarize([v]) for k, v in rec.items()}
         print(f"  corr        {s:11s} ({len(pairs)} pairs): " + short(out[s]), flush=True)
     return out

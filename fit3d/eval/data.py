@@ -4,11 +4,15 @@ a `ViewStore` so probes stream labels instead of holding them.
 
 One code path for every dataset: `eval.dataset` empty means the scene set of `scenes` (`demo` or
 `scannetpp`, opened with the scene options: root, resolution, split files, `eval.max_views` per
-scene); any other name is opened at `eval.dataset_root`. Ground truth is stored as the probes use
-it: segmentation uint8 (255 = ignore), depth float32 metres with pixels outside the protocol's
-range (min_depth, max_depth) set to 0, normals float16 (0 = invalid), each with the set's
-`eval_mask` applied (pixels outside it count nowhere). A split whose depth or normals hold NaN or
-infinite values loses that task, with one line naming the first such view; the other tasks run.
+scene); any other name is opened at `eval.dataset_root` (with the `eval.nyu_*` options of the NYU
+readers). Ground truth is stored as the probes use it: segmentation uint8 (255 = ignore), depth
+float32 metres with pixels outside the protocol's range (min_depth, gt_max_depth or max_depth) set
+to 0, normals float32 [H, W, 4]: xyz (0 = none) and whether the pixel counts (channel 3; by
+`eval.normals_valid`: depth > 0 as Probe3D, or a non-zero normal). The set's `eval_mask` (pixels
+outside it count nowhere) applies to its `mask_tasks`; a test-time crop (`mask_is_crop`: Eigen's,
+Garg's) applies to the test split only unless `eval.crop_train_labels`, as the originals train
+on every labelled pixel. A split whose depth or normals hold NaN or infinite values loses that
+task, with one line naming the first such view; the other tasks run.
 """
 
 from __future__ import annotations
@@ -35,9 +39,11 @@ DEFAULT_TEST_SPLIT = {
     "nyu_normals": "test",
 }
 """Datasets scored on `test` (no val split, or the papers score there); others use `val`."""
+DEFAULT_TRAIN_SPLIT = {"nyu_normals": "trainval", "navi": "trainval"}
+"""Datasets whose probes train on another split than `train` (Probe3D trains on `trainval`)."""
 NO_TRAIN_SPLIT = ("scannet1500",)
 """Datasets without a train split (correspondence only)."""
-LABELS_VERSION = 1
+LABELS_VERSION = 2
 """Bumped when the stored ground-truth encoding changes (invalidates label stores)."""
 
 
@@ -99,7 +105,17 @@ def _open(cfg: Config, split: str) -> EvalSet:
             f"eval.dataset={name} needs eval.dataset_root=PATH (its official layout: "
             f"`fit3d.datasets.{DATASETS[name][0]}` and the README's Datasets section)"
         )
-    return open_dataset(name, Path(cfg.eval.dataset_root).expanduser(), split)
+    root = Path(cfg.eval.dataset_root).expanduser()
+    return open_dataset(name, root, split, **dataset_options(cfg, name))
+
+
+def dataset_options(cfg: Config, name: str) -> dict:
+    """Reader options the config sets for dataset `name` (`eval.nyu_depth`,
+    `eval.nyu_center_crop`)."""
+    return {
+        "nyuv2": {"depth": cfg.eval.nyu_depth},
+        "nyu_normals": {"center_crop": cfg.eval.nyu_center_crop},
+    }.get(name, {})
 
 
 def open_splits(cfg: Config) -> tuple[Split | None, Split | None, Split]:
@@ -108,7 +124,8 @@ def open_splits(cfg: Config) -> tuple[Split | None, Split | None, Split]:
     Every root and split file is validated here, before any long work."""
     name = dataset_name(cfg)
     test_split = cfg.eval.test_split or DEFAULT_TEST_SPLIT.get(name, "val")
-    train_split = cfg.eval.train_split or ("" if name in NO_TRAIN_SPLIT else "train")
+    default_train = "" if name in NO_TRAIN_SPLIT else DEFAULT_TRAIN_SPLIT.get(name, "train")
+    train_split = cfg.eval.train_split or default_train
     val_split = cfg.eval.val_split if train_split else ""
     per_scene = name in SCENE_SETS  # the scene reader already keeps max_views per scene
     out: list[Split | None] = []
@@ -128,8 +145,21 @@ def open_splits(cfg: Config) -> tuple[Split | None, Split | None, Split]:
 
 
 def depth_range(cfg: Config, ds: EvalSet) -> tuple[float, float]:
-    """(min_depth, max_depth) in metres: `eval.max_depth`, else the dataset's, else 10."""
+    """(min_depth, max_depth) in metres of the depth bins: `eval.max_depth`, else the dataset's,
+    else 10."""
     return float(ds.min_depth), float(cfg.eval.max_depth or ds.max_depth or 10.0)
+
+
+def gt_depth_range(cfg: Config, ds: EvalSet) -> tuple[float, float]:
+    """(lo, hi): ground-truth depth counts where lo < depth < hi (metres): `eval.max_depth`,
+    else the dataset's `gt_max_depth`, else the bins' range (`depth_range`)."""
+    lo, hi = depth_range(cfg, ds)
+    return lo, float(cfg.eval.max_depth or ds.gt_max_depth or hi)
+
+
+def image_norm(cfg: Config, ds: EvalSet) -> str:
+    """Input normalisation of the evaluated images (`eval.image_norm`; `auto` = the dataset's)."""
+    return ds.image_norm if cfg.eval.image_norm == "auto" else cfg.eval.image_norm
 
 
 def _label_spec(tasks: set[str]) -> dict:
@@ -139,8 +169,18 @@ def _label_spec(tasks: set[str]) -> dict:
     if "depth" in tasks:
         spec["depth"] = ("float32", ("h", "w"))
     if "normals" in tasks:
-        spec["normals"] = ("float16", ("h", "w", 3))
+        spec["normals"] = ("float32", ("h", "w", 4))
     return spec
+
+
+def normals_label(normals: torch.Tensor, depth: torch.Tensor | None, valid_by: str) -> torch.Tensor:
+    """Stored normals [H, W, 4]: xyz [H, W, 3] (0 = none) and 1 where the pixel counts: depth > 0
+    (`valid_by="depth"`, Probe3D, if the set has depth) or a non-zero normal (`"normal"`)."""
+    if valid_by == "depth" and depth is not None:
+        counts = depth > 0
+    else:
+        counts = normals.square().sum(-1) > 0.25
+    return torch.cat([normals, counts[..., None].to(normals.dtype)], -1)
 
 
 def store_labels(
@@ -154,7 +194,11 @@ def store_labels(
     ds = split.ds
     tasks = set(ds.tasks) & {"seg", "depth", "normals"}
     notes.extend(getattr(ds, "notes", []))
-    lo, hi = depth_range(cfg, ds)
+    lo, hi = gt_depth_range(cfg, ds)
+    crop = split.role == "test" or cfg.eval.crop_train_labels or not ds.mask_is_crop
+    mask_tasks = ds.mask_tasks if crop else frozenset()
+    options = f"resolution={cfg.scenes.resolution}" if ds.name in SCENE_SETS else ""
+    options += "".join(f" {k}={v}" for k, v in dataset_options(cfg, ds.name).items())
     identity = {
         "labels_version": LABELS_VERSION,
         "dataset": ds.name,
@@ -162,7 +206,9 @@ def store_labels(
         "split": ds.split,
         "keys_sha256": keys_digest(split.keys),
         "depth_range": [lo, hi],
-        "options": f"resolution={cfg.scenes.resolution}" if ds.name in SCENE_SETS else "",
+        "mask_tasks": sorted(mask_tasks),
+        "normals_valid": cfg.eval.normals_valid,
+        "options": options,
     }
     spec = _label_spec(tasks)
     if not spec:
@@ -178,30 +224,32 @@ def store_labels(
         for n in idx:
             s = ds[split.views[n]]
             rec = {}
-            mask = s.eval_mask
+            masks = {t: s.eval_mask if t in mask_tasks else None for t in spec}
             if "seg" in spec:
-                seg = s.seg.clone()
+                seg, mask = s.seg.clone(), masks["seg"]
                 if mask is not None:
                     seg[~mask] = 255
                 rec["seg"] = seg.clamp(0, 255).to(torch.uint8)
-            if "depth" in spec:
+            depth = None
+            if s.depth is not None and ("depth" in spec or "normals" in spec):
                 d = s.depth.float()
                 finite = torch.isfinite(d)
-                if not finite.all() and "depth" not in bad:
+                if not finite.all() and "depth" not in bad and "depth" in spec:
                     bad["depth"] = f"{s.key}: {int((~finite).sum())} NaN/inf depth pixels"
-                d = torch.where(finite & (d > lo) & (d < hi), d, torch.zeros_like(d))
-                if mask is not None:
-                    d = d * mask
-                rec["depth"] = d
+                depth = torch.where(finite & (d > lo) & (d < hi), d, torch.zeros_like(d))
+            if "depth" in spec:
+                mask = masks["depth"]
+                rec["depth"] = depth if mask is None else depth * mask
             if "normals" in spec:
                 nm = s.normals.float()
                 finite = torch.isfinite(nm).all(-1)
                 if not finite.all() and "normals" not in bad:
                     bad["normals"] = f"{s.key}: {int((~finite).sum())} NaN/inf normal pixels"
                 nm = torch.where(finite[..., None], nm, torch.zeros_like(nm))
-                if mask is not None:
-                    nm = nm * mask[..., None]
-                rec["normals"] = nm.half()
+                nm = normals_label(nm, depth, cfg.eval.normals_valid)
+                if masks["normals"] is not None:
+                    nm = nm * masks["normals"][..., None]
+                rec["normals"] = nm
             recs.append(rec)
         _write_bad(folder, bad)
         return recs

@@ -7,10 +7,20 @@ Per view the store keeps, from one pass of the backbone (`Backbone.features`, th
 - `block<k>`: raw outputs of the blocks the probes read (no final norm): the last block (depth
   and normals linear probes), the four quarter blocks (`Backbone.quarter_blocks`, DPT heads) and
   `eval.corr_block` (correspondence; docs/method.md "Evaluation: 3D-awareness probes (Probe3D)"),
-- `cls`: CLS token of the last block before the final norm (mean patch token without one).
-A store is reused only when its model, weights sha256, extraction precision, maps, dataset split,
-view keys and image options all match; random-init backbones (no sha256) are never reused.
-Feature sets are channel concatenations of the per-backbone maps (`FEATURE_SETS`).
+- `cls`: CLS token of the last block before the final norm (mean patch token without one),
+- `cls_block<k>` (with `MapPlan.block_cls`): the raw CLS token of each stored block (Probe3D's
+  `dense-cls` DPT input).
+How an image meets the patch grid (`MapPlan.fit`, `eval.fit`): `pad` normalises it, then
+centre-pads it with zeros up to a multiple of the patch size, as FiT3D's and Probe3D's evaluation
+code do (a 512 crop gives 37x37 tokens at patch 14; the head's output is then resized to the
+unpadded label size, padding included, as theirs is); `resize` resizes it down
+(`Backbone.preprocess`, 36x36), as stage 1's teacher and stage 2 do. The two agree where the image
+is a multiple of the patch size. The normalisation (`MapPlan.norm`) is ImageNet's, or mean = std
+= 0.5 (`half`, Probe3D's ScanNet pairs).
+A store is reused only when its model, weights sha256, extraction precision, maps, fit,
+normalisation, dataset split, view keys and image options all match; random-init backbones (no
+sha256) are never reused. Feature sets are channel concatenations of the per-backbone maps
+(`FEATURE_SETS`).
 """
 
 from __future__ import annotations
@@ -21,11 +31,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
 from fit3d.eval.cache import ViewStore, keys_digest
 from fit3d.runs import autocast
+
+FITS = ("pad", "resize")
+"""How an image meets the patch grid (module docstring)."""
+NORMS = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "half": ((0.5,) * 3, (0.5,) * 3),
+}
+"""Input normalisation name -> (mean, std)."""
 
 FEATURE_SETS: dict[str, tuple[str, ...]] = {
     "original": ("original",),
@@ -38,25 +57,58 @@ FEATURE_SETS: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class MapPlan:
-    """Which dense maps to keep per view: `final` and raw `blocks` (0-based, sorted)."""
+    """Which dense maps to keep per view: `final` and raw `blocks` (0-based, sorted), each
+    block's CLS token (`block_cls`), and how images are fitted and normalised (module docstring)."""
 
     final: bool
     blocks: tuple[int, ...]
+    block_cls: bool = False
+    fit: str = "resize"
+    norm: str = "imagenet"
 
     @property
     def names(self) -> list[str]:
         return (["final"] if self.final else []) + [f"block{b}" for b in self.blocks]
 
+    @property
+    def cls_names(self) -> list[str]:
+        return [f"cls_block{b}" for b in self.blocks] if self.block_cls else []
+
+
+def fit_to_patch(backbone, images: Tensor, fit: str = "resize", norm: str = "imagenet") -> Tensor:
+    """images [B, 3, H, W] in [0, 1] -> the backbone's normalised input: resized down
+    (`Backbone.preprocess`, ImageNet normalisation only) or normalised and centre-padded with
+    zeros up to multiples of the patch size (the extra row / column, if odd, at the bottom /
+    right)."""
+    mean, std = (torch.tensor(v, device=images.device).view(1, 3, 1, 1) for v in NORMS[norm])
+    if fit == "resize":
+        if norm == "imagenet":
+            return backbone.preprocess(images)
+        x = backbone.preprocess(images)  # resized and ImageNet-normalised: renormalise
+        imnet_mean, imnet_std = (
+            torch.tensor(v, device=images.device).view(1, 3, 1, 1) for v in NORMS["imagenet"]
+        )
+        return (x * imnet_std + imnet_mean - mean) / std
+    p = backbone.patch_size
+    h, w = images.shape[-2:]
+    backbone.token_grid(h, w)  # a one-line error for an image smaller than a patch
+    ph, pw = (-h) % p, (-w) % p
+    return F.pad((images - mean) / std, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+
 
 @torch.no_grad()
 def extract(backbone, images: Tensor, plan: MapPlan, precision: str = "fp32") -> dict[str, Tensor]:
     """images [B, H, W, 3] in [0, 1] (on the backbone's device) -> {"maps": [B, M, C, h, w]
-    float32 in `plan.names` order, "cls": [B, C]}."""
-    x = backbone.preprocess(images.permute(0, 3, 1, 2))
+    float32 in `plan.names` order, "cls": [B, C], and with `plan.block_cls` "block_cls":
+    [B, len(blocks), C]}."""
+    x = fit_to_patch(backbone, images.permute(0, 3, 1, 2), plan.fit, plan.norm)
     with autocast(images.device, precision):
         out = backbone.features(x, blocks=plan.blocks, final=plan.final, cls=True)
     maps = ([out.final] if plan.final else []) + list(out.blocks)
-    return {"maps": torch.stack([m.float() for m in maps], 1), "cls": out.cls.float()}
+    got = {"maps": torch.stack([m.float() for m in maps], 1), "cls": out.cls.float()}
+    if plan.block_cls:
+        got["block_cls"] = torch.stack([c.float() for c in out.block_cls], 1)
+    return got
 
 
 def feature_store(
@@ -76,7 +128,9 @@ def feature_store(
         "model": backbone.timm_name,
         "weights_sha256": sha or "random-init",
         "precision": precision,
-        "maps": plan.names,
+        "maps": plan.names + plan.cls_names,
+        "fit": plan.fit,
+        "norm": plan.norm,
         "dataset": split.ds.name,
         "split": split.ds.split,
         "keys_sha256": keys_digest(split.keys),
@@ -84,6 +138,7 @@ def feature_store(
     }
     spec = {name: ("float16", (backbone.embed_dim, "h", "w")) for name in plan.names}
     spec["cls"] = ("float16", (backbone.embed_dim,))  # each map apart: a probe reads only its own
+    spec |= {name: ("float16", (backbone.embed_dim,)) for name in plan.cls_names}
     store = ViewStore(folder, spec, identity, len(split))
     if store.note:
         notes.append(store.note)
@@ -143,9 +198,12 @@ def fill_features(
                 images = torch.stack([items[k][1] for k in ks]).to(device)
                 out = extract(backbone, images, plan, precision)
                 maps, cls = out["maps"].half().cpu(), out["cls"].half().cpu()
+                block_cls = out["block_cls"].half().cpu() if plan.block_cls else None
                 for j, k in enumerate(ks):
                     recs[k] = {name: maps[j, m] for m, name in enumerate(plan.names)}
                     recs[k]["cls"] = cls[j]
+                    for m, name in enumerate(plan.cls_names):
+                        recs[k][name] = block_cls[j, m]
             store.append(recs)
             bar.update(len(items))
 
@@ -168,9 +226,13 @@ class SplitFeatures:
             read[p] = self.stores[p].read(n, (name,))[name]
         return torch.cat([read[p] for p in parts], 0)
 
-    def cls(self, n: int, role: str = "original") -> Tensor:
-        """CLS token [C] of view n from backbone `role`."""
-        return self.stores[role].read(n, ("cls",))["cls"]
+    def cls(self, n: int, role: str = "original", name: str = "cls") -> Tensor:
+        """CLS token [C] of view n from backbone `role` (`cls_block<k>`: that block's)."""
+        return self.stores[role].read(n, (name,))[name]
+
+    def block_cls(self, n: int, parts: Sequence[str], block: int) -> Tensor:
+        """Channel concat [sum C] of block `block`'s CLS tokens of the backbones `parts`."""
+        return torch.cat([self.cls(n, p, f"cls_block{block}") for p in parts], 0)
 
 
 def probe_input(
@@ -181,7 +243,8 @@ def probe_input(
     - `depth`: raw last block ++ the original model's CLS broadcast over the grid [C' + C, h, w]
       (FiT3D's linear depth input),
     - `normals`: raw last block [C', h, w],
-    - `dpt`: the four quarter blocks, raw, [C', h, w] each."""
+    - `dpt`: the four quarter blocks, raw, [C', h, w] each, each followed by its CLS tokens
+      broadcast over the grid [2C', h, w] where the plan stores them (Probe3D's `dense-cls`)."""
     last = f"block{max(feats.plan.blocks)}"
     if kind == "seg":
         return feats.maps(n, parts, "final")
@@ -192,5 +255,12 @@ def probe_input(
         cls = feats.cls(n)[:, None, None].expand(-1, *raw.shape[1:])
         return torch.cat([raw, cls], 0)
     if kind == "dpt":
-        return [feats.maps(n, parts, f"block{b}") for b in quarter]
+        out = []
+        for b in quarter:
+            m = feats.maps(n, parts, f"block{b}")
+            if feats.plan.block_cls:
+                cls = feats.block_cls(n, parts, b)[:, None, None].expand(-1, *m.shape[1:])
+                m = torch.cat([m, cls], 0)
+            out.append(m)
+        return out
     raise ValueError(f"unknown probe input {kind!r}")

@@ -23,10 +23,12 @@ from torch import Tensor
 from fit3d.config import Config
 from fit3d.eval import data as D
 from fit3d.eval import paper as P
-from fit3d.eval.features import FEATURE_SETS, SplitFeatures, probe_input
+from fit3d.eval.features import FEATURE_SETS, MapPlan, SplitFeatures, probe_input
 from fit3d.eval.metrics import (
+    ALIGNED_KEYS,
     DEPTH_KEYS,
     NORMAL_KEYS,
+    aligned_depth_per_image,
     confusion_matrix,
     depth_per_image,
     mean_metrics,
@@ -74,6 +76,8 @@ class Context:
     num_classes: int = 0
     min_depth: float = 1e-3
     max_depth: float = 10.0
+    plan: MapPlan | None = None
+    """Maps, image fit and normalisation of every feature pass (cached or live)."""
 
     @property
     def amp(self):
@@ -167,10 +171,13 @@ def score(
     positions: list[int],
     num_classes: int,
     batch: int = 8,
+    empty: str = "skip",
+    aligned: bool = False,
 ) -> dict[str, float]:
     """Metrics of `predict` over the positions. With 2..PER_GROUP_MAX test groups, the metrics
     of `PER_GROUP[task]` are also given per group as `<metric>@<group>` (that group's views
-    only)."""
+    only). `empty`: what a view without valid ground truth adds (`fit3d.eval.metrics`);
+    `aligned`: depth also gets Probe3D's scale-and-shift-aligned metrics."""
     groups = [split.groups[n] for n in positions]
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
     conf_g = {g: torch.zeros_like(conf) for g in groups}
@@ -190,13 +197,17 @@ def score(
                     conf_g[g] += c
                 else:
                     per_view = depth_per_image if task == "depth" else normal_per_image
-                    per_image[g] += per_view(pred[b : b + 1], y[b : b + 1].float())
+                    got = per_view(pred[b : b + 1], y[b : b + 1].float(), empty=empty)
+                    if aligned and got:
+                        got[0] |= aligned_depth_per_image(pred[b : b + 1], y[b : b + 1].float())[0]
+                    per_image[g] += got
             k += len(pred)
     if task == "seg":
         group_metrics = {g: seg_metrics(c) for g, c in conf_g.items()}
         out = seg_metrics(conf)
     else:
         keys = DEPTH_KEYS if task == "depth" else NORMAL_KEYS
+        keys = keys + ALIGNED_KEYS if aligned else keys
         group_metrics = {g: mean_metrics(v, keys) for g, v in per_image.items()}
         out = mean_metrics([d for v in per_image.values() for d in v], keys)
     if group_keys(groups):
@@ -211,7 +222,7 @@ def _new_head(task: str, head: str, ctx: Context, x_example) -> torch.nn.Module:
     ec = ctx.cfg.eval
     if head == "dpt":
         chans = [t.shape[0] for t in x_example]
-        return DPTHead(chans, task, ec.dpt_hidden, ctx.max_depth, ctx.min_depth)
+        return DPTHead(chans, task, ec.dpt_hidden, ctx.max_depth, ctx.min_depth, code=ec.probe3d)
     c = x_example.shape[0]
     if task == "seg":
         return SegHead(c, ctx.num_classes)
@@ -245,8 +256,8 @@ def fit_cached(
         ctx.quarter,
     )  # fmt: skip
     return train_head(
-        module, batches, steps, lr, schedule, loss_fn(task, head), ctx.device, wd, stride,
-        amp=ctx.amp, desc=f"{task} {head} lr {lr:g} seed {seed}",
+        module, batches, steps, lr, schedule, loss_fn(task, head, probe3d=ec.probe3d), ctx.device,
+        wd, stride, amp=ctx.amp, desc=f"{task} {head} lr {lr:g} seed {seed}",
     )  # fmt: skip
 
 
@@ -264,7 +275,8 @@ def score_cached(
                 out = module(x if isinstance(x, list) else x.float(), tuple(y.shape[1:3]))
             yield out, y
 
-    return score(task, predict, split, positions, ctx.num_classes)
+    empty, aligned = P.empty_rule(ctx.cfg.eval, task, head), task == "depth" and head == "dpt"
+    return score(task, predict, split, positions, ctx.num_classes, empty=empty, aligned=aligned)
 
 
 # --- FiT3D's paper protocol -----------------------------------------------------------------
@@ -288,19 +300,48 @@ def fit_paper(task: str, parts, ctx: Context, seed: int) -> torch.nn.Module:
         schedule, lr, wd, clip = mmcv_cosine(iters, warm), 1e-4, 0.01, 35.0
         beta1 = one_cycle_beta1(iters)
     crop = tuple(ec.depth_crop) or P.DEPTH_CROP.get(split.ds.name, (416, 544))
-    views = P.AugmentedViews(split, task, seed, ec.seg_crop, ec.seg_scale, crop)
+    views = P.AugmentedViews(
+        split, task, seed, ec.seg_crop, ec.seg_scale, crop, gamma_on_255=not ec.fixes
+    )
     torch.manual_seed(seed)
     first = views[0][0][None].to(ctx.device)
-    example = P.live_features(ctx.backbones, parts, first, task, ec.precision)[0]
+    example = P.live_features(ctx.backbones, parts, first, task, ec.precision, ctx.plan)[0]
     module = _new_head(task, "linear", ctx, example)
     batches = P.augmented_batches(
         views, ctx.backbones, parts, batch, ec.micro_batch or batch, ctx.device, ec.precision,
-        ec.num_workers,
+        ec.num_workers, plan=ctx.plan,
     )  # fmt: skip
     warmup = P.scaled_iters(ec.sigloss_warmup, batch) if ec.sigloss_warmup else 0
+    loss = loss_fn(task, "linear", warmup, as_published=not ec.fixes, gpu_batch=ec.paper_gpu_batch)
     return train_head(
-        module, batches, iters, lr, schedule, loss_fn(task, "linear", warmup), ctx.device, wd,
+        module, batches, iters, lr, schedule, loss, ctx.device, wd,
         1, clip, beta1, ctx.amp, desc=f"{task} paper seed {seed}",
+    )  # fmt: skip
+
+
+def fit_probe3d_live(task: str, head: str, parts, ctx: Context, seed: int) -> torch.nn.Module:
+    """A Probe3D probe (normals, or a DPT head) trained as Probe3D trains it: on augmented images
+    (`fit3d.eval.paper`, Probe3D augmentation) with features recomputed, its schedule."""
+    ec = ctx.cfg.eval
+    split = ctx.train
+    kind = _input_kind(task, head)
+    steps = ec.dpt_epochs * D.steps_per_epoch(len(split), ec.batch_size)
+    views = P.AugmentedViews(split, task, seed, ec.seg_crop, ec.seg_scale, (), probe3d=True)
+    torch.manual_seed(seed)
+    first = views[0][0][None].to(ctx.device)
+    example = P.live_features(
+        ctx.backbones, parts, first, kind, ec.precision, ctx.plan, ctx.quarter
+    )  # fmt: skip
+    example = [t[0] for t in example] if isinstance(example, list) else example[0]
+    module = _new_head(task, head, ctx, example)
+    batches = P.augmented_batches(
+        views, ctx.backbones, parts, ec.batch_size, ec.micro_batch or ec.batch_size, ctx.device,
+        ec.precision, ec.num_workers, kind, ctx.plan, ctx.quarter,
+    )  # fmt: skip
+    return train_head(
+        module, batches, steps, ec.dpt_lr, probe3d_schedule(steps, 0.15 * steps),
+        loss_fn(task, head, probe3d=ec.probe3d), ctx.device, 0.01, 1, amp=ctx.amp,
+        desc=f"{task} {head} probe3d seed {seed}",
     )  # fmt: skip
 
 
@@ -317,15 +358,16 @@ def score_paper(task: str, parts, module, ctx: Context) -> dict[str, float]:
             if task == "seg":
                 img = P.seg_test_image(image, tuple(ec.seg_scale))
                 logits = P.slide_logits(
-                    module, ctx.backbones, parts, img, ec.seg_crop, P.SEG_STRIDE, ec.precision
-                )
+                    module, ctx.backbones, parts, img, ec.seg_crop, P.SEG_STRIDE, ec.precision,
+                    ctx.plan,
+                )  # fmt: skip
                 logits = torch.nn.functional.interpolate(
                     logits[None], size=tuple(y.shape), mode="bilinear", align_corners=False
                 )
                 yield logits, y[None]
             else:
                 pred = P.flip_depth(module, ctx.backbones, parts, image, tuple(y.shape),
-                                    ec.precision)  # fmt: skip
+                                    ec.precision, ctx.plan)  # fmt: skip
                 yield pred[None], y[None]
 
     return score(task, predict, split, list(range(len(split))), ctx.num_classes, 1)
@@ -397,6 +439,9 @@ def run_task(task: str, head: str, sets: list[str], ctx: Context) -> tuple[dict,
             if paper_linear:
                 module = fit_paper(task, parts, ctx, seed)
                 m = score_paper(task, parts, module, ctx)
+            elif probe3d and ec.protocol == "paper" and ec.probe3d_augment:
+                module = fit_probe3d_live(task, head, parts, ctx, seed)
+                m = score_cached(task, head, parts, module, ctx, "test", test_pos)
             else:
                 module = swept.get(lrs[s]) if seed == ec.seeds[0] else None
                 if module is None:

@@ -18,13 +18,25 @@ Segmentation (mmseg pipeline semantics, written here in torch/OpenCV):
 Depth (DINOv2 depth toolbox semantics):
   train: rotate by U(-2.5, 2.5) degrees (p 0.5; image bilinear, depth nearest, 0 outside), flip
   (p 0.5), random crop (416 x 544; KITTI 352 x 704), colour augmentation (p 0.5: gamma 0.9-1.1,
-  brightness 0.75-1.25, per-channel colour 0.9-1.1, on [0, 1] images as AdaBins defines it). No
-  BatchNorm; AdamW lr 1e-4, wd 0.01, gradient clip 35, mmcv cosine annealing with a
-  12,800-iteration linear warm-up (ratio 1e-3), OneCycle beta1; SigLoss warm-up 100 iterations;
-  38.4k iterations.
+  brightness 0.75-1.25 (KITTI 0.9-1.1), per-channel colour 0.9-1.1). FiT3D's ColorAug raises the
+  0-255 values to the gamma (255^1.1 = 444 before the clip at 255: much stronger than AdaBins'
+  gamma on [0, 1]); that is the default, `eval.fixes=true` applies it on [0, 1]. No BatchNorm;
+  AdamW lr 1e-4, wd 0.01, gradient clip 35, mmcv cosine annealing with a 12,800-iteration linear
+  warm-up (ratio 1e-3), OneCycle beta1; SigLoss warm-up 100 iterations; 38.4k iterations.
   test: the whole image and its mirror image, predictions averaged (flip test-time augmentation).
-Both probes read the backbone at the dataset's evaluation resolution; the backbone resizes its
-input to a multiple of the patch size (`fit3d.backbones`).
+Both probes read the backbone at the dataset's evaluation resolution, centre-padded up to a
+multiple of the patch size (`eval.fit`, `fit3d.eval.features`).
+
+Probe3D's probes (normals, DPT heads; `eval.probe3d_augment`) train on augmented images with
+features recomputed: colour jitter (p 0.8: brightness, contrast, saturation 0.8-1.2, hue +-0.2,
+in a random order, torchvision's ColorJitter(0.2, 0.2, 0.2, 0.2)), then (p 0.5) a random square
+crop of 0.5-1 of the area resized back with nearest neighbours (albumentations'
+RandomResizedCrop, ratio 1), applied to image, depth and normals alike (Probe3D's NYU). On NAVI
+Probe3D's transform list puts the jitter after the normalisation (so torchvision clamps the
+normalised values to [0, 1]) and has no crop; that is reproduced too.
+
+`as_published` / `fixes_applied` list, for the report, which of the originals' quirks a run
+reproduced and which fixes it applied.
 """
 
 from __future__ import annotations
@@ -39,8 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fit3d.backbones import IMAGENET_MEAN
-from fit3d.eval.features import MapPlan, extract
-from fit3d.runs import autocast
+from fit3d.eval.features import NORMS, MapPlan, extract
 
 PAPER_BATCH = 16
 """FiT3D's global batch (2 images x 8 GPUs); iteration counts are given at this batch."""
@@ -131,10 +142,16 @@ def seg_augment(
 
 # --- depth augmentation --------------------------------------------------------------------
 def depth_augment(
-    image: Tensor, depth: Tensor, rng: np.random.Generator, crop: tuple[int, int]
+    image: Tensor,
+    depth: Tensor,
+    rng: np.random.Generator,
+    crop: tuple[int, int],
+    brightness: tuple[float, float] = (0.75, 1.25),
+    gamma_on_255: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """FiT3D's depth train pipeline (module docstring): image [H, W, 3] in [0, 1], depth [H, W]
-    -> (image [h, w, 3], depth [h, w]) with (h, w) = crop (or the image, if smaller)."""
+    -> (image [h, w, 3], depth [h, w]) with (h, w) = crop (or the image, if smaller).
+    `gamma_on_255`: the colour augmentation's gamma acts on 0-255 values, as FiT3D's ColorAug."""
     img, dep = image.numpy().astype(np.float32), depth.numpy().astype(np.float32)
     if rng.random() < 0.5:
         angle = rng.uniform(-2.5, 2.5)
@@ -149,60 +166,165 @@ def depth_augment(
     x = int(rng.integers(0, dep.shape[1] - cw + 1))
     img, dep = img[y : y + ch, x : x + cw], dep[y : y + ch, x : x + cw]
     if rng.random() < 0.5:
-        img = np.clip(img, 0, 1) ** rng.uniform(0.9, 1.1)
-        img = img * rng.uniform(0.75, 1.25) * rng.uniform(0.9, 1.1, size=3).astype(np.float32)
-        img = np.clip(img, 0, 1)
+        scale = 255.0 if gamma_on_255 else 1.0
+        img = (np.clip(img, 0, 1) * scale) ** rng.uniform(0.9, 1.1)
+        img = img * rng.uniform(*brightness) * rng.uniform(0.9, 1.1, size=3).astype(np.float32)
+        img = np.clip(img, 0, scale) / scale
     return torch.from_numpy(np.ascontiguousarray(img, np.float32)), torch.from_numpy(
         np.ascontiguousarray(dep)
     )
 
 
+# --- Probe3D augmentation ------------------------------------------------------------------
+def color_jitter(image: Tensor, rng: np.random.Generator, amount: float = 0.2) -> Tensor:
+    """torchvision's ColorJitter(amount x 4) on image [3, H, W]: brightness, contrast and
+    saturation factors U(1 - amount, 1 + amount), hue shift U(-amount, amount), in a random order
+    (torchvision's functional ops, so float images are clamped to [0, 1] after each)."""
+    import torchvision.transforms.functional as TF
+
+    ops = {
+        0: lambda x, f: TF.adjust_brightness(x, f),
+        1: lambda x, f: TF.adjust_contrast(x, f),
+        2: lambda x, f: TF.adjust_saturation(x, f),
+        3: lambda x, f: TF.adjust_hue(x, f),
+    }
+    factors = [rng.uniform(1 - amount, 1 + amount) for _ in range(3)]
+    factors.append(rng.uniform(-amount, amount))
+    for k in rng.permutation(4):
+        image = ops[int(k)](image, float(factors[k]))
+    return image
+
+
+def resized_crop_box(h: int, w: int, rng: np.random.Generator, scale=(0.5, 1.0)):
+    """(top, left, height, width) of albumentations' RandomResizedCrop at ratio 1: a square of
+    U(scale) of the area at a uniform integer position (up to 10 draws, else the centre)."""
+    for _ in range(10):
+        side = int(round(math.sqrt(rng.uniform(*scale) * h * w)))
+        if 0 < side <= h and 0 < side <= w:
+            return (
+                int(rng.integers(0, h - side + 1)),
+                int(rng.integers(0, w - side + 1)),
+                side,
+                side,
+            )
+    side = min(h, w)
+    return (h - side) // 2, (w - side) // 2, side, side
+
+
+def probe3d_augment(
+    image: Tensor,
+    labels: dict[str, Tensor],
+    rng: np.random.Generator,
+    jitter_after_norm: str = "",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Probe3D's training augmentation (module docstring) of image [H, W, 3] in [0, 1] and its
+    labels ([H, W] or [H, W, c] each, at the image size). `jitter_after_norm` names the
+    normalisation (`NORMS`) the jitter acts after (NAVI's transform order; no crop then);
+    the returned image is in [0, 1] space either way (normalising it gives Probe3D's input)."""
+    x = image.permute(2, 0, 1).float()  # [3, H, W]
+    jitter = rng.random() < 0.8
+    if jitter_after_norm:
+        mean, std = (torch.tensor(v).view(3, 1, 1) for v in NORMS[jitter_after_norm])
+        if jitter:
+            x = color_jitter((x - mean) / std, rng) * std + mean
+        return x.permute(1, 2, 0), labels
+    if jitter:
+        x = color_jitter(x, rng)
+    if rng.random() < 0.5:
+        h, w = x.shape[1:]
+        top, left, ch, cw = resized_crop_box(h, w, rng)
+
+        def crop(a: np.ndarray) -> np.ndarray:
+            a = np.ascontiguousarray(a[top : top + ch, left : left + cw])
+            return cv2.resize(a, (w, h), interpolation=cv2.INTER_NEAREST)
+
+        x = torch.from_numpy(crop(x.permute(1, 2, 0).numpy())).permute(2, 0, 1)
+        labels = {k: torch.from_numpy(crop(v.numpy())).reshape(h, w, *v.shape[2:])
+                  for k, v in labels.items()}  # fmt: skip
+    return x.permute(1, 2, 0).contiguous(), labels
+
+
 # --- features on the fly -------------------------------------------------------------------
 def live_features(
-    backbones: dict, parts: Sequence[str], images: Tensor, kind: str, precision: str
-) -> Tensor:
+    backbones: dict,
+    parts: Sequence[str],
+    images: Tensor,
+    kind: str,
+    precision: str,
+    plan: MapPlan | None = None,
+    quarter: Sequence[int] = (),
+) -> Tensor | list[Tensor]:
     """Probe input of a batch of images [B, H, W, 3] (on the backbones' device), recomputed:
     `seg` -> final-norm last block of `parts` concatenated [B, C', h, w]; `depth` -> raw last
-    block of `parts` ++ the original model's CLS token broadcast [B, C' + C, h, w]."""
+    block of `parts` ++ the original model's CLS token broadcast [B, C' + C, h, w]; `normals` ->
+    raw last block [B, C', h, w]; `dpt` -> the `quarter` blocks, raw, each ++ its CLS tokens where
+    `plan.block_cls` ([B, 2C', h, w] each). `plan` gives the fit and normalisation (its blocks
+    are replaced by the ones `kind` reads)."""
+    from dataclasses import replace
+
+    base = plan or MapPlan(final=False, blocks=())
     feats: dict[str, dict[str, Tensor]] = {}
-    for role in dict.fromkeys(parts):
+    for role in dict.fromkeys([*parts, "original"] if kind == "depth" else parts):
         bb = backbones[role]
         last = bb.num_blocks - 1
-        plan = MapPlan(final=kind == "seg", blocks=() if kind == "seg" else (last,))
-        feats[role] = extract(bb, images, plan, precision)
+        blocks = tuple(quarter) if kind == "dpt" else (() if kind == "seg" else (last,))
+        block_cls = kind == "dpt" and base.block_cls
+        role_plan = replace(base, final=kind == "seg", blocks=blocks, block_cls=block_cls)
+        feats[role] = extract(bb, images, role_plan, precision)
+    if kind == "dpt":
+        out = []
+        for k in range(len(quarter)):
+            m = torch.cat([feats[p]["maps"][:, k] for p in parts], 1)
+            if base.block_cls:
+                cls = torch.cat([feats[p]["block_cls"][:, k] for p in parts], 1)
+                m = torch.cat([m, cls[:, :, None, None].expand(-1, -1, *m.shape[2:])], 1)
+            out.append(m)
+        return out
     maps = torch.cat([feats[p]["maps"][:, 0] for p in parts], 1)
-    if kind == "seg":
+    if kind in ("seg", "normals"):
         return maps
-    if "original" in feats:
-        cls = feats["original"]["cls"]
-    else:
-        bb = backbones["original"]
-        x = bb.preprocess(images.permute(0, 3, 1, 2))
-        with torch.no_grad(), autocast(images.device, precision):
-            cls = bb.features(x, final=False, cls=True).cls.float()
+    cls = feats["original"]["cls"]
     return torch.cat([maps, cls[:, :, None, None].expand(-1, -1, *maps.shape[2:])], 1)
 
 
 class AugmentedViews(torch.utils.data.Dataset):
-    """Augmented (image, label) crops of a split's views for `task` (`seg` or `depth`); item k of
-    epoch e is seeded by (seed, e, k), so runs repeat exactly."""
+    """Augmented (image, label) crops of a split's views for `task` (`seg` or `depth`: FiT3D's
+    pipelines; `normals` or `depth` with `probe3d`: Probe3D's); item k of epoch e is seeded by
+    (seed, e, k), so runs repeat exactly."""
 
-    def __init__(self, split, task: str, seed: int, seg_crop: int, seg_scale, depth_crop):
+    def __init__(
+        self,
+        split,
+        task: str,
+        seed: int,
+        seg_crop: int,
+        seg_scale,
+        depth_crop,
+        gamma_on_255: bool = False,
+        probe3d: bool = False,
+    ):
         self.split, self.task, self.seed = split, task, seed
         self.seg_crop, self.seg_scale, self.depth_crop = seg_crop, tuple(seg_scale), depth_crop
+        self.gamma_on_255, self.probe3d = gamma_on_255, probe3d
         self.epoch = 0
-        self.lo, self.hi = split.ds.min_depth, None
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, k: int) -> tuple[Tensor, Tensor]:
         rng = np.random.default_rng([self.seed, self.epoch, k])
-        s = self.split.ds[self.split.views[k]]
+        ds = self.split.ds
+        s = ds[self.split.views[k]]
         label = self.split.labels.read(k, (self.task,))[self.task]  # checked ground truth
+        if self.probe3d:
+            after = "imagenet" if ds.name == "navi" else ""  # module docstring
+            image, out = probe3d_augment(s.image, {self.task: label}, rng, after)
+            return image, out[self.task]
         if self.task == "seg":
             return seg_augment(s.image, label, rng, self.seg_crop, self.seg_scale)
-        return depth_augment(s.image, label, rng, self.depth_crop)
+        return depth_augment(
+            s.image, label, rng, self.depth_crop, tuple(ds.color_brightness), self.gamma_on_255
+        )
 
 
 def augmented_batches(
@@ -214,9 +336,13 @@ def augmented_batches(
     device: torch.device,
     precision: str,
     num_workers: int,
+    kind: str = "",
+    plan: MapPlan | None = None,
+    quarter: Sequence[int] = (),
 ) -> Iterator[list[tuple[Tensor, Tensor]]]:
     """Endless optimiser steps of `batch` augmented views (micro-batches of `micro`), shuffled
-    per epoch (seeded), features recomputed by the frozen backbones on `device`."""
+    per epoch (seeded), features recomputed by the frozen backbones on `device` (`live_features`
+    of `kind`, default the views' task)."""
     from torch.utils.data import DataLoader
 
     epoch = 0
@@ -233,7 +359,9 @@ def augmented_batches(
         step: list[tuple[Tensor, Tensor]] = []
         count = 0
         for images, labels in loader:
-            x = live_features(backbones, parts, images.to(device), views.task, precision)
+            x = live_features(
+                backbones, parts, images.to(device), kind or views.task, precision, plan, quarter
+            )
             step.append((x, labels))  # features stay on the device
             count += len(labels)
             if count >= batch:
@@ -247,7 +375,14 @@ def augmented_batches(
 # --- test-time inference -------------------------------------------------------------------
 @torch.no_grad()
 def slide_logits(
-    head, backbones: dict, parts, image: Tensor, crop: int, stride: int, precision: str
+    head,
+    backbones: dict,
+    parts,
+    image: Tensor,
+    crop: int,
+    stride: int,
+    precision: str,
+    plan: MapPlan | None = None,
 ) -> Tensor:
     """mmseg slide inference: logits [K, H, W] of image [H, W, 3] (on the device) from `crop`
     windows at `stride`, averaged where they overlap."""
@@ -260,7 +395,7 @@ def slide_logits(
             y2, x2 = min(r * stride + crop, h), min(c * stride + crop, w)
             y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
             window = image[y1:y2, x1:x2][None]
-            x = live_features(backbones, parts, window, "seg", precision)
+            x = live_features(backbones, parts, window, "seg", precision, plan)
             logits = head(x.float(), (y2 - y1, x2 - x1))[0]  # [K, h', w']
             if total is None:
                 total = torch.zeros(logits.shape[0], h, w, device=image.device)
@@ -271,11 +406,13 @@ def slide_logits(
 
 
 @torch.no_grad()
-def flip_depth(head, backbones: dict, parts, image: Tensor, size, precision: str) -> Tensor:
+def flip_depth(
+    head, backbones: dict, parts, image: Tensor, size, precision: str, plan: MapPlan | None = None
+) -> Tensor:
     """Depth [H, W] of image [H, W, 3]: mean of the prediction and the mirrored prediction of the
     mirrored image (flip test-time augmentation)."""
     both = torch.stack([image, image.flip(1)])
-    x = live_features(backbones, parts, both, "depth", precision)
+    x = live_features(backbones, parts, both, "depth", precision, plan)
     pred = head(x.float(), size)  # [2, H, W]
     return (pred[0] + pred[1].flip(-1)) / 2
 
@@ -288,3 +425,87 @@ def seg_test_image(image: Tensor, scale: tuple[int, int]) -> Tensor:
         return image
     return F.interpolate(image.permute(2, 0, 1)[None], size=size, mode="bilinear",
                          align_corners=False)[0].permute(1, 2, 0)  # fmt: skip
+
+
+# --- what a run reproduced ------------------------------------------------------------------
+def as_published(ec, probes: Sequence[str], dpt: bool) -> list[str]:
+    """The originals' quirks a run with eval config `ec` reproduced (report: "as published"):
+    FiT3D's under protocol=paper without `eval.fixes`, Probe3D's 2024 code with DPT heads and
+    `eval.probe3d=published`."""
+    out = []
+    if ec.protocol == "paper" and not ec.fixes:
+        if "depth" in probes:
+            out += [
+                "FiT3D depth: ColorAug raises 0-255 values to the gamma (not [0, 1] values)",
+                f"FiT3D depth: the gradient loss is sliced over the batch axis of "
+                f"{ec.paper_gpu_batch} images per GPU (exactly 0 at 2)",
+                f"FiT3D depth: SigLoss per GPU on {ec.paper_gpu_batch} images, then averaged "
+                "over GPUs",
+            ]
+        if "seg" in probes:
+            out.append(
+                "FiT3D segmentation: cross-entropy averaged over all pixels, ignored ones "
+                "included (mmseg 0.27, avg_non_ignore=False)"
+            )
+    if dpt and ec.probe3d == "published":
+        out += [
+            "Probe3D 2024 DPT head: nearest upsampling inside the head, align_corners=False "
+            "label resize",
+        ]
+        if "depth" in probes:
+            out.append("Probe3D 2024 depth: gradient loss sliced over the batch axis")
+    return out
+
+
+def fixes_applied(ec, probes: Sequence[str], dpt: bool) -> list[str]:
+    """The known fixes a run applied (report: "fixes applied")."""
+    out = []
+    if ec.protocol == "paper" and ec.fixes:
+        if "depth" in probes:
+            out += [
+                "FiT3D depth: ColorAug gamma on [0, 1] values",
+                "FiT3D depth: gradient loss over rows and columns",
+                "FiT3D depth: SigLoss and gradient loss pooled over the global batch",
+            ]
+        if "seg" in probes:
+            out.append("FiT3D segmentation: cross-entropy averaged over labelled pixels")
+    if dpt and ec.probe3d == "head":
+        out.append(
+            "Probe3D 2025 (HEAD): bilinear upsampling with align_corners=True, gradient loss "
+            "over rows and columns"
+        )
+    return out
+
+
+def check_options(ec) -> None:
+    """A one-line UserError when eval config `ec` asks for the published pipeline's per-GPU
+    losses (`eval.protocol=paper` without `eval.fixes`) with a global batch or micro-batch that
+    `eval.paper_gpu_batch` does not divide (the choices of every parity option are checked by
+    the config itself)."""
+    from fit3d.errors import UserError
+
+    g = ec.paper_gpu_batch
+    if ec.protocol == "paper" and not ec.fixes:
+        for key in ("paper_batch_size", "micro_batch"):
+            value = getattr(ec, key)
+            if value and value % g:
+                raise UserError(
+                    f"eval.{key}={value} is not a multiple of eval.paper_gpu_batch={g}: the "
+                    "per-GPU losses of the published pipeline cannot be formed (or set "
+                    "eval.fixes=true)"
+                )
+
+
+def empty_rule(ec, task: str, head: str) -> str:
+    """What a test image without valid ground truth adds (`eval.empty_images`; `auto`: FiT3D's
+    linear depth skips it, Probe3D's probes (normals, DPT depth) count it as 0s)."""
+    if ec.empty_images != "auto":
+        return ec.empty_images
+    return "skip" if task == "depth" and head == "linear" else "zero"
+
+
+def corr_protocol(ec, dataset: str) -> str:
+    """`scannet` or `navi` (`eval.corr_protocol`; `auto`: NAVI's on `navi`)."""
+    if ec.corr_protocol != "auto":
+        return ec.corr_protocol
+    return "navi" if dataset == "navi" else "scannet"

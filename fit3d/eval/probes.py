@@ -12,18 +12,29 @@ Heads (docs/method.md, the two "Evaluation" sections):
   multi-scale gradient loss.
 - normals, linear: BatchNorm + 1x1 conv to (x, y, z, kappa), bilinear to the label size; Probe3D's
   uncertainty-aware angular loss (Bae et al. 2021), kappa = ELU + 1.01.
-- DPT (Probe3D, `eval.head=dpt`): the four quarter blocks each projected by a 1x1 conv to
-  `hidden` channels and upsampled x2 (nearest), fused deep to shallow by residual conv units
-  (3x3), then x4 (nearest), 3x3 conv + ReLU + 3x3 conv, x2 (nearest): output at 16x the token
-  grid, resized to the label size (depth bilinear, normals bicubic, as Probe3D). Depth: 256 bins
-  as above, loss 10 x SigLoss(lambda 0.85) + 0.5 x gradient loss; normals: as the linear head.
+- DPT (Probe3D, `eval.head=dpt`): the four quarter blocks (each patch tokens ++ that block's CLS
+  token broadcast, Probe3D's `dense-cls`, unless `eval.dpt_input=dense`) each projected by a 1x1
+  conv to `hidden` channels and upsampled x2, fused deep to shallow by residual conv units (3x3),
+  then x4, 3x3 conv + ReLU + 3x3 conv, x2: output at 16x the token grid, resized to the label size
+  (depth bilinear, normals bicubic, as Probe3D). The upsampling follows `eval.probe3d`: `head`
+  (Probe3D's HEAD, its 2025 fixes) is bilinear with align_corners=True everywhere, the label
+  resize included; `published` (its 2024 code, behind its published table) is nearest inside
+  the head and align_corners=False for the label resize. Depth: 256 bins as above, loss 10 x
+  SigLoss(lambda 0.85) + 0.5 x gradient loss; normals: as the linear head.
 
 Gradient loss (MegaDepth, as the DINOv2 depth toolbox and Probe3D define it): at strides 1, 2, 4,
 6, the sum of |d(i) - d(i+2)| of the masked log-depth difference d = log(pred + eps) - log(gt +
 eps) along rows and columns over pixel pairs both valid, divided by the number of valid pixels.
-(The authors' code applies it to 4-D [B, 1, H, W] tensors, so its slicing runs over batch and
-channel and the term vanishes at 2 images per GPU; we apply it over rows and columns, as its
-definition says.)
+`gradient_loss` applies it over rows and columns, as its definition says (Probe3D after its 2025
+fix). FiT3D's code and Probe3D's 2024 code apply the same slicing to 4-D [B, 1, H, W] tensors, so
+it runs over batch and channel instead: `batch_sliced_gradient_loss` reproduces that (exactly 0
+at FiT3D's 2 images per GPU; differences between images two apart in a batch of Probe3D's 8).
+
+protocol=paper reproduces FiT3D's published pipeline unless `eval.fixes=true` (`paper_loss`):
+SigLoss and the gradient loss per GPU on `eval.paper_gpu_batch` (2) images, then averaged (DDP
+averages the GPUs' gradients), the gradient loss sliced over the batch, and segmentation
+cross-entropy averaged over every pixel, ignored ones included (mmseg 0.27's
+`avg_non_ignore=False`).
 """
 
 from __future__ import annotations
@@ -42,24 +53,33 @@ EPS = 1e-3
 """Added inside the logarithms of SigLoss and the gradient loss (DINOv2 toolbox, Probe3D)."""
 
 
-def resample(x: Tensor, size: tuple[int, int], stride: int = 1, mode: str = "bilinear") -> Tensor:
-    """Resize x [B, C, h, w] to `size` (align_corners=False), evaluated only at the pixel centres
-    (i*stride + stride//2, j*stride + stride//2) of that size.
+def resample(
+    x: Tensor,
+    size: tuple[int, int],
+    stride: int = 1,
+    mode: str = "bilinear",
+    align_corners: bool = False,
+) -> Tensor:
+    """Resize x [B, C, h, w] to `size`, evaluated only at the pixels (i*stride + stride//2,
+    j*stride + stride//2) of that size.
 
-    stride 1 is `F.interpolate(x, size, mode)`; a larger stride gives the same values on a strided
-    subset of pixels (`grid_sample` at those coordinates), so probes can train on a regular
-    subset of label pixels at a fraction of the cost.
+    stride 1 is `F.interpolate(x, size, mode, align_corners)`; a larger stride gives the same
+    values on a strided subset of pixels (`grid_sample` at those coordinates), so probes can train
+    on a regular subset of label pixels at a fraction of the cost.
     """
     if stride == 1:
         if tuple(x.shape[-2:]) == tuple(size):
             return x
-        return F.interpolate(x, size=size, mode=mode, align_corners=False)
+        return F.interpolate(x, size=size, mode=mode, align_corners=align_corners)
     off = stride // 2
-    ys = (2 * torch.arange(off, size[0], stride, dtype=x.dtype, device=x.device) + 1) / size[0] - 1
-    xs = (2 * torch.arange(off, size[1], stride, dtype=x.dtype, device=x.device) + 1) / size[1] - 1
-    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+
+    def coords(n: int) -> Tensor:
+        i = torch.arange(off, n, stride, dtype=x.dtype, device=x.device)
+        return 2 * i / max(n - 1, 1) - 1 if align_corners else (2 * i + 1) / n - 1
+
+    gy, gx = torch.meshgrid(coords(size[0]), coords(size[1]), indexing="ij")
     grid = torch.stack([gx, gy], -1)[None].expand(x.shape[0], -1, -1, -1)
-    return F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)
+    return F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=align_corners)
 
 
 def _upsample_matrix(n_in: int, n_out: int, device: torch.device | None = None) -> Tensor:
@@ -190,14 +210,19 @@ class _ResidualConvUnit(nn.Module):
         return x + torch.relu(self.conv2(torch.relu(self.conv1(x))))
 
 
+PROBE3D_CODE = ("head", "published")
+"""Probe3D's code versions `eval.probe3d` names (module docstring)."""
+
+
 class DPTHead(nn.Module):
     """Probe3D's DPT-style head on four feature maps (see the module docstring).
 
     Args:
         in_channels: channels of each of the four maps (shallow to deep).
-        out_channels: 256 depth bins or 4 normal outputs.
+        task: `depth` (256 bins -> metres over [min_depth, max_depth]) or `normals` (4 outputs).
         hidden: fusion width (Probe3D: 512).
-        task: `depth` (bins -> metres over [min_depth, max_depth]) or `normals`.
+        code: `head` (bilinear, align_corners=True) or `published` (nearest inside the head,
+            align_corners=False for the label resize).
     """
 
     def __init__(
@@ -208,11 +233,14 @@ class DPTHead(nn.Module):
         max_depth: float = 10.0,
         min_depth: float = 1e-3,
         bins: int = 256,
+        code: str = "head",
     ):
         super().__init__()
         if len(in_channels) != 4:
             raise ValueError(f"DPT head takes 4 maps, got {len(in_channels)}")
-        self.task = task
+        if code not in PROBE3D_CODE:
+            raise ValueError(f"unknown Probe3D code version {code!r}")
+        self.task, self.code = task, code
         self.proj = nn.ModuleList(nn.Conv2d(c, hidden, 1) for c in in_channels)
         self.skip = nn.ModuleList(_ResidualConvUnit(hidden) for _ in range(3))  # levels 0..2
         self.refine = nn.ModuleList(_ResidualConvUnit(hidden) for _ in range(4))
@@ -221,24 +249,28 @@ class DPTHead(nn.Module):
         self.out2 = nn.Conv2d(hidden, out, 3, padding=1)
         self.register_buffer("centres", torch.linspace(min_depth, max_depth, bins))
 
+    def _up(self, x: Tensor, factor: int) -> Tensor:
+        if self.code == "published":
+            return F.interpolate(x, scale_factor=factor, mode="nearest")
+        return F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=True)
+
     def raw(self, feats: list[Tensor]) -> Tensor:
         """Four maps [B, C_k, h, w] -> raw output [B, out, 16h, 16w]."""
-        p = [F.interpolate(conv(f), scale_factor=2, mode="nearest")
-             for conv, f in zip(self.proj, feats, strict=True)]  # fmt: skip
+        p = [self._up(conv(f), 2) for conv, f in zip(self.proj, feats, strict=True)]
         y = self.refine[3](p[3])
         for k in (2, 1, 0):
             y = self.refine[k](self.skip[k](p[k]) + y)
-        y = F.interpolate(y, scale_factor=4, mode="nearest")
-        y = self.out2(torch.relu(self.out1(y)))
-        return F.interpolate(y, scale_factor=2, mode="nearest")
+        y = self.out2(torch.relu(self.out1(self._up(y, 4))))
+        return self._up(y, 2)
 
     def forward(self, feats: list[Tensor], size: tuple[int, int], stride: int = 1) -> Tensor:
         """-> depth [B, H, W] metres, or normals [B, H, W, 4] (unit xyz, kappa)."""
         out = self.raw(feats)
+        corners = self.code == "head"
         if self.task == "depth":
             depth = bins_to_depth(out, self.centres)
-            return resample(depth[:, None], size, stride, "bilinear")[:, 0]
-        return _normals_out(resample(out, size, stride, "bicubic"))
+            return resample(depth[:, None], size, stride, "bilinear", corners)[:, 0]
+        return _normals_out(resample(out, size, stride, "bicubic", corners))
 
 
 # --- losses --------------------------------------------------------------------------------
@@ -282,17 +314,35 @@ def gradient_loss(pred: Tensor, gt: Tensor, eps: float = EPS) -> Tensor:
     return total
 
 
-def angular_nll(out: Tensor, gt: Tensor, eps: float = 1e-4) -> Tensor:
-    """Uncertainty-aware angular loss, mean over pixels with a ground-truth normal.
+def batch_sliced_gradient_loss(pred: Tensor, gt: Tensor, eps: float = EPS) -> Tensor:
+    """The gradient loss as FiT3D's and Probe3D's 2024 code compute it on [B, 1, H, W] maps
+    (module docstring): strides 1, 2, 4, 6 and the +-2 differences index the batch and channel
+    axes, so it compares images b and b + 2 of the batch and is exactly 0 for B <= 2.
+    pred, gt: [B, H, W]."""
+    p4, g4 = pred[:, None], gt[:, None]  # [B, 1, H, W]
+    total = pred.sum() * 0
+    for s in (1, 2, 4, 6):
+        p, g = p4[::s, ::s], g4[::s, ::s]
+        m = (g > 0).to(p.dtype)
+        d = (torch.log(p.clamp_min(0) + eps) - torch.log(g + eps)) * m
+        gb = (d[:-2] - d[2:]).abs() * m[:-2] * m[2:]  # batch axis
+        gc = (d[:, :-2] - d[:, 2:]).abs() * m[:, :-2] * m[:, 2:]  # channel axis: empty
+        total = total + (gb.sum() + gc.sum()) / m.sum().clamp_min(1)  # the original: 0/0 = NaN
+    return total
 
-    out: [B, H, W, 4] (unit normal, kappa); gt: [B, H, W, 3] (0 = invalid). Per pixel:
+
+def angular_nll(out: Tensor, gt: Tensor, eps: float = 1e-4) -> Tensor:
+    """Uncertainty-aware angular loss, mean over the pixels that count (`has_normal`).
+
+    out: [B, H, W, 4] (unit normal, kappa); gt: [B, H, W, 3] (0 = invalid) or [B, H, W, 4] (xyz
+    + validity; a counted zero xyz is 90 degrees from any prediction, as in Probe3D). Per pixel:
     -log(kappa^2 + 1) + kappa * angle + log(1 + exp(-kappa * pi)).
     """
     m = has_normal(gt)  # [B, H, W]
     normal, kappa = out[m][:, :3], out[m][:, 3]
     if kappa.numel() == 0:
         return out.sum() * 0
-    cos = (normal * unit(gt[m], -1).to(normal.dtype)).sum(-1).clamp(-1 + eps, 1 - eps)
+    cos = (normal * unit(gt[m][:, :3], -1).to(normal.dtype)).sum(-1).clamp(-1 + eps, 1 - eps)
     nll = (
         -torch.log(kappa**2 + 1)
         + kappa * torch.acos(cos)
@@ -301,18 +351,61 @@ def angular_nll(out: Tensor, gt: Tensor, eps: float = 1e-4) -> Tensor:
     return nll.mean()
 
 
+def cross_entropy_all_pixels(logits: Tensor, labels: Tensor) -> Tensor:
+    """mmseg 0.27's default cross-entropy: the sum over non-ignored pixels divided by the number
+    of all pixels, ignored ones included (`avg_non_ignore=False`). logits [B, K, H, W]."""
+    ce = F.cross_entropy(logits, labels.long(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return ce / labels.numel()
+
+
+def per_gpu(loss: Callable[[Tensor, Tensor], Tensor], gpu_batch: int):
+    """`loss(out, y)` computed on consecutive chunks of `gpu_batch` images and averaged, as DDP
+    averages the per-GPU losses' gradients."""
+
+    def f(out: Tensor, y: Tensor) -> Tensor:
+        chunks = [loss(o, t) for o, t in zip(out.split(gpu_batch), y.split(gpu_batch), strict=True)]
+        return torch.stack(chunks).mean()
+
+    return f
+
+
 def loss_fn(
-    task: str, head: str, sigloss_warmup: int = 0
+    task: str,
+    head: str,
+    sigloss_warmup: int = 0,
+    *,
+    as_published: bool = False,
+    gpu_batch: int = 2,
+    probe3d: str = "head",
 ) -> Callable[[Tensor, Tensor, int], Tensor]:
-    """Training loss `f(out, y, step)` of a probe (`task` seg/depth/normals, `head` linear/dpt)."""
+    """Training loss `f(out, y, step)` of a probe (`task` seg/depth/normals, `head` linear/dpt).
+
+    `as_published` (protocol=paper without `eval.fixes`): FiT3D's linear probes as published
+    (per-GPU SigLoss and batch-sliced gradient loss on `gpu_batch` images, cross-entropy over
+    all pixels); `probe3d="published"` (its 2024 code): the DPT depth loss with the batch-sliced
+    gradient loss.
+    """
     if task == "seg":
+        if as_published:
+            return lambda out, y, step: cross_entropy_all_pixels(out, y)
         return lambda out, y, step: F.cross_entropy(out, y.long(), ignore_index=IGNORE_INDEX)
     if task == "normals":
         return lambda out, y, step: angular_nll(out, y.float())
     if head == "dpt":
+        grad = batch_sliced_gradient_loss if probe3d == "published" else gradient_loss
         return lambda out, y, step: (
-            10 * probe3d_sig_loss(out, y.float()) + 0.5 * gradient_loss(out, y.float())
+            10 * probe3d_sig_loss(out, y.float()) + 0.5 * grad(out, y.float())
         )
+    if as_published:
+
+        def published(out: Tensor, y: Tensor, step: int) -> Tensor:
+            def one_gpu(o: Tensor, t: Tensor) -> Tensor:
+                sig = sig_loss(o, t, mean_only=step < sigloss_warmup)
+                return sig + 0.5 * batch_sliced_gradient_loss(o, t)
+
+            return per_gpu(one_gpu, gpu_batch)(out, y.float())
+
+        return published
     return lambda out, y, step: (
         sig_loss(out, y.float(), mean_only=step < sigloss_warmup)
         + 0.5 * gradient_loss(out, y.float())

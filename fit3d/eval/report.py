@@ -6,6 +6,7 @@ evaluator also writes results.html from the same dict, `fit3d.eval.html`).
     {"feature_sets": [...], "metrics": {set: {"eval/seg/miou": {"mean", "std", "values"}, ...}},
      "lr": {set: {probe: lr}}, "notes": [...], "provenance": {...}, "config": {...},
      "protocol": "fast" | "paper",
+     "as_published": [the originals' quirks reproduced], "fixes": [the known fixes applied],
      "dataset": {"name", "train_split", "test_split"},
      "paper": {"original" | "assembled": {metric key: published value}}}
 
@@ -59,6 +60,10 @@ METRICS: dict[str, tuple[str, bool, float]] = {
     "eval/seg/aacc": ("aAcc %", True, 100.0),
     **{f"eval/depth/{k}": v for k, v in _DEPTH_COLUMNS.items()},
     **{f"eval/depth_dpt/{k}": v for k, v in _DEPTH_COLUMNS.items()},
+    **{
+        f"eval/depth_dpt/aligned_{k}": (f"aligned {_DEPTH_COLUMNS[k][0]}", *_DEPTH_COLUMNS[k][1:])
+        for k in ("rmse", "delta1", "delta2", "delta3")
+    },
     **{f"eval/normals/{k}": v for k, v in _NORMAL_COLUMNS.items()},
     **{f"eval/normals_dpt/{k}": v for k, v in _NORMAL_COLUMNS.items()},
     "eval/corr/recall_5px": ("R@5px %", True, 100.0),
@@ -68,6 +73,12 @@ METRICS: dict[str, tuple[str, bool, float]] = {
     "eval/corr/recall_10px_rot15-30": ("R@10 15-30deg %", True, 100.0),
     "eval/corr/recall_10px_rot30-60": ("R@10 30-60deg %", True, 100.0),
     "eval/corr/recall_10px_rot60-180": ("R@10 60-180deg %", True, 100.0),
+    **{f"eval/corr/recall_{k}": (f"R@{k} %", True, 100.0) for k in ("1cm", "2cm", "5cm")},
+    **{f"eval/corr/recall2d_{k}px": (f"R@{k}px full-res %", True, 100.0) for k in (5, 25, 50)},
+    **{
+        f"eval/corr/recall_2cm_rot{lo}-{hi}": (f"R@2cm {lo}-{hi}deg %", True, 100.0)
+        for lo, hi in ((0, 30), (30, 60), (60, 90), (90, 120))
+    },
 }
 """Metric key -> (column label, higher is better, display scale). Correspondence pixels are
 pixels of the 1/4-resolution image (Probe3D's units)."""
@@ -304,11 +315,19 @@ def protocol(results: dict) -> str:
         "only between pixels with valid depth in both views, ratio-test weight, top "
         f"{ec['top_k']} matches of up to {ec['pairs_per_scene']} covisible pairs per test group; "
         "errors and the 5/10/20 px thresholds in 1/4-resolution pixels (x4 at full "
-        "resolution); recall@10 binned by relative rotation [0,15), [15,30), [30,60), [60,180] "
-        "degrees. Verdicts: per test room, each set's score (probe seeds averaged), the paired "
+        "resolution); recall@10 binned by relative rotation [0,15), [15,30), [30,60), [60,180) "
+        "degrees (on NAVI, Probe3D's NAVI protocol: recall of the 3D error at 1/2/5 cm and of "
+        "the 2D error at 5/25/50 full-resolution px, recall@2cm binned [0,30) ... [90,120)). "
+        "Verdicts: per test room, each set's score (probe seeds averaged), the paired "
         "difference, its mean over rooms and a 95% percentile bootstrap interval resampling "
         "rooms; 'better' or 'worse' only where the interval excludes zero.\n"
     )
+    for title, items in (
+        ("As published (the originals' quirks this run reproduced)", "as_published"),
+        ("Fixes applied", "fixes"),
+    ):
+        if results.get(items):
+            text += f"\n{title}:\n" + "".join(f"- {q}\n" for q in results[items])
     if name != "paper":
         text += "\nHow protocol=fast differs from protocol=paper (FiT3D's configs):\n"
         text += "".join(f"- {d}\n" for d in FAST_DIFFERENCES)

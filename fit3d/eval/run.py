@@ -31,6 +31,7 @@ import torch
 from fit3d.config import Config, to_dict, validate
 from fit3d.errors import UserError
 from fit3d.eval import data as D
+from fit3d.eval import paper as P
 from fit3d.eval.correspondence import run_corr
 from fit3d.eval.features import FEATURE_SETS, MapPlan, SplitFeatures, feature_store, fill_features
 from fit3d.eval.fitting import Context, by_group, run_task
@@ -93,16 +94,23 @@ def _heads(cfg: Config) -> tuple[str, ...]:
     return {"linear": ("linear",), "dpt": ("dpt",), "both": ("linear", "dpt")}[cfg.eval.head]
 
 
-def _plan(cfg: Config, backbone, need_final: bool) -> MapPlan:
-    """Maps every probe of this run reads from the cache."""
+def _plan(cfg: Config, backbone, need_final: bool, norm: str = "imagenet") -> MapPlan:
+    """Maps every probe of this run reads from the cache (`norm`: the input normalisation)."""
     ec = cfg.eval
     n = backbone.num_blocks
     blocks = {n - 1}
-    if "dpt" in _heads(cfg) and {"depth", "normals"} & set(ec.probes) & set(ec.dpt_probes):
+    dpt = "dpt" in _heads(cfg) and {"depth", "normals"} & set(ec.probes) & set(ec.dpt_probes)
+    if dpt:
         blocks |= set(backbone.quarter_blocks())
     if "corr" in ec.probes:
         blocks.add(ec.corr_block % n)
-    return MapPlan(final=need_final, blocks=tuple(sorted(blocks)))
+    return MapPlan(
+        final=need_final,
+        blocks=tuple(sorted(blocks)),
+        block_cls=bool(dpt) and ec.dpt_input == "dense-cls",
+        fit=ec.fit,
+        norm=norm,
+    )
 
 
 def _pca(path: Path, sets: list[str], ctx: Context) -> None:
@@ -127,6 +135,7 @@ def run(cfg: Config) -> dict:
     """Evaluate the configured feature sets; writes the report into `<run.out>/eval/<run.name>/`
     and returns the results dict (what results.json holds)."""
     validate(cfg)  # the config's ranges, for callers that built `cfg` themselves
+    P.check_options(cfg.eval)
     ec = cfg.eval
     t0, c0 = time.time(), time.process_time()
     device = resolve_device(cfg.run.device)
@@ -169,8 +178,10 @@ def run(cfg: Config) -> dict:
         cached_probes |= {"depth", "normals"} & set(ec.dpt_probes)
     need_cache = {p for p in ec.probes if p in cached_probes} or ec.pca_views > 0
     need_final = "seg" in ec.probes and not paper or ec.pca_views > 0
-    plan = _plan(cfg, original, need_final)
+    plan = _plan(cfg, original, need_final, D.image_norm(cfg, test.ds))
+    ctx.plan = plan
     options = f"resolution={cfg.scenes.resolution}" if name in D.SCENE_SETS else ""
+    options += "".join(f" {k}={v}" for k, v in D.dataset_options(cfg, name).items())
     for split in (s for s in splits if need_cache):
         stores = {}
         for role, bb in backbones.items():
@@ -219,6 +230,8 @@ def run(cfg: Config) -> dict:
         "lr": lrs,
         "notes": notes,
         "protocol": ec.protocol,
+        "as_published": P.as_published(ec, ec.probes, "dpt" in _heads(cfg)),
+        "fixes": P.fixes_applied(ec, ec.probes, "dpt" in _heads(cfg)),
         "dataset": {
             "name": name,
             "train_split": train.ds.split if train else None,

@@ -43,6 +43,7 @@ VERDICT_KEYS: tuple[str, ...] = (
     "eval/corr/recall_10px_rot15-30",
     "eval/corr/recall_10px_rot30-60",
     "eval/corr/recall_10px_rot60-180",
+    "eval/corr/recall_2cm",
 )
 """Metrics compared room by room (each probe keeps these per test room, `<key>@<room>`)."""
 
