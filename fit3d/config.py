@@ -355,6 +355,10 @@ class FinetuneConfig:
 
     lift_run: str = "default"
     """Stage-1 run name whose scenes provide the targets."""
+    image_scale: float = setting(1.0, "(0, 1]")
+    """Scale of the images the student sees (x scenes.resolution; its token grid follows): the
+    targets are still rendered at full size and downsampled to that grid. 1.0 = FiT3D; below 1 a
+    step costs about image_scale^2 of one at full size."""
     epochs: int = setting(1, ">= 1")
     """Training epochs over all (scene, view) pairs."""
     batch_size: int = setting(2, ">= 1")

@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
@@ -101,6 +102,11 @@ def open_run_scenes(run: LiftRun) -> list[Scene]:
     ]
 
 
+def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    """(round(scale * height), round(scale * width)), at least 1 each."""
+    return max(1, round(scale * height)), max(1, round(scale * width))
+
+
 class LiftedCache:
     """LRU of lifted scenes (Gaussians + decoder) on one device, at most `size` in memory."""
 
@@ -151,10 +157,13 @@ class Sample(NamedTuple):
 class FinetuneDataset(Dataset):
     """Items for keys `Sample` or `(pair index, flip)`: a (scene, view) pair, optionally flipped.
 
-    Each item: `image` [3, H, W] in [0, 1], `target` [C, h, w] decoded rendered features at the
+    Each item: `image` [3, H', W'] in [0, 1], `target` [C, h, w] decoded rendered features at the
     token grid, `mask` [h, w] soft valid-pixel weights, `key` [3] long (scene index, view, flip).
     Image, target and mask are flipped together. A key with a `file` reads its target and mask
-    from that `TargetStore` record (on CPU); otherwise they are rendered now on `device`.
+    from that `TargetStore` record (on CPU); otherwise they are rendered now on `device`. With
+    `image_scale` s < 1 the image is resized (antialiased) to H' x W' = round(sH) x round(sW)
+    and the grid is that size's (`grids` maps the scene's H x W to it); the target is still
+    rendered at H x W and downsampled to the grid.
     """
 
     def __init__(
@@ -166,12 +175,14 @@ class FinetuneDataset(Dataset):
         cache_size: int = 1,
         device: str | torch.device = "cpu",
         backend: str = "auto",
+        image_scale: float = 1.0,
     ):
         self.run = run
         self.scenes = scenes
         self.pairs = pairs
         self.grids = grids
         self.backend = backend
+        self.image_scale = image_scale
         self.cache = LiftedCache(run.path, cache_size, device)
 
     def __len__(self) -> int:
@@ -220,6 +231,9 @@ class FinetuneDataset(Dataset):
         else:
             target, mask = self.render(key.pair)
         image = self.scenes[si].load_image(view).permute(2, 0, 1).to(target.device)  # [3, H, W]
+        if self.image_scale != 1.0:
+            size = scaled_size(image.shape[1], image.shape[2], self.image_scale)
+            image = F.interpolate(image[None], size, mode="bilinear", antialias=True)[0]
         if key.flip:
             image, target, mask = image.flip(-1), target.flip(-1), mask.flip(-1)
         key_t = torch.tensor([si, view, int(key.flip)], dtype=torch.long)
@@ -377,8 +391,10 @@ class FinetuneDataModule(L.LightningDataModule):
         target_dir: str | Path | None = None,
         val_batch_size: int | None = None,
         all_views: bool = False,
+        image_scale: float = 1.0,
     ):
         super().__init__()
+        self.image_scale = image_scale
         self.run, self.val_run = run, val_run
         self.batch_size, self.num_workers = batch_size, num_workers
         self.val_batch_size = val_batch_size or batch_size
@@ -403,7 +419,9 @@ class FinetuneDataModule(L.LightningDataModule):
         views = [(self.scenes[si], v) for si, v in self.train_pairs]
         views += [(self.val_scenes[si], v) for si, v in self.val_pairs]
         sizes = {(s.height(v), s.width(v)) for s, v in views}
-        self.grids: Grids = {size: grid_fn(*size) for size in sorted(sizes)}
+        self.grids: Grids = {
+            size: grid_fn(*scaled_size(*size, image_scale)) for size in sorted(sizes)
+        }
         self._position = (0, 0)  # (epoch, training batches consumed in it)
         self._device = torch.device("cpu")
         self.stores: list[TargetStore] = []
@@ -428,13 +446,19 @@ class FinetuneDataModule(L.LightningDataModule):
         return self.trainer.world_size, self.trainer.global_rank
 
     def train_dataset(self) -> FinetuneDataset:
-        return FinetuneDataset(self.run, self.scenes, self.train_pairs, self.grids, 1, self._device)
+        return FinetuneDataset(
+            self.run, self.scenes, self.train_pairs, self.grids, 1, self._device,
+            image_scale=self.image_scale,
+        )  # fmt: skip
 
     def val_dataset(self, device: str | torch.device | None = None) -> FinetuneDataset:
         """Validation items, rendered on demand on `device` (default: the training device)."""
         run = self.run if self.val_run is None else self.val_run
         device = self._device if device is None else device
-        return FinetuneDataset(run, self.val_scenes, self.val_pairs, self.grids, 1, device)
+        return FinetuneDataset(
+            run, self.val_scenes, self.val_pairs, self.grids, 1, device,
+            image_scale=self.image_scale,
+        )  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
         world, rank = self._world()

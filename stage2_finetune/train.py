@@ -233,6 +233,7 @@ def run(cfg: Config, callbacks: list[Callback] | None = None) -> dict[str, Any]:
         target_dir=finetune_target_dir(out),
         val_batch_size=plan.device_batch,
         all_views=f.views == "all",
+        image_scale=f.image_scale,
     )
     fused = f.precision != "16-mixed"  # fp16's loss scaler unscales inside a fused step
     module = FinetuneModule(backbone, f.lr, f.weight_decay, f.grad_clip, plan.device_batch, fused)

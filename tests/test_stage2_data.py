@@ -184,6 +184,36 @@ def test_item_target_is_rendered_decoded_downsampled_and_flips_jointly(fake):
         assert torch.equal(flipped[k], item[k].flip(-1))
 
 
+def test_image_scale_shrinks_the_image_and_its_token_grid_not_the_render(fake):
+    """finetune.image_scale: the student sees a smaller image and a smaller token grid; the
+    target is the same full-size render, decoded and downsampled to that grid."""
+    run = read_lift_run(fake / "lift" / "default")
+    full = FinetuneDataModule(run, _grid).train_dataset()[(4, False)]
+    data = FinetuneDataModule(run, _grid, image_scale=0.5)
+    ds = data.train_dataset()
+    item = ds[(4, False)]
+    h, w = round(HEIGHT * 0.5), round(WIDTH * 0.5)
+    assert item["image"].shape == (3, h, w)
+    ref_image = F.interpolate(full["image"][None], (h, w), mode="bilinear", antialias=True)[0]
+    torch.testing.assert_close(item["image"], ref_image)
+    si, view = data.train_pairs[4]
+    scene = data.scenes[si]
+    lifted = ds.cache.get(scene.scene_id)
+    g = lifted.gaussians
+    render, _, _ = rasterization(
+        g["means"], g["quats"], g["scales"], g["opacities"], g["features"],
+        scene.viewmat(view)[None], scene.K(view)[None], WIDTH, HEIGHT,
+    )  # fmt: skip
+    ref = F.interpolate(
+        F.conv2d(render.permute(0, 3, 1, 2).double(), lifted.decoder.weight.double(), padding=1),
+        size=_grid(h, w),
+        mode="bilinear",
+        align_corners=False,
+    )[0]
+    assert item["target"].shape == (48, *_grid(h, w)) and item["mask"].shape == _grid(h, w)
+    assert torch.allclose(item["target"].double(), ref, atol=1e-5)
+
+
 def test_train_views_only_and_validation_on_held_out_views(fake):
     data = FinetuneDataModule(read_lift_run(fake / "lift" / "default"), _grid, val_views=0)
     assert all(v % 3 != 2 for _, v in data.train_pairs) and len(data.train_pairs) == 12
