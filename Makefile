@@ -121,7 +121,7 @@ gpu-check: ## On a GPU: bundle, gsplat kernels, gpu tests, small CUDA pipeline, 
 	@bash tools/gpu_bundle.sh && \
 	  GPU_CHECK_PYTHON=$(if $(wildcard $(PY)),$(PY),$(PYTHON)) bash tools/gpu_check.sh
 
-gpu-rehearsal: ## CPU rehearsal of gpu-check: fresh venv of the GPU machine's packages (~10 min)
+gpu-rehearsal: ## CPU rehearsal of gpu-check in a fresh venv of the GPU machine's packages (~20 min)
 	@PYTHON=$(PYTHON) bash tools/gpu_rehearsal.sh
 
 clean: ## Remove outputs (keeps .venv and the weights cache)

@@ -13,9 +13,10 @@ off at its time limit still shows how far it got), and DIR/gpu_check.json is rew
    a tiny pipeline on CUDA, fp16/bf16 mixed precision), streamed;
 3. pipeline: demo rooms -> lift -> fine-tune -> eval on `cuda` through the entry points' `main`
    (1 room of 32 views at 224x168, 300 lift steps, the demo preset's 3 fine-tuning epochs, bf16
-   where the GPU has it). The backbone is DINOv2 ViT-S with RANDOM weights: the offline weights
-   (88 MB) cannot travel with the check, so this checks that the pipeline runs and measures speed
-   and memory; its probe scores mean nothing;
+   where the GPU has it; probes on it and 1 more room, scored on 2 test rooms). The backbone is
+   DINOv2 ViT-S with RANDOM weights: the offline weights (88 MB) cannot travel with the check,
+   so this checks that the pipeline runs and measures speed and memory; its probe scores mean
+   nothing;
 4. renderer: forward+backward of one random scene (`raster.make_scene`: 100k Gaussians, 512x384,
    64 channels) with gsplat on CUDA and with fit3d's CPU renderer: agreement of pixels and
    gradients, and median seconds;
@@ -57,6 +58,8 @@ COMMON = (
     "backbone.weights=random",
     "scenes.demo_train=1",
     "scenes.demo_val=1",
+    "scenes.demo_probe=1",
+    "scenes.demo_test=2",
     "lift.checkpoint_every=0",
     "finetune.devices=1",
     "finetune.val_views=2",
@@ -72,6 +75,8 @@ GPU_PIPELINE = (
     "scenes.demo_views=32",
     "scenes.demo_width=224",
     "scenes.demo_height=168",
+    "scenes.demo_probe_views=8",
+    "scenes.demo_test_views=5",
     "lift.steps=300",
     "eval.max_views=8",
     "eval.epochs=2",
@@ -83,6 +88,8 @@ CPU_PIPELINE = (
     "scenes.demo_views=8",
     "scenes.demo_width=112",
     "scenes.demo_height=84",
+    "scenes.demo_probe_views=3",
+    "scenes.demo_test_views=3",
     "lift.steps=20",
     "finetune.max_steps=2",
     "eval.max_views=4",
