@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -384,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{json.dumps(shown, default=str)}", flush=True)  # fmt: skip
         results["total_seconds"] = time.perf_counter() - start
         write_json(args.out / "gpu_check.json", results)
+    if args.keep is None:
+        shutil.rmtree(work, ignore_errors=True)
     table = _table(results)
     print("\n" + table)
     (args.out / "gpu_check.txt").write_text(table + "\n")
