@@ -20,7 +20,7 @@ RUN_ENV := GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.tr
 STAGE_ARGS = --preset $(SCENES) backbone.name=$(BACKBONE) $(ARGS)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-other-isa lint format scenes lift finetune eval demo view bench gpu-check clean
+.PHONY: help setup test test-other-isa lint format scenes lift finetune eval demo view bench gpu-check gpu-rehearsal clean
 
 help: ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -115,10 +115,14 @@ bench: setup ## Speed/memory benchmarks (renderer vs baseline, fine-tuning step,
 	$(PY) benchmarks/finetune.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/eval_memory.py
 
-# Without CUDA: one line, nothing installed beyond the venv, nothing run (exit 0).
-gpu-check: $(STAMP) ## On a GPU: gpu tests, a small CUDA pipeline, speed/memory table (~5 min)
-	@if $(PY) benchmarks/gpu_check.py --has-gpu; then \
-	  $(MAKE) --no-print-directory setup && $(RUN_ENV) $(PY) benchmarks/gpu_check.py; fi
+# No .venv needed (docs/gpu.md): the machine's python3 (or .venv's, where it exists) plus the
+# bundle's wheels. Without CUDA: one line, nothing run (exit 0).
+gpu-check: ## On a GPU: bundle, gsplat kernels, gpu tests, small CUDA pipeline, table (~5 min)
+	@bash tools/gpu_bundle.sh && \
+	  GPU_CHECK_PYTHON=$(if $(wildcard $(PY)),$(PY),$(PYTHON)) bash tools/gpu_check.sh
+
+gpu-rehearsal: ## CPU rehearsal of gpu-check in a fresh venv of the GPU machine's packages (~20 min)
+	@PYTHON=$(PYTHON) bash tools/gpu_rehearsal.sh
 
 clean: ## Remove outputs (keeps .venv and the weights cache)
 	rm -rf outputs
