@@ -12,6 +12,7 @@ import numpy as np
 import pycolmap
 import pytest
 from _scene_fixtures import pattern_image, undistortion_error
+from PIL import Image
 from scipy.spatial.transform import Rotation
 
 from fit3d.config import load_config
@@ -151,3 +152,51 @@ def test_downscaled_pinhole_views_scale_their_intrinsics(tmp_path):
     got = np.round(scene.load_image(4).numpy() * 255).astype(np.uint8)
     np.testing.assert_array_equal(got, want)
     assert all(max(scene.width(i), scene.height(i)) <= 60 for i in range(len(scene)))
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_photos_held_sideways_are_turned_upright_with_their_camera(tmp_path, orientation):
+    """COLMAP poses a JPEG's stored pixels; a file whose EXIF orientation says the camera was
+    held sideways is written upright, and its camera must see every point where the turned
+    image shows it: raw pixel (x, y) -> (h - y, x) clockwise, (y, w - x) anticlockwise,
+    (w - x, h - y) upside down."""
+    ws, w, h = tmp_path / "ws", 120, 90
+    (ws / "images").mkdir(parents=True)
+    (ws / "sparse" / "0").mkdir(parents=True)
+    raw = pattern_image(w, h)
+    names = ["a.jpg", "b.jpg"]
+    for name, tag in zip(names, (1, orientation), strict=True):
+        im = Image.fromarray(raw)
+        exif = im.getexif()
+        exif[0x0112] = tag
+        im.save(ws / "images" / name, quality=98, exif=exif)
+    fx, fy, cx, cy = 100.0, 104.0, 57.0, 47.0
+    (ws / "sparse" / "0" / "cameras.txt").write_text(f"1 PINHOLE {w} {h} {fx} {fy} {cx} {cy}\n")
+    poses = planted_poses()[:2]
+    (ws / "sparse" / "0" / "images.txt").write_text(
+        "".join(
+            f"{i + 1} {' '.join(f'{v:.15g}' for v in (*q, *t))} 1 {n}\n\n"
+            for i, (n, (q, t)) in enumerate(zip(names, poses, strict=True))
+        )
+    )
+    (ws / "sparse" / "0" / "points3D.txt").write_text("")
+    _, root = _prepare(ws, tmp_path / "out", "scenes.image_size=0")
+    scene = open_scene(root, "ws")
+    vm_raw = reference_viewmat(*poses[1])
+    K_raw = np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1]])
+    rng = np.random.default_rng(0)
+    cam = np.concatenate([rng.uniform(-1, 1, (20, 2)), rng.uniform(2, 4, (20, 1))], 1)
+    world = (cam - vm_raw[:3, 3]) @ vm_raw[:3, :3]  # points in front of camera b
+    uv = (world @ vm_raw[:3, :3].T + vm_raw[:3, 3]) @ K_raw.T
+    x, y = uv[:, 0] / uv[:, 2], uv[:, 1] / uv[:, 2]
+    want = {3: (w - x, h - y), 6: (h - y, x), 8: (y, w - x)}[orientation]
+    vm, K = scene.viewmat(1).double().numpy(), scene.K(1).double().numpy()
+    uv2 = (world @ vm[:3, :3].T + vm[:3, 3]) @ K.T
+    np.testing.assert_allclose(uv2[:, 0] / uv2[:, 2], want[0], atol=1e-4)
+    np.testing.assert_allclose(uv2[:, 1] / uv2[:, 2], want[1], atol=1e-4)
+    turn = {3: cv2.ROTATE_180, 6: cv2.ROTATE_90_CLOCKWISE, 8: cv2.ROTATE_90_COUNTERCLOCKWISE}
+    upright = cv2.rotate(raw, turn[orientation]).astype(np.float64)
+    got = scene.load_image(1).double().numpy() * 255  # read as every stage reads it
+    assert got.shape == upright.shape and np.abs(got - upright).mean() < 3
+    assert (scene.width(0), scene.height(0)) == (w, h)  # the plain photo is as stored
+    np.testing.assert_allclose(scene.viewmat(0).double(), reference_viewmat(*poses[0]), atol=1e-6)

@@ -8,7 +8,8 @@ A scene folder (what `colmap automatic_reconstructor` or `colmap mapper` leaves)
 
 `scenes.root` is one such folder or a folder of them (every subfolder holding `sparse/` is a
 scene, named by its folder). The model's world frame and poses are kept; its registered images
-are the views, its points seed the Gaussians.
+are the views, its points seed the Gaussians. COLMAP poses images as stored; one whose EXIF
+orientation says the camera was held sideways is turned upright when written (with its camera).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pycolmap
 
 from fit3d.config import ScenesConfig
 from fit3d.errors import UserError
-from fit3d.scenes.own.layout import Capture, Job, PosedView, camera
+from fit3d.scenes.own.layout import Capture, Job, PosedView, camera, exif_orientation
 
 MODEL_NAMES = ("cameras", "images", "points3D")
 
@@ -81,6 +82,7 @@ def capture_from_model(
                 camera=camera(cam.model.name, cam.width, cam.height, list(cam.params)),
                 viewmat=viewmat,
                 mask=mask if mask is not None and mask.is_file() else None,
+                upright=exif_orientation(path),
             )
         )
     points = [rec.points3D[i] for i in sorted(rec.points3D)]  # by id: a stable order

@@ -15,7 +15,9 @@ again capped at `image_size`, and every output pixel centre is sent through that
 inverse and the source camera's projection: images are resampled bilinearly there, masks and
 depth take the nearest pixel, and pixels that fall outside the source image are masked out.
 Distortion that moves no pixel by more than `NEGLIGIBLE_PX` is left alone (the images keep their
-pixels). Images that need neither are copied byte for byte.
+pixels). A view whose file says (EXIF orientation) that the camera was held sideways or upside
+down is turned upright last, its camera with it (`turn_upright`; COLMAP poses the stored pixels).
+Images that need none of this are copied byte for byte.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pycolmap
+from PIL import Image
 from tqdm import tqdm
 
 from fit3d.errors import UserError
@@ -74,6 +77,9 @@ class PosedView:
     """Optional valid-pixel mask (non-zero = valid), source image size."""
     depth: Path | None = None
     """Optional depth: uint16 PNG, millimetres along the optical axis, source image size."""
+    upright: int = 1
+    """EXIF orientation the camera was held in (1 none, 3 180 deg, 6 / 8 90 deg clockwise /
+    anticlockwise to display): the prepared view is turned upright (`turn_upright`)."""
 
 
 @dataclass
@@ -268,36 +274,84 @@ def _write_image(path: Path, img: np.ndarray) -> None:
         raise UserError(f"cannot write {path}")
 
 
+_TURNS = {  # EXIF orientation -> (cv2 rotation, R [3, 3]: prepared camera axes from source ones)
+    3: (cv2.ROTATE_180, np.diag([-1.0, -1.0, 1.0])),
+    6: (cv2.ROTATE_90_CLOCKWISE, np.array([[0.0, -1, 0], [1, 0, 0], [0, 0, 1]])),
+    8: (cv2.ROTATE_90_COUNTERCLOCKWISE, np.array([[0.0, 1, 0], [-1, 0, 0], [0, 0, 1]])),
+}
+
+
+def exif_orientation(path: Path) -> int:
+    """The EXIF orientation tag of an image file (1 when it has none or cannot say)."""
+    try:
+        with Image.open(path) as im:
+            return int(im.getexif().get(0x0112, 1))
+    except (OSError, ValueError, TypeError):
+        return 1
+
+
+def turn_upright(
+    K: np.ndarray, width: int, height: int, viewmat: np.ndarray, orientation: int
+) -> tuple[np.ndarray, int, int, np.ndarray]:
+    """(K, width, height, viewmat) of a pinhole view turned by EXIF `orientation` 3, 6 or 8.
+
+    Turning the image 90 deg clockwise sends continuous pixel (x, y) to (height - y, x): the
+    camera's new x axis is its old -y, its new y axis its old x (R below), fx and fy swap and the
+    principal point moves with the pixels. Anticlockwise and 180 deg likewise."""
+    rot = _TURNS[orientation][1]
+    fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
+    if orientation == 3:
+        K2, size = [[fx, 0, width - cx], [0, fy, height - cy]], (width, height)
+    elif orientation == 6:
+        K2, size = [[fy, 0, height - cy], [0, fx, cx]], (height, width)
+    else:
+        K2, size = [[fy, 0, cy], [0, fx, width - cx]], (height, width)
+    turn = np.eye(4)
+    turn[:3, :3] = rot
+    return np.array([*K2, [0, 0, 1.0]]), size[0], size[1], turn @ viewmat
+
+
 def _write_view(view: PosedView, t: Target, dslr: Path) -> dict[str, Any]:
     """Write one view's image (and mask, depth) into `dslr`; returns its nerfstudio frame."""
     name = prepared_name(view.name)
     stem = Path(name).stem
     out = dslr / IMAGE_DIR / name
+    turn = _TURNS[view.upright][0] if view.upright in _TURNS else None
+
+    def upright(arr: np.ndarray) -> np.ndarray:
+        return arr if turn is None else cv2.rotate(arr, turn)
+
     same_size = (t.width, t.height) == (view.camera.width, view.camera.height)
     img, plain = read_rgb(view.image)  # read even when copied: an unreadable file stops here
     _check_size(img, view.camera, view.image)
-    if plain and t.warp is None and same_size and view.image.suffix.lower() in COPYABLE:
+    # a copy keeps the file's EXIF orientation, which readers apply: only files without one
+    copy = plain and t.warp is None and same_size and turn is None
+    if copy and view.image.suffix.lower() in COPYABLE and exif_orientation(view.image) == 1:
         shutil.copyfile(view.image, out)
     else:
-        _write_image(out, _resample(img, t, nearest=False))
+        _write_image(out, upright(_resample(img, t, nearest=False)))
     valid = _inside(t)
     if view.mask is not None:
         m = _read_plane(view.mask, "mask")
         _check_size(m, view.camera, view.mask)
         m = _resample((m > 0).astype(np.uint8), t, nearest=True) > 0
         valid = m if valid is None else valid & m
+    K, width, height, viewmat = t.K, t.width, t.height, view.viewmat
+    if turn is not None:
+        K, width, height, viewmat = turn_upright(K, width, height, viewmat, view.upright)
     frame: dict[str, Any] = {
         "file_path": name,
-        "transform_matrix": viewmat_to_nerfstudio(view.viewmat).tolist(),
-        "fl_x": float(t.K[0, 0]),
-        "fl_y": float(t.K[1, 1]),
-        "cx": float(t.K[0, 2]),
-        "cy": float(t.K[1, 2]),
-        "w": t.width,
-        "h": t.height,
+        "transform_matrix": viewmat_to_nerfstudio(viewmat).tolist(),
+        "fl_x": float(K[0, 0]),
+        "fl_y": float(K[1, 1]),
+        "cx": float(K[0, 2]),
+        "cy": float(K[1, 2]),
+        "w": width,
+        "h": height,
     }
     if valid is not None:
-        cv2.imwrite(str(dslr / MASK_DIR / f"{stem}.png"), valid.astype(np.uint8) * 255)
+        mask = upright(valid.astype(np.uint8) * 255)
+        cv2.imwrite(str(dslr / MASK_DIR / f"{stem}.png"), mask)
         frame["mask_path"] = f"{stem}.png"
     if view.depth is not None:
         d = _read_plane(view.depth, "depth")
@@ -305,7 +359,8 @@ def _write_view(view: PosedView, t: Target, dslr: Path) -> dict[str, Any]:
             raise UserError(f"depth {view.depth} must be a 16-bit PNG (millimetres)")
         _check_size(d, view.camera, view.depth)
         (dslr / GT_DIRS["depth"]).mkdir(exist_ok=True)
-        cv2.imwrite(str(dslr / GT_DIRS["depth"] / f"{stem}.png"), _resample(d, t, nearest=True))
+        depth = upright(_resample(d, t, nearest=True))
+        cv2.imwrite(str(dslr / GT_DIRS["depth"] / f"{stem}.png"), depth)
     return frame
 
 
