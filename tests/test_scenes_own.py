@@ -97,6 +97,7 @@ def test_mix_links_the_scenes_of_several_sets(tmp_path):
         ("scenes.image_size=16", "image_size must be 0"),
         ("scenes.min_registered=0", "min_registered must be in (0, 1]"),
         ("scenes.matcher=vocab", "matcher must be auto"),
+        ("scenes.camera_model=FISH", "camera_model must be a COLMAP model"),
         ("scenes.root=", "scenes.root is empty"),
     ],
 )

@@ -33,6 +33,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pycolmap
+
 from fit3d.config import Config, ScenesConfig, to_dict
 from fit3d.errors import UserError
 from fit3d.io import write_json
@@ -78,6 +80,11 @@ def check_settings(sc: ScenesConfig) -> None:
         raise UserError(f"scenes.min_registered must be in (0, 1], got {sc.min_registered}")
     if sc.matcher not in ("auto", "exhaustive", "sequential"):
         raise UserError(f"scenes.matcher must be auto, exhaustive or sequential, got {sc.matcher}")
+    models = [m for m in pycolmap.CameraModelId.__members__ if m != "INVALID"]
+    if sc.camera_model not in models:
+        raise UserError(
+            f"scenes.camera_model must be a COLMAP model {models}, got {sc.camera_model}"
+        )
 
 
 def _settings(cfg: Config) -> dict[str, Any]:
