@@ -22,8 +22,9 @@ one room of the demo set of seed `--seed` + k):
      back-projected from exact depth: a denser start than any SfM gives).
    Acceptance: recovered PSNR >= true PSNR - 1 dB.
 
-    python benchmarks/own_scenes.py [--rooms 1] [--seed 7] [--out-dir outputs/bench/own_scenes]
-        [key=value ...]   (overrides for both lifts, e.g. lift.steps=100 backbone.name=test_tiny)
+    python benchmarks/own_scenes.py [--rooms 1] [--seed 7] [--views 40 --width 336 --height 224]
+        [--poses-only] [--out-dir outputs/bench/own_scenes]
+        [key=value ...]   (overrides for the lifts, e.g. lift.steps=100 backbone.name=test_tiny)
 
 Prints one line per room and the means; writes outputs/bench/own_scenes.json.
 """
@@ -120,7 +121,8 @@ def room(k: int, args: argparse.Namespace, out: Path) -> dict:
     """Generate room k, pose it from its images, lift it three ways; its figures."""
     seed = args.seed + k
     demo_root = out / f"room{k}" / "demo"
-    generate_demo(demo_root, seed=seed, n_train=1, n_val=0, workers=1)
+    size = {"n_views": args.views, "width": args.width, "height": args.height}
+    generate_demo(demo_root, seed=seed, n_train=1, n_val=0, workers=1, **size)
     true_scene = open_scene(demo_root, "demo_000")
     photos = out / f"room{k}" / "photos" / f"room{k}"
     photos.mkdir(parents=True, exist_ok=True)
@@ -148,6 +150,9 @@ def room(k: int, args: argparse.Namespace, out: Path) -> dict:
             "scenes.demo_train=1",
             "scenes.demo_val=0",
             f"scenes.demo_seed={seed}",
+            f"scenes.demo_views={args.views}",
+            f"scenes.demo_width={args.width}",
+            f"scenes.demo_height={args.height}",
             "run.name=generated",
             *common,
         ],
@@ -163,9 +168,12 @@ def room(k: int, args: argparse.Namespace, out: Path) -> dict:
             *common,
         ],
     )
-    own_lift = lift_metrics(replace(own_cfg, run=replace(own_cfg.run, name="recovered")))
-    true_lift = lift_metrics(true_cfg)
-    generated_lift = lift_metrics(generated_cfg)
+    if args.poses_only:
+        own_lift = true_lift = generated_lift = {"psnr": float("nan"), "feat_cos": float("nan")}
+    else:
+        own_lift = lift_metrics(replace(own_cfg, run=replace(own_cfg.run, name="recovered")))
+        true_lift = lift_metrics(true_cfg)
+        generated_lift = lift_metrics(generated_cfg)
     return {
         "demo_seed": seed,
         "views": len(true_names),
@@ -184,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rooms", type=int, default=1)
     parser.add_argument("--seed", type=int, default=7, help="room k: the demo set of seed + k")
+    parser.add_argument("--views", type=int, default=40, help="views per room (demo: 40)")
+    parser.add_argument("--width", type=int, default=336, help="image width (demo: 336)")
+    parser.add_argument("--height", type=int, default=224, help="image height (demo: 224)")
+    parser.add_argument("--poses-only", action="store_true", help="pose the rooms, lift none")
     parser.add_argument("--out-dir", default="outputs/bench/own_scenes")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
@@ -225,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["all_registered"]
         and max(r["rot_median_deg"] for r in rows) < 1.0
         and max(r["centre_median_frac"] for r in rows) < 0.02
-        and min(r["psnr_diff_db"] for r in rows) > -1.0
+        and (args.poses_only or min(r["psnr_diff_db"] for r in rows) > -1.0)
     )
     summary["acceptance"] = ok
     print(
