@@ -96,8 +96,9 @@ def test_mix_links_the_scenes_of_several_sets(tmp_path):
         ("scenes.test_every=1", "test_every must be >= 2"),
         ("scenes.image_size=16", "image_size must be 0"),
         ("scenes.min_registered=0", "min_registered must be in (0, 1]"),
-        ("scenes.matcher=vocab", "matcher must be auto"),
-        ("scenes.camera_model=FISH", "camera_model must be a COLMAP model"),
+        ("scenes.matcher=vocab", "matcher must be one of ['auto', 'exhaustive', 'sequential']"),
+        ("scenes.camera_model=FISH", "camera_model must be one of ['SIMPLE_PINHOLE'"),
+        ("scenes.sources=[images]", "sources items must be name:root"),
         ("scenes.root=", "scenes.root is empty"),
     ],
 )

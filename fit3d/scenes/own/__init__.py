@@ -33,8 +33,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import pycolmap
-
 from fit3d.config import Config, ScenesConfig, to_dict
 from fit3d.errors import UserError
 from fit3d.io import write_json
@@ -66,25 +64,6 @@ WHAT = {
 def _command(sc: ScenesConfig) -> str:
     root = f"scenes.root={sc.root}" if sc.name != MIX else f"scenes.sources={list(sc.sources)}"
     return f'`make scenes SCENES={sc.name} ARGS="{root}"` (python -m fit3d.scenes.own)'
-
-
-def check_settings(sc: ScenesConfig) -> None:
-    """UserError for `scenes` settings of own scenes out of range (one line each)."""
-    if sc.image_size != 0 and sc.image_size < 32:
-        raise UserError(f"scenes.image_size must be 0 (keep) or >= 32, got {sc.image_size}")
-    if sc.test_every < 2:
-        raise UserError(f"scenes.test_every must be >= 2, got {sc.test_every}")
-    if sc.frame_step < 0:
-        raise UserError(f"scenes.frame_step must be >= 0 (0 = automatic), got {sc.frame_step}")
-    if not 0.0 < sc.min_registered <= 1.0:
-        raise UserError(f"scenes.min_registered must be in (0, 1], got {sc.min_registered}")
-    if sc.matcher not in ("auto", "exhaustive", "sequential"):
-        raise UserError(f"scenes.matcher must be auto, exhaustive or sequential, got {sc.matcher}")
-    models = [m for m in pycolmap.CameraModelId.__members__ if m != "INVALID"]
-    if sc.camera_model not in models:
-        raise UserError(
-            f"scenes.camera_model must be a COLMAP model {models}, got {sc.camera_model}"
-        )
 
 
 def _settings(cfg: Config) -> dict[str, Any]:
@@ -138,7 +117,6 @@ def prepare(cfg: Config, verbose: bool = True) -> Path:
     sc = cfg.scenes
     if sc.name not in NAMES:
         raise UserError(f"scenes.name must be one of {list(NAMES)} here, got '{sc.name}'")
-    check_settings(sc)
     if sc.name == MIX:
         return _prepare_mix(cfg, verbose)
     if not sc.root:
