@@ -202,7 +202,6 @@ def structure_from_motion(
         state = {}
     if not isinstance(state, dict) or state.get("settings") != settings:
         shutil.rmtree(work, ignore_errors=True)
-        state = {"settings": settings}
     elif state.get("model_images") == names and model.is_dir():
         return pycolmap.Reconstruction(str(model))
     work.mkdir(parents=True, exist_ok=True)
