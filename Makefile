@@ -17,14 +17,17 @@ DATASET_ROOT ?=
 # Large per-step temporaries otherwise go back to the OS and are page-faulted in again every step
 # (measured 4-5x slower on CPU); keep them in the heap for the long-running targets.
 RUN_ENV := GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296
-STAGE_ARGS = --preset $(SCENES) backbone.name=$(BACKBONE) $(ARGS)
+# SCHEDULE=demo: the demo preset's CPU-sized lift / fine-tune schedule under another SCENES.
+SCHEDULE ?=
+STAGE_ARGS = $(if $(SCHEDULE),--preset $(SCHEDULE) )--preset $(SCENES) backbone.name=$(BACKBONE) $(ARGS)
 
 .DEFAULT_GOAL := help
 .PHONY: help setup test test-other-isa lint format scenes lift finetune eval demo view bench gpu-check gpu-rehearsal clean
 
 help: ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
-	@echo "  variables: SCENES=$(SCENES) (demo|scannetpp)  BACKBONE=$(BACKBONE)  ARGS='key.sub=value ...'"
+	@echo "  variables: SCENES=$(SCENES) (demo|scannetpp|colmap|nerfstudio|images|mix)  BACKBONE=$(BACKBONE)  ARGS='key.sub=value ...'"
+	@echo "             SCHEDULE=demo (the demo's short lift / fine-tune schedule, e.g. with SCENES=images on a CPU)"
 	@echo "             DATASET=(nyuv2|ade20k|voc2012|kitti|scannet|navi|scannet1500|nyu_normals) DATASET_ROOT=..." 
 
 $(STAMP): pyproject.toml
@@ -64,12 +67,15 @@ format: $(STAMP) ## Apply ruff format and safe fixes
 
 # The demo rooms are generated only when asked for (cached by their parameters).
 DEMO_SCENES = $(if $(filter demo,$(SCENES)),@$(PY) -m fit3d.scenes.demo --preset demo $(ARGS),)
+# Own scenes (README "Your own scenes") are posed / undistorted once (cached, resumable).
+OWN_SCENES = $(if $(filter colmap nerfstudio images mix,$(SCENES)),@$(PY) -m fit3d.scenes.own $(STAGE_ARGS),)
 
-scenes: setup ## Generate the embedded demo rooms (cached; other targets do it when SCENES=demo)
-	@$(PY) -m fit3d.scenes.demo --preset demo $(ARGS)
+scenes: setup ## Generate the demo rooms, or prepare SCENES=colmap|nerfstudio|images|mix (cached)
+	$(if $(OWN_SCENES),$(OWN_SCENES),@$(PY) -m fit3d.scenes.demo --preset demo $(ARGS))
 
 lift: setup ## Stage 1: lift backbone features into per-scene 3D Gaussians
 	$(DEMO_SCENES)
+	$(OWN_SCENES)
 	$(RUN_ENV) $(PY) -m stage1_lift $(STAGE_ARGS)
 
 finetune: setup ## Stage 2: fine-tune the backbone on features rendered from the lifted scenes

@@ -186,6 +186,23 @@ EVAL_DATASETS = Allowed(
 """Values of `eval.dataset`: '' (the scene set) or a name of `fit3d.datasets.DATASETS`."""
 
 
+CAMERA_MODELS = (
+    *("SIMPLE_PINHOLE", "PINHOLE", "SIMPLE_RADIAL", "SIMPLE_RADIAL_FISHEYE", "RADIAL"),
+    *("RADIAL_FISHEYE", "OPENCV", "OPENCV_FISHEYE", "FULL_OPENCV", "FOV", "THIN_PRISM_FISHEYE"),
+    *("RAD_TAN_THIN_PRISM_FISHEYE", "SIMPLE_DIVISION", "DIVISION", "SIMPLE_FISHEYE", "FISHEYE"),
+    "EUCM",
+)
+"""Values of `scenes.camera_model`: COLMAP's perspective and fisheye camera models."""
+MIX_SOURCES = Allowed(
+    "name:root, name one of ['colmap', 'nerfstudio', 'images', 'demo', 'scannetpp']",
+    lambda v: (
+        v.partition(":")[0] in ("colmap", "nerfstudio", "images", "demo", "scannetpp") and ":" in v
+    ),
+    ("mix:x", "images"),
+)
+"""Items of `scenes.sources` (a `mix`)."""
+
+
 @dataclass(frozen=True)
 class ScenesConfig:
     """Which scenes to read and how."""
@@ -193,10 +210,13 @@ class ScenesConfig:
     relations: ClassVar[tuple[str, ...]] = ("demo_train + demo_val >= 1",)
     """Rules between fields (Python expressions over them), checked by `load_config`."""
 
-    name: str = setting("demo", ("demo", "scannetpp"))
-    """Scene set: `demo` (generated rooms, ScanNet++ layout) or `scannetpp`."""
+    name: str = setting("demo", ("demo", "scannetpp", "colmap", "nerfstudio", "images", "mix"))
+    """Scene set: `demo` (generated rooms, ScanNet++ layout), `scannetpp`, or your own scenes
+    (README "Your own scenes"): `colmap`, `nerfstudio`, `images`, or a `mix` of sets."""
     root: str = ""
-    """Dataset root. Empty: demo -> `<run.out>/scenes/demo`; scannetpp -> $SCANNETPP_ROOT."""
+    """Dataset root. Empty: demo -> `<run.out>/scenes/demo`; scannetpp -> $SCANNETPP_ROOT. Own
+    scenes: the input (one scene, or a folder of scene folders), prepared under
+    `<run.out>/scenes/<name>/`."""
     train_split: str = "nvs_sem_train"
     """Split file (`<root>/splits/<name>.txt`) of scenes used for lifting and fine-tuning."""
     val_split: str = "nvs_sem_val"
@@ -230,6 +250,37 @@ class ScenesConfig:
     demo_test_seed: int = setting(0, ">= 0")
     """Demo only: seed of the test rooms alone (another draw of test rooms; the train, val and
     probe rooms, and so the lifted scenes and the fine-tuned model, stay the same)."""
+    image_size: int = setting(876, "0 or >= 32")
+    """Own scenes (`colmap`, `nerfstudio`, `images`, README "Your own scenes"): long side in
+    pixels of the prepared (undistorted) images; larger inputs are downscaled once when prepared
+    (0 = keep their size). 876 = FiT3D's ScanNet++ width."""
+    test_every: int = setting(8, ">= 2")
+    """Own scenes: every n-th view (sorted by name, the n-th, 2n-th, ...) is a held-out test view
+    of the lift (the mip-NeRF 360 convention); a scene with fewer views holds out its last one.
+    nerfstudio `test_filenames` / `transforms_test.json` override it."""
+    frame_step: int = setting(0, ">= 0")
+    """`images` only: use every n-th photo (sorted by name) or video frame; 0 = every photo, and
+    2 frames per second of a video."""
+    matcher: str = setting("auto", ("auto", "exhaustive", "sequential"))
+    """`images` only: `exhaustive` (every pair), `sequential` (each image with its neighbours in
+    name order, for videos) or `auto` (exhaustive up to 150 images, sequential above and for
+    videos)."""
+    camera_model: str = setting("SIMPLE_RADIAL", CAMERA_MODELS)
+    """`images` only: COLMAP camera model fitted by structure from motion (`SIMPLE_RADIAL`,
+    `RADIAL`, `OPENCV`, `OPENCV_FISHEYE`, `PINHOLE`, ...)."""
+    single_camera: bool = True
+    """`images` only: every photo of a scene comes from one camera at one zoom (one shared set of
+    intrinsics); false fits one per image."""
+    min_registered: float = setting(0.5, "(0, 1]")
+    """`images` only: the fraction of a scene's images that structure from motion must register;
+    fewer stops with a message, the images left out above it are listed."""
+    val_scenes: tuple[str, ...] = ()
+    """Own scenes and `mix`: scene ids held out (the `val` split: `lift.split=val`, stage 2's
+    `finetune.val_lift_run`); every other scene is in the `train` split."""
+    sources: tuple[str, ...] = setting((), MIX_SOURCES)
+    """`mix` only: the scene sets mixed into one, as `name:root` (`images:my_photos`,
+    `colmap:/data/garden`, `scannetpp:/data/scannetpp`, `demo:`), each read as `scenes.name=name
+    scenes.root=root` with this config's other `scenes` settings."""
 
 
 @dataclass(frozen=True)

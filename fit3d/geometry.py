@@ -8,8 +8,13 @@ invalid. Pixel coordinates below are integer pixel indices (x, y) unless stated.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
+import numpy as np
 import torch
 from torch import Tensor
+
+ArrayT = TypeVar("ArrayT", np.ndarray, Tensor)
 
 ROTATION_BINS = ((0.0, 15.0), (15.0, 30.0), (30.0, 60.0), (60.0, 180.0))
 """Relative-rotation bins (degrees) of view pairs (Probe3D's correspondence bins)."""
@@ -19,6 +24,16 @@ def camera_centres(viewmats: Tensor) -> Tensor:
     """World-space camera centres [C, 3] of world-to-camera matrices [C, 4, 4]."""
     rot, t = viewmats[:, :3, :3], viewmats[:, :3, 3]
     return -(rot.transpose(1, 2) @ t[..., None])[..., 0]
+
+
+def opengl_to_opencv(c2w: ArrayT) -> ArrayT:
+    """Camera-to-world [..., 4, 4] with OpenGL camera axes (x right, y up, z back: nerfstudio,
+    instant-ngp, NeRF) -> the same cameras with OpenCV axes (x right, y down, z forward), and back
+    (it is its own inverse): the camera's y and z axes (columns 1 and 2) are negated. A numpy
+    array in gives a float64 copy, a tensor a copy of its dtype."""
+    out = c2w.clone() if isinstance(c2w, Tensor) else np.array(c2w, dtype=np.float64)
+    out[..., :3, 1:3] *= -1
+    return out
 
 
 def rotation_angle(rel: Tensor) -> Tensor:

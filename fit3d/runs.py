@@ -8,6 +8,7 @@ is its own; nothing else builds an output path.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -131,6 +132,20 @@ def finetune_target_dir(finetune_run: Path) -> Path:
 def demo_scenes_dir(cfg: Config) -> Path:
     """Where the demo scene set of `cfg` lives: `scenes.root`, else `<run.out>/scenes/demo`."""
     return Path(cfg.scenes.root) if cfg.scenes.root else Path(cfg.run.out) / "scenes" / "demo"
+
+
+def own_scenes_dir(cfg: Config) -> Path:
+    """Where an own scene set (`scenes.name` colmap, nerfstudio, images or mix) is prepared:
+    `<run.out>/scenes/<name>/<input folder name>-<8 hex digits of its absolute path>`; a mix is
+    named by the hash of its `scenes.sources`."""
+    sc = cfg.scenes
+    if sc.name == "mix":
+        key, stem = "\n".join(sc.sources), "mix"
+    else:
+        path = Path(sc.root).expanduser().resolve()
+        key, stem = str(path), path.name or "root"
+    digest = hashlib.sha1(key.encode()).hexdigest()[:8]
+    return Path(cfg.run.out) / "scenes" / sc.name / f"{stem}-{digest}"
 
 
 def benchmark_output(name: str) -> Path:

@@ -212,7 +212,7 @@ def test_values_outside_each_numeric_range_are_one_line_errors(key, fld, tp) -> 
         (["eval.depth_crop=[416]"], "eval.depth_crop needs 0 or 2 items, got [416]"),
         (["eval.seg_scale=[2048]"], "config key 'eval.seg_scale' expects 2 items, got [2048]"),
         (["eval.dataset=nyu2"], "eval.dataset must be '' or one of ['demo', 'scannetpp', 'nyuv2'"),
-        (["scenes.name=scanetpp"], "scenes.name must be one of ['demo', 'scannetpp']"),
+        (["scenes.name=scanetpp"], "scenes.name must be one of ['demo', 'scannetpp', 'colmap'"),
         (["run.logger=tensorboard"], "run.logger must be one of ['csv', 'wandb']"),
         (["lift.split=test"], "lift.split must be one of ['train', 'val'], got 'test'"),
         # relations between fields of a section

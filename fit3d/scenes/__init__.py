@@ -1,9 +1,10 @@
 """Scenes: posed views with lazy images, sparse points and optional ground truth.
 
-One reader (`open_scene`) serves ScanNet++ DSLR data and the generated demo rooms, which are
-written in the same layout (see `fit3d.scenes.scannetpp` and `fit3d.scenes.demo`). Resolving the
-scenes of a config is pure: the demo set is generated only when asked for (`generate_demo_set`,
-`python -m fit3d.scenes.demo`, `make scenes`).
+One reader (`open_scene`) serves ScanNet++ DSLR data, the generated demo rooms and your own scenes
+(COLMAP, nerfstudio, photos), which are written in the same layout (see `fit3d.scenes.scannetpp`,
+`fit3d.scenes.demo` and `fit3d.scenes.own`). Resolving the scenes of a config is pure: the demo
+set is generated, and own scenes are prepared, only when asked for (`generate_demo_set`,
+`python -m fit3d.scenes.demo`, `python -m fit3d.scenes.own`, `make scenes`).
 """
 
 from __future__ import annotations
@@ -96,7 +97,11 @@ def scenes_root(cfg: Config) -> Path:
         if not (root / "data").is_dir():
             raise UserError(f"ScanNet++ root {root} has no data/ folder: {GET_SCANNETPP}")
         return root
-    raise UserError(f"unknown scenes.name '{sc.name}' (known: demo, scannetpp)")
+    from fit3d.scenes.own import NAMES, prepared_root
+
+    if sc.name in NAMES:
+        return prepared_root(cfg)
+    raise UserError(f"unknown scenes.name '{sc.name}' (known: demo, scannetpp, {', '.join(NAMES)})")
 
 
 def resolve_scenes(cfg: Config, split: str) -> tuple[Path, list[str], float]:

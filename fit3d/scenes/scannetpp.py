@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from fit3d.errors import UserError
+from fit3d.geometry import opengl_to_opencv
 from fit3d.io import read_image
 
 IMAGE_DIR = "undistorted_images"
@@ -60,8 +61,6 @@ IGNORE_LABEL = 255
 _NS_TO_COLMAP = np.array(
     [[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, -1, 0], [0, 0, 0, 1]], dtype=np.float64
 )
-# Camera axes OpenGL (x right, y up, z back) <-> OpenCV (x right, y down, z forward).
-_GL_TO_CV = np.diag([1.0, -1.0, -1.0, 1.0])
 
 GET_SCANNETPP = (
     "get ScanNet++ from https://kaldir.vc.in.tum.de/scannetpp/ (licence required), run the "
@@ -74,14 +73,14 @@ GET_SCANNETPP = (
 def nerfstudio_to_viewmat(c2w: np.ndarray) -> np.ndarray:
     """nerfstudio camera-to-world [4,4] (OpenGL axes, permuted world) -> OpenCV world-to-camera
     [4,4] in the COLMAP world frame."""
-    return np.linalg.inv(_NS_TO_COLMAP @ np.asarray(c2w, dtype=np.float64) @ _GL_TO_CV)
+    return np.linalg.inv(_NS_TO_COLMAP @ opengl_to_opencv(np.asarray(c2w, dtype=np.float64)))
 
 
 def viewmat_to_nerfstudio(viewmat: np.ndarray) -> np.ndarray:
     """Inverse of `nerfstudio_to_viewmat`: OpenCV world-to-camera (COLMAP frame) -> nerfstudio
     camera-to-world."""
     c2w_cv = np.linalg.inv(np.asarray(viewmat, dtype=np.float64))
-    return np.linalg.inv(_NS_TO_COLMAP) @ c2w_cv @ _GL_TO_CV
+    return opengl_to_opencv(np.linalg.inv(_NS_TO_COLMAP) @ c2w_cv)
 
 
 def read_json(path: Path) -> Any:

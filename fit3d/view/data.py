@@ -180,9 +180,16 @@ def scene_summary(scene: LiftedScene, shown: int) -> str:
     n = len(scene.gaussians["means"])
     meta = scene.meta
     head = f"{meta.get('scene_id', '?')}: {meta.get('backbone', '?')}, "
+    m = meta.get("metrics") or {}
+    held = ""  # stage 1's label-free check on the scene's held-out views
+    if m.get("psnr") is not None and m.get("feat_cos") is not None:
+        held = (
+            f"; held-out views ({m.get('views', '?')}): PSNR {m['psnr']:.2f} dB, "
+            f"feature cosine {m['feat_cos']:.3f}"
+        )
     if shown < n:
         return (
             head + f"showing {shown:,} of {n:,} Gaussians (the most opaque x largest; "
-            "raise --max-gaussians to show more)"
+            "raise --max-gaussians to show more)" + held
         )
-    return head + f"{n:,} Gaussians"
+    return head + f"{n:,} Gaussians" + held
