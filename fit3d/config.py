@@ -410,6 +410,11 @@ class FinetuneConfig:
     """Scale of the images the student sees (x scenes.resolution; its token grid follows): the
     targets are still rendered at full size and downsampled to that grid. 1.0 = FiT3D; below 1 a
     step costs about image_scale^2 of one at full size."""
+    crop: float = setting(1.0, "(0, 1]")
+    """Side of a random token-aligned crop of every training sample, as a fraction of its token
+    grid's rows and columns (the same size for all; target and mask cropped alike; a fresh
+    seeded corner per sample and epoch). 1.0 = the whole image, as FiT3D; below 1 the student
+    sees the objects at their evaluation scale and a step costs about crop^2 of a whole one."""
     epochs: int = setting(1, ">= 1")
     """Training epochs over all (scene, view) pairs."""
     batch_size: int = setting(2, ">= 1")

@@ -57,11 +57,15 @@ def resolve_device(name: str) -> torch.device:
 # --- precision ----------------------------------------------------------------------------
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` computes bf16 in hardware: CUDA with bf16 support, or a CPU with AVX512-BF16
-    or AMX. Elsewhere torch emulates bf16 (on an AVX2-only CPU a bf16 ViT step ran 5-12x slower
-    than fp32), so `auto` keeps fp32 there."""
+    or AMX whose AVX-512 kernels torch uses. Elsewhere torch emulates bf16 (on an AVX2-only CPU a
+    bf16 ViT step ran 5-12x slower than fp32), so `auto` keeps fp32 there, also on an AVX-512
+    machine told to take AVX2 code paths (`ATEN_CPU_CAPABILITY=avx2`, as `make test-other-isa`
+    and an AVX2 rehearsal do)."""
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device.type != "cpu":
+        return False
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
         return False
     cpu = torch.cpu
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private; absent -> False

@@ -152,6 +152,9 @@ class Sample(NamedTuple):
     """`TargetStore` file holding the record ('' = render on demand)."""
     offset: int = 0
     """Byte offset of the record in `file`."""
+    corner: tuple[float, float] = (-1.0, -1.0)
+    """Where a training crop starts, as fractions in [0, 1) of the free rows and columns of the
+    token grid (`FinetuneDataset.crop`); negative = no crop."""
 
 
 class FinetuneDataset(Dataset):
@@ -176,6 +179,8 @@ class FinetuneDataset(Dataset):
         device: str | torch.device = "cpu",
         backend: str = "auto",
         image_scale: float = 1.0,
+        crop: float = 1.0,
+        patch: int = 14,
     ):
         self.run = run
         self.scenes = scenes
@@ -183,6 +188,7 @@ class FinetuneDataset(Dataset):
         self.grids = grids
         self.backend = backend
         self.image_scale = image_scale
+        self.crop, self.patch = crop, patch
         self.cache = LiftedCache(run.path, cache_size, device)
 
     def __len__(self) -> int:
@@ -236,8 +242,27 @@ class FinetuneDataset(Dataset):
             image = F.interpolate(image[None], size, mode="bilinear", antialias=True)[0]
         if key.flip:
             image, target, mask = image.flip(-1), target.flip(-1), mask.flip(-1)
+        if self.crop < 1.0 and key.corner[0] >= 0:
+            image, target, mask = self._crop(image, target, mask, key.corner)
         key_t = torch.tensor([si, view, int(key.flip)], dtype=torch.long)
         return {"image": image, "target": target, "mask": mask, "key": key_t}
+
+    def _crop(
+        self, image: Tensor, target: Tensor, mask: Tensor, corner: tuple[float, float]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """A token-aligned crop of `crop` x the grid's rows and columns, starting `corner` of the
+        way into the free rows and columns: the target [C, h, w] and mask [h, w] keep those
+        tokens, the image [3, H, W] (resized to h*patch x w*patch first, as the backbone would)
+        the pixels under them."""
+        h, w = target.shape[1:]
+        ch, cw = max(1, round(self.crop * h)), max(1, round(self.crop * w))
+        oy = min(int(corner[0] * (h - ch + 1)), h - ch)
+        ox = min(int(corner[1] * (w - cw + 1)), w - cw)
+        p = self.patch
+        if tuple(image.shape[1:]) != (h * p, w * p):
+            image = F.interpolate(image[None], (h * p, w * p), mode="bilinear", antialias=True)[0]
+        image = image[:, oy * p : (oy + ch) * p, ox * p : (ox + cw) * p]
+        return image, target[:, oy : oy + ch, ox : ox + cw], mask[oy : oy + ch, ox : ox + cw]
 
 
 class TargetStore:
@@ -325,9 +350,10 @@ class ShuffledSampler(Sampler):
         rank: int = 0,
         store: TargetStore | None = None,
         window: int = 4096,
+        crop: bool = False,
     ):
         self.num_pairs = num_pairs
-        self.shuffle, self.flip, self.seed = shuffle, flip, seed
+        self.shuffle, self.flip, self.seed, self.crop = shuffle, flip, seed, crop
         self.num_replicas, self.rank = num_replicas, rank
         self.store, self.window = store, max(1, window)
         self.epoch = 0
@@ -351,18 +377,27 @@ class ShuffledSampler(Sampler):
         flips = torch.rand(n, generator=g) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)
         return idx, flips
 
+    def corners(self) -> Tensor:
+        """Crop corners [M, 2] in [0, 1) of the whole epoch's positions (with `crop`), from a
+        generator of their own: the order and the flips are those of an uncropped run."""
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 7_919_000)
+        return torch.rand(self.num_pairs, 2, generator=g)
+
     def __iter__(self) -> Iterator[Sample]:
         idx, flips = self.order()
         mine = torch.arange(self.rank, len(self) * self.num_replicas, self.num_replicas)
-        keys = list(zip(idx[mine].tolist(), flips[mine].tolist(), strict=True))
+        corners = self.corners()[mine].tolist() if self.crop else [(-1.0, -1.0)] * len(mine)
+        keys = list(zip(idx[mine].tolist(), flips[mine].tolist(), map(tuple, corners), strict=True))
         start = self._skip.pop(self.epoch, 0)
         for k in range(start // self.window, -(-len(keys) // self.window)):
             part = keys[max(k * self.window, start) : (k + 1) * self.window]
             if self.store is None:
-                yield from (Sample(p, f) for p, f in part)
+                yield from (Sample(p, f, corner=c) for p, f, c in part)
                 continue
-            file, offsets = self.store.prepare(f"e{self.epoch}_w{k}", [p for p, _ in part])
-            yield from (Sample(p, f, file, o) for (p, f), o in zip(part, offsets, strict=True))
+            file, offsets = self.store.prepare(f"e{self.epoch}_w{k}", [p for p, _, _ in part])
+            yield from (
+                Sample(p, f, file, o, c) for (p, f, c), o in zip(part, offsets, strict=True)
+            )
 
 
 class FinetuneDataModule(L.LightningDataModule):
@@ -392,9 +427,11 @@ class FinetuneDataModule(L.LightningDataModule):
         val_batch_size: int | None = None,
         all_views: bool = False,
         image_scale: float = 1.0,
+        crop: float = 1.0,
+        patch: int = 14,
     ):
         super().__init__()
-        self.image_scale = image_scale
+        self.image_scale, self.crop, self.patch = image_scale, crop, patch
         self.run, self.val_run = run, val_run
         self.batch_size, self.num_workers = batch_size, num_workers
         self.val_batch_size = val_batch_size or batch_size
@@ -448,7 +485,7 @@ class FinetuneDataModule(L.LightningDataModule):
     def train_dataset(self) -> FinetuneDataset:
         return FinetuneDataset(
             self.run, self.scenes, self.train_pairs, self.grids, 1, self._device,
-            image_scale=self.image_scale,
+            image_scale=self.image_scale, crop=self.crop, patch=self.patch,
         )  # fmt: skip
 
     def val_dataset(self, device: str | torch.device | None = None) -> FinetuneDataset:
@@ -467,8 +504,9 @@ class FinetuneDataModule(L.LightningDataModule):
         store = TargetStore(dataset, folder)
         self.stores.append(store)
         sampler = ShuffledSampler(
-            len(self.train_pairs), True, True, self.seed, world, rank, store, self.window
-        )
+            len(self.train_pairs), True, True, self.seed, world, rank, store, self.window,
+            crop=self.crop < 1.0,
+        )  # fmt: skip
         epoch, consumed = self._position
         sampler.skip_once(epoch, consumed * self.batch_size)
         return self._loader(dataset, sampler, self.batch_size, drop_last=True)

@@ -234,6 +234,8 @@ def run(cfg: Config, callbacks: list[Callback] | None = None) -> dict[str, Any]:
         val_batch_size=plan.device_batch,
         all_views=f.views == "all",
         image_scale=f.image_scale,
+        crop=f.crop,
+        patch=backbone.patch_size,
     )
     fused = f.precision != "16-mixed"  # fp16's loss scaler unscales inside a fused step
     module = FinetuneModule(backbone, f.lr, f.weight_decay, f.grad_clip, plan.device_batch, fused)

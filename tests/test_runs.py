@@ -79,11 +79,16 @@ def test_resolve_precision_auto_follows_native_bf16(monkeypatch: pytest.MonkeyPa
     with pytest.raises(UserError, match="precision must be one of .* got 'half'"):
         runs.resolve_precision("half", cpu)
     cases = ((False, False, "fp32"), (True, False, "bf16"), (False, True, "bf16"))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     for avx512_bf16, amx, want in cases:
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
         assert runs.native_bf16(cpu) is (want == "bf16")
         assert runs.resolve_precision("auto", cpu) == want
+    # AVX2 code paths forced on a bf16-capable CPU (ATEN_CPU_CAPABILITY=avx2): emulated, so fp32
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert runs.resolve_precision("auto", cpu) == "fp32"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # a torch without the probes
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
     assert runs.resolve_precision("auto", cpu) == "fp32"

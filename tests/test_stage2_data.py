@@ -14,6 +14,7 @@ from fit3d.render import rasterization
 from stage2_finetune.data import (
     FinetuneDataModule,
     LiftedCache,
+    Sample,
     ShuffledSampler,
     read_lift_run,
 )
@@ -212,6 +213,41 @@ def test_image_scale_shrinks_the_image_and_its_token_grid_not_the_render(fake):
     )[0]
     assert item["target"].shape == (48, *_grid(h, w)) and item["mask"].shape == _grid(h, w)
     assert torch.allclose(item["target"].double(), ref, atol=1e-5)
+
+
+def test_crop_keeps_the_tokens_under_a_token_aligned_window(fake):
+    """finetune.crop: the image is resized to the token grid's pixel size (as the backbone
+    would), then the pixels under a window of crop x rows and columns are kept, with the same
+    window of the target and mask; the sampler's corners leave the order and flips as they are."""
+    run = read_lift_run(fake / "lift" / "default")
+    full = FinetuneDataModule(run, _grid).train_dataset()
+    data = FinetuneDataModule(run, _grid, crop=0.5, patch=14)
+    ds = data.train_dataset()
+    whole = full[(4, True)]
+    h, w = whole["target"].shape[1:]  # 4 x 5 tokens of a 70x56 image
+    item = ds[Sample(4, True, corner=(0.99, 0.0))]  # the last free row, the first column
+    ch, cw = round(0.5 * h), round(0.5 * w)
+    oy, ox = h - ch, 0
+    assert item["target"].shape == (48, ch, cw) and item["mask"].shape == (ch, cw)
+    torch.testing.assert_close(item["target"], whole["target"][:, oy : oy + ch, ox : ox + cw])
+    torch.testing.assert_close(item["mask"], whole["mask"][oy : oy + ch, ox : ox + cw])
+    resized = F.interpolate(whole["image"][None], (h * 14, w * 14), mode="bilinear",
+                            antialias=True)[0]  # fmt: skip
+    torch.testing.assert_close(
+        item["image"], resized[:, oy * 14 : (oy + ch) * 14, ox * 14 : (ox + cw) * 14]
+    )
+    assert torch.equal(ds[(4, True)]["target"], whole["target"])  # no corner: not cropped
+    plain = ShuffledSampler(12, seed=3)
+    cropped = ShuffledSampler(12, seed=3, crop=True)
+    a, b = list(plain), list(cropped)
+    assert [(k.pair, k.flip) for k in a] == [(k.pair, k.flip) for k in b]
+    assert all(k.corner == (-1.0, -1.0) for k in a)
+    corners = [k.corner for k in b]
+    assert all(0 <= u < 1 and 0 <= v < 1 for u, v in corners) and len(set(corners)) == 12
+    cropped.set_epoch(1)
+    assert [k.corner for k in cropped] != corners  # a fresh corner per epoch
+    cropped.set_epoch(0)
+    assert [k.corner for k in cropped] == corners  # and the same on a rerun (resume)
 
 
 def test_train_views_only_and_validation_on_held_out_views(fake):
