@@ -28,7 +28,7 @@ help: ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 	@echo "  variables: SCENES=$(SCENES) (demo|scannetpp|colmap|nerfstudio|images|mix)  BACKBONE=$(BACKBONE)  ARGS='key.sub=value ...'"
 	@echo "             SCHEDULE=demo (the demo's short lift / fine-tune schedule, e.g. with SCENES=images on a CPU)"
-	@echo "             DATASET=(nyuv2|ade20k|voc2012|kitti|scannet|navi|scannet1500|nyu_normals) DATASET_ROOT=..." 
+	@echo "             DATASET=(nyu|nyuv2|ade20k|voc2012|kitti|scannet|navi|scannet1500|nyu_normals) DATASET_ROOT=..." 
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)

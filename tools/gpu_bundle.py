@@ -269,8 +269,11 @@ def audit(logs: Iterable[Path], allowed: set[str], roots: list[Path]) -> list[st
         if name in std or name.startswith("__"):
             continue
         real = Path(os.path.realpath(file)) if file else None
-        if real and str(real) in owners:  # first: a venv or site folder may lie in a root
-            dists = owners[str(real)]
+        # the project's own metadata (an editable install's fit3d.egg-info in the checkout lists
+        # the checkout's files) does not make its code a distribution's
+        listed = [d for d in owners.get(str(real), []) if canonical(d) != "fit3d"] if real else []
+        if listed:  # first: a venv or site folder may lie in a root
+            dists = listed
         elif real and any(real.is_relative_to(d) for d in std_dirs):
             continue  # e.g. _sysconfigdata_*: the interpreter's own
         elif real and any(real.is_relative_to(r) for r in roots):
