@@ -36,8 +36,8 @@ def _results() -> dict:
         "assembled": m([0.33, 0.35], [0.35, 0.37], 0.19, [0.6, 0.35, 0.12, math.nan]),
         "control": m([0.30, 0.31], [0.35, 0.37], 0.20, [0.5, 0.3, 0.1, math.nan]),
     }
-    rooms = {"original": (0.3, 0.32, 0.31), "assembled": (0.34, 0.35, 0.33),
-             "control": (0.36, 0.33, 0.31)}  # fmt: skip
+    rooms = {"original": (0.3, 0.32, 0.31, 0.30, 0.33), "assembled": (0.34, 0.35, 0.33, 0.33, 0.36),
+             "control": (0.36, 0.33, 0.31, 0.31, 0.37)}  # fmt: skip
     for s, per_room in rooms.items():
         for r, v in enumerate(per_room):
             metrics[s][f"eval/seg/miou@room{r}"] = summarize([v, v + 0.01])
@@ -220,11 +220,11 @@ def test_verdict_box_opens_the_page_and_equals_results_json(tmp_path):
     for row, v, shown in zip(parser.rows, stored["verdicts"], verdict_rows(stored), strict=True):
         assert (row["data-a"], row["data-b"], row["data-key"]) == (v["a"], v["b"], v["key"])
         assert float(row["data-diff"]) == v["diff"] and float(row["data-lo"]) == v["lo"]
-        assert float(row["data-hi"]) == v["hi"] and int(row["data-rooms"]) == v["rooms"] == 3
+        assert float(row["data-hi"]) == v["hi"] and int(row["data-rooms"]) == v["rooms"] == 5
         _, _, diff, interval, rooms, word = (c.strip() for c in row["cells"])
         assert diff == f"{v['diff'] * 100:+.2f}" and word == v["word"] == shown["word"]
         assert interval == f"[{v['lo'] * 100:+.2f}, {v['hi'] * 100:+.2f}]"
-    # assembled beat original in every room (+4, +3, +2 points): the interval excludes zero
+    # assembled beat original in every room (+4, +3, +2, +3, +3 points): the interval excludes zero
     assert [r["cells"][-1] for r in parser.rows] == ["better", "no clear difference"]
     md = (tmp_path / "results.md").read_text()
     assert md.index("## Verdict") < md.index("### ") and (tmp_path / "forest.png").is_file()

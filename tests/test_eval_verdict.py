@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fit3d.eval.report import summarize
-from fit3d.eval.verdict import bootstrap_interval, compare, verdicts
+from fit3d.eval.verdict import MIN_ROOMS, bootstrap_interval, compare, verdicts
 
 
 def _exact_quantiles(d: list[float], level: float = 0.95) -> tuple[float, float]:
@@ -66,20 +66,26 @@ def test_verdict_words_follow_the_interval_and_the_direction():
     assert mixed_v.lo < 0 < mixed_v.hi and mixed_v.word == "no clear difference"
 
 
-def test_rooms_missing_a_score_are_left_out_and_one_room_decides_nothing():
+def test_rooms_missing_a_score_are_left_out_and_too_few_rooms_decide_nothing():
     key = "eval/corr/recall_10px_rot60-180"
     a = _stats({"r0": [0.5], "r1": [0.6], "r2": [math.nan]}, key)
     b = _stats({"r0": [0.4], "r1": [0.3], "r3": [0.1]}, key)
     v = compare({"x": a, "y": b}, "x", "y", key, higher=True)
     assert v.rooms == 2 and v.diff == pytest.approx(0.2)
+    assert v.lo > 0 and v.word == "too few rooms"  # +0.1, +0.3: an interval, but of 3 means
     one = compare({"x": _stats({"r0": [0.9]}, key), "y": b}, "x", "y", key, higher=True)
-    assert one.rooms == 1 and one.word == "no clear difference"
+    assert one.rooms == 1 and one.word == "too few rooms"
+    # MIN_ROOMS rooms that all agree do get a word
+    many = {f"r{i}": [0.5 + 0.01 * i] for i in range(MIN_ROOMS)}
+    low = {f"r{i}": [0.4] for i in range(MIN_ROOMS)}
+    v = compare({"x": _stats(many, key), "y": _stats(low, key)}, "x", "y", key, higher=True)
+    assert v.rooms == MIN_ROOMS and v.word == "better"
     assert compare({"x": a, "y": {}}, "x", "y", key, higher=True) is None
 
 
 def test_verdicts_cover_each_comparison_present():
     key = "eval/seg/miou"
-    rooms = {f"r{i}": [0.3 + 0.01 * i] for i in range(4)}
+    rooms = {f"r{i}": [0.3 + 0.01 * i] for i in range(5)}
     up = {r: [v[0] + 0.05] for r, v in rooms.items()}
     metrics = {
         "original": _stats(rooms, key),

@@ -221,6 +221,9 @@ def verdict_summary(results: dict) -> str:
         unclear = sum(r["word"] == "no clear difference" for r in mine)
         if unclear:
             said.append(f"no clear difference on {unclear} of {len(mine)} metrics")
+        few = sum(r["word"] == "too few rooms" for r in mine)
+        if few:
+            said.append(f"too few rooms to judge {few}")
         out.append(f"{title}: " + "; ".join(said) + ".")
     return " ".join(out)
 
@@ -320,7 +323,8 @@ def protocol(results: dict) -> str:
         "the 2D error at 5/25/50 full-resolution px, recall@2cm binned [0,30) ... [90,120)). "
         "Verdicts: per test room, each set's score (probe seeds averaged), the paired "
         "difference, its mean over rooms and a 95% percentile bootstrap interval resampling "
-        "rooms; 'better' or 'worse' only where the interval excludes zero.\n"
+        "rooms; 'better' or 'worse' only where the interval excludes zero, and only over 5 or "
+        "more rooms ('too few rooms' below that).\n"
     )
     for title, items in (
         ("As published (the originals' quirks this run reproduced)", "as_published"),

@@ -9,7 +9,9 @@ generalises over, so every comparison is made room by room:
 - its 95% interval is the percentile bootstrap of that mean, resampling rooms with replacement
   (`BOOTSTRAP` resamples, a fixed seed, so a report is reproducible);
 - the words follow the interval: "better" / "worse" only when it excludes zero (in the metric's
-  good / bad direction), "no clear difference" otherwise.
+  good / bad direction), "no clear difference" otherwise; with fewer than `MIN_ROOMS` rooms
+  (e.g. a rotation bin few test rooms have pairs in) the bootstrap has too few distinct resamples
+  to mean anything (2 rooms: 3 distinct means), so the word is "too few rooms".
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ BOOTSTRAP = 10000
 """Bootstrap resamples of the rooms per interval."""
 LEVEL = 0.95
 """Coverage of the intervals."""
+MIN_ROOMS = 5
+"""Fewest rooms a comparison needs for a verdict word other than "too few rooms"."""
 COMPARISONS: tuple[tuple[str, str], ...] = (
     ("fine-tuned", "original"),
     ("assembled", "original"),
@@ -79,8 +83,11 @@ class Verdict:
 
     @property
     def word(self) -> str:
-        """`better`, `worse` (A than B; the interval excludes zero) or `no clear difference`."""
-        if self.rooms < 2 or math.isnan(self.lo) or self.lo <= 0 <= self.hi:
+        """`better`, `worse` (A than B; the interval excludes zero), `no clear difference`, or
+        `too few rooms` (fewer than `MIN_ROOMS`)."""
+        if self.rooms < MIN_ROOMS:
+            return "too few rooms"
+        if math.isnan(self.lo) or self.lo <= 0 <= self.hi:
             return "no clear difference"
         up = self.lo > 0
         return "better" if up == self.higher_is_better else "worse"
