@@ -54,6 +54,7 @@ TINY = [
     "eval.dpt_hidden=8",
     "eval.dpt_epochs=1",
     "eval.head=linear",
+    "eval.probes=[seg,depth,normals,corr]",  # every probe (the demo preset leaves normals out)
 ]
 
 

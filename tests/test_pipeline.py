@@ -43,6 +43,7 @@ def test_tiny_pipeline_end_to_end(tmp_path) -> None:
         "finetune.val_views=1",
         "finetune.corr_pairs=1",
         "eval.epochs=1",
+        "eval.probes=[seg,depth,normals,corr]",  # the demo's default leaves normals out
         "eval.seeds=[0]",
         "eval.lrs=[0.01]",
         "eval.max_views=4",
