@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from _tiny_demo import TINY_DEMO
 
 import fit3d
 import stage1_lift.__main__ as lift_main
@@ -23,19 +24,6 @@ from fit3d.eval.__main__ import main as eval_main
 from fit3d.export import CARD_FILE, EXPORT_DIR
 from fit3d.scenes import generate_demo_set
 
-SCENES = [
-    "scenes.demo_train=1",
-    "scenes.demo_val=1",
-    "scenes.demo_views=8",
-    "scenes.demo_width=112",
-    "scenes.demo_height=84",
-    "scenes.demo_probe=1",
-    "scenes.demo_probe_views=3",
-    "scenes.demo_test=2",
-    "scenes.demo_test_views=3",
-]
-"""One train and one held-out room of 8 views, one probe room, two test rooms, all 112x84 (token
-grids 8x6 at p14, 7x5 at p16): tests/test_pipeline.py's set."""
 QUARTERS = [
     "eval.head=both",
     "eval.dpt_probes=[depth]",
@@ -48,7 +36,9 @@ QUARTERS = [
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("scenes")
-    generate_demo_set(parse_cli(["--preset", "demo", f"scenes.root={root}", *SCENES], "test", ""))
+    generate_demo_set(
+        parse_cli(["--preset", "demo", f"scenes.root={root}", *TINY_DEMO], "test", "")
+    )
     return root
 
 
@@ -62,7 +52,7 @@ def test_family_through_every_stage(tmp_path: Path, scenes: Path, alias: str) ->
         "demo",
         f"run.out={tmp_path}",
         f"scenes.root={scenes}",
-        *SCENES,
+        *TINY_DEMO,
         f"backbone.name={alias}",
         "lift.steps=4",
         "lift.checkpoint_every=2",

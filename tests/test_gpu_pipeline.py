@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny_demo import TINY_DEMO
 from test_finetune import _record_gradients
 
 import stage1_lift.__main__ as lift_main
@@ -58,15 +59,7 @@ def test_tiny_pipeline_on_cuda_through_the_entry_points(tmp_path):
         f"run.out={tmp_path}",
         "run.device=cuda",
         "backbone.name=test_tiny",
-        "scenes.demo_train=1",
-        "scenes.demo_val=1",
-        "scenes.demo_views=8",
-        "scenes.demo_width=112",
-        "scenes.demo_height=84",
-        "scenes.demo_probe=1",
-        "scenes.demo_probe_views=3",
-        "scenes.demo_test=2",
-        "scenes.demo_test_views=3",
+        *TINY_DEMO,
         "lift.steps=30",
         "lift.checkpoint_every=10",
         "finetune.devices=1",

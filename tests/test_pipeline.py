@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+from _tiny_demo import TINY_DEMO
 
 import stage1_lift.__main__ as lift_main
 import stage2_finetune.__main__ as finetune_main
@@ -28,15 +29,7 @@ def test_tiny_pipeline_end_to_end(tmp_path) -> None:
     common = [
         f"run.out={tmp_path}",
         "backbone.name=test_tiny",
-        "scenes.demo_train=1",
-        "scenes.demo_val=1",
-        "scenes.demo_views=8",
-        "scenes.demo_width=112",
-        "scenes.demo_height=84",
-        "scenes.demo_probe=1",
-        "scenes.demo_probe_views=3",
-        "scenes.demo_test=2",
-        "scenes.demo_test_views=3",
+        *TINY_DEMO,
         "lift.steps=30",
         "lift.checkpoint_every=10",
         "finetune.max_steps=3",

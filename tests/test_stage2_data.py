@@ -148,6 +148,23 @@ def test_store_loads_each_scene_once_per_window_and_items_equal_on_demand(fake, 
     assert not folder.exists()
 
 
+def _reference_target(ds, scene, view: int, size: tuple[int, int]) -> torch.Tensor:
+    """Independent reference target [C, *size] (float64): rasterise the lifted scene at full
+    resolution, the decoder's conv, bilinear resize to the token grid."""
+    lifted = ds.cache.get(scene.scene_id)
+    g = lifted.gaussians
+    render, _, _ = rasterization(
+        g["means"], g["quats"], g["scales"], g["opacities"], g["features"],
+        scene.viewmat(view)[None], scene.K(view)[None], WIDTH, HEIGHT,
+    )  # fmt: skip
+    return F.interpolate(
+        F.conv2d(render.permute(0, 3, 1, 2).double(), lifted.decoder.weight.double(), padding=1),
+        size=size,
+        mode="bilinear",
+        align_corners=False,
+    )[0]
+
+
 def test_item_target_is_rendered_decoded_downsampled_and_flips_jointly(fake):
     run = read_lift_run(fake / "lift" / "default")
     data = FinetuneDataModule(run, _grid)
@@ -156,18 +173,7 @@ def test_item_target_is_rendered_decoded_downsampled_and_flips_jointly(fake):
     item, flipped = ds[(4, False)], ds[(4, True)]
     # independent reference: rasterise, full-resolution conv, bilinear (float64)
     scene = data.scenes[si]
-    lifted = ds.cache.get(scene.scene_id)
-    g = lifted.gaussians
-    render, _, _ = rasterization(
-        g["means"], g["quats"], g["scales"], g["opacities"], g["features"],
-        scene.viewmat(view)[None], scene.K(view)[None], WIDTH, HEIGHT,
-    )  # fmt: skip
-    ref = F.interpolate(
-        F.conv2d(render.permute(0, 3, 1, 2).double(), lifted.decoder.weight.double(), padding=1),
-        size=(4, 5),
-        mode="bilinear",
-        align_corners=False,
-    )[0]
+    ref = _reference_target(ds, scene, view, (4, 5))
     assert item["target"].shape == (48, 4, 5)
     assert torch.allclose(item["target"].double(), ref, atol=1e-5)
     assert item["target"].abs().max() > 0.1  # the fake Gaussians are visible
@@ -198,19 +204,7 @@ def test_image_scale_shrinks_the_image_and_its_token_grid_not_the_render(fake):
     ref_image = F.interpolate(full["image"][None], (h, w), mode="bilinear", antialias=True)[0]
     torch.testing.assert_close(item["image"], ref_image)
     si, view = data.train_pairs[4]
-    scene = data.scenes[si]
-    lifted = ds.cache.get(scene.scene_id)
-    g = lifted.gaussians
-    render, _, _ = rasterization(
-        g["means"], g["quats"], g["scales"], g["opacities"], g["features"],
-        scene.viewmat(view)[None], scene.K(view)[None], WIDTH, HEIGHT,
-    )  # fmt: skip
-    ref = F.interpolate(
-        F.conv2d(render.permute(0, 3, 1, 2).double(), lifted.decoder.weight.double(), padding=1),
-        size=_grid(h, w),
-        mode="bilinear",
-        align_corners=False,
-    )[0]
+    ref = _reference_target(ds, data.scenes[si], view, _grid(h, w))
     assert item["target"].shape == (48, *_grid(h, w)) and item["mask"].shape == _grid(h, w)
     assert torch.allclose(item["target"].double(), ref, atol=1e-5)
 
