@@ -227,12 +227,16 @@ def pins(python: str, machine: dict[str, str | None]) -> list[tuple[str, str, st
 
 def _owners(paths: set[str]) -> dict[str, list[str]]:
     """Installed file or folder (real path) -> the distributions whose RECORD lists it or a file
-    inside it, for `paths` (several for a package vendored with its dist-info: setuptools)."""
+    inside it, for `paths` (several for a package vendored with its dist-info: setuptools). The
+    project's own metadata is left out: an editable install's fit3d.egg-info in the checkout lists
+    the checkout's files, which `roots` decide on."""
     from importlib.metadata import distributions
 
     out: dict[str, list[str]] = {}
     for dist in distributions():
         name = dist.metadata["Name"]
+        if canonical(name) == "fit3d":
+            continue
         for f in dist.files or ():
             path = Path(os.path.realpath(dist.locate_file(f)))
             for p in (path, *path.parents):
@@ -269,11 +273,8 @@ def audit(logs: Iterable[Path], allowed: set[str], roots: list[Path]) -> list[st
         if name in std or name.startswith("__"):
             continue
         real = Path(os.path.realpath(file)) if file else None
-        # the project's own metadata (an editable install's fit3d.egg-info in the checkout lists
-        # the checkout's files) does not make its code a distribution's
-        listed = [d for d in owners.get(str(real), []) if canonical(d) != "fit3d"] if real else []
-        if listed:  # first: a venv or site folder may lie in a root
-            dists = listed
+        if real and str(real) in owners:  # first: a venv or site folder may lie in a root
+            dists = owners[str(real)]
         elif real and any(real.is_relative_to(d) for d in std_dirs):
             continue  # e.g. _sysconfigdata_*: the interpreter's own
         elif real and any(real.is_relative_to(r) for r in roots):
