@@ -22,7 +22,7 @@ SCHEDULE ?=
 STAGE_ARGS = $(if $(SCHEDULE),--preset $(SCHEDULE) )--preset $(SCENES) backbone.name=$(BACKBONE) $(ARGS)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-other-isa lint format scenes lift finetune eval demo view bench gpu-check gpu-rehearsal clean
+.PHONY: help setup test test-other-isa lint format scenes lift finetune eval demo compare view bench gpu-check gpu-rehearsal clean
 
 help: ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -109,6 +109,12 @@ demo: setup ## Whole pipeline on the embedded demo scenes: scenes -> lift -> fin
 	echo "demo wall time: scenes $$((t1-t0)) s, lift $$((t2-t1)) s$(if $(heldout),$(comma) held-out lift $$((t3-t2)) s), finetune $$((t4-t3)) s, eval $$((t5-t4)) s, total $$((t5-t0)) s"; \
 	echo "report: outputs/eval/default/results.html (make view SCENE=demo_000 to look at a lifted room)"
 
+# VARIANTS=fit3d/full,equivariance/lora: which objective/adapter pairs (default: the five of
+# fit3d.config.COMPARE_VARIANTS); the table and plot land in outputs/compare/default/.
+VARIANTS ?=
+compare: setup ## Stage-2 objectives x adapters from one lift, one evaluator: table + plot (README)
+	$(RUN_ENV) $(PY) -m fit3d.compare $(if $(VARIANTS),--variants $(VARIANTS) )$(STAGE_ARGS)
+
 SCENE ?= demo_000
 RUN ?= default
 PORT ?= 8080
@@ -116,9 +122,10 @@ view: setup ## 3D viewer of a lifted scene (+ fine-tuned feature maps once stage
 	$(PY) -m fit3d.view outputs/lift/$(RUN)/$(SCENE) --port $(PORT) \
 	  $(if $(wildcard outputs/finetune/$(RUN)/backbone.safetensors),--finetune outputs/finetune/$(RUN))
 
-bench: setup ## Speed/memory benchmarks (renderer vs baseline, fine-tuning step, evaluator memory)
+bench: setup ## Speed/memory benchmarks (renderer vs baseline, fine-tuning step, full vs LoRA, evaluator memory)
 	$(PY) benchmarks/raster.py
 	$(PY) benchmarks/finetune.py
+	$(PY) benchmarks/adapter_step.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/eval_memory.py
 
 # No .venv needed (docs/gpu.md): the machine's python3 (or .venv's, where it exists) plus the

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from fit3d.config import Config, check_inputs, load_config
+from fit3d.config import ADAPTERS, COMPARE_VARIANTS, OBJECTIVES, Config, check_inputs, load_config
 from fit3d.errors import UserError
 
 
@@ -87,3 +87,31 @@ def show_args(argv: list[str] | None, description: str | None) -> argparse.Names
     parser.add_argument("--resolution", type=float, default=1.0, help="image scale factor")
     parser.add_argument("--out", default="", help="output PNG (default outputs/scenes/show/)")
     return parser.parse_args(argv)
+
+
+def compare_args(argv: list[str] | None) -> tuple[Config, list[str], list[str], str, str]:
+    """`python -m fit3d.compare [--variants OBJ/ADAPTER,...] [--name N] [--preset P]...
+    [key.sub=value]...` -> (config, presets, overrides, variants text, name)."""
+    parser = ArgumentParser(
+        prog="python -m fit3d.compare",
+        description="Stage-2 objectives and adapters side by side under one evaluator",
+    )
+    parser.add_argument("--preset", action="append", default=[], help="YAML preset (repeat)")
+    parser.add_argument(
+        "--variants",
+        default=",".join(COMPARE_VARIANTS),
+        help="comma-separated objective/adapter (default: %(default)s)",
+    )
+    parser.add_argument("--name", default="default", help="output folder under <run.out>/compare")
+    parser.add_argument("overrides", nargs="*", help="config overrides for every stage")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.preset, args.overrides)
+    check_inputs(cfg, ("scenes", "backbone"))
+    for item in (t.strip() for t in args.variants.split(",")):  # one line before any work
+        objective, _, adapter = item.partition("/")
+        if objective not in OBJECTIVES or adapter not in ADAPTERS:
+            raise UserError(
+                f"variant '{item}' is not <objective>/<adapter> with objective one of "
+                f"{list(OBJECTIVES)} and adapter one of {list(ADAPTERS)}"
+            )
+    return cfg, args.preset, args.overrides, args.variants, args.name

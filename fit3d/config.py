@@ -170,6 +170,20 @@ LIGHTNING_DEVICES = Allowed(
     (0, -2, "all"),
 )
 """Values of `finetune.devices` (Lightning's `devices`)."""
+OBJECTIVES = ("fit3d", "equivariance", "fit3d+equivariance")
+"""Values of `finetune.objective`."""
+ADAPTERS = ("full", "lora")
+"""Values of `finetune.adapter`."""
+LORA_TARGET_NAMES = ("q", "k", "v", "proj", "fc1", "fc2")
+"""Values of `finetune.lora_targets` (`fit3d.lora.LORA_TARGETS`)."""
+COMPARE_VARIANTS = (
+    "fit3d/full",
+    "fit3d/lora",
+    "equivariance/full",
+    "equivariance/lora",
+    "fit3d+equivariance/full",
+)
+"""`objective/adapter` pairs `make compare` runs unless told otherwise (`fit3d.compare`)."""
 PROBES = ("seg", "depth", "normals", "corr")
 """Values of `eval.probes`."""
 PROTOCOLS = ("fast", "paper")
@@ -404,6 +418,12 @@ class FinetuneConfig:
     """Stage 2: fine-tuning the backbone on rendered features (docs/method.md, "Stage 2:
     fine-tuning")."""
 
+    relations: ClassVar[tuple[str, ...]] = (
+        "objective == 'fit3d' or batch_size % 2 == 0",
+        "objective == 'fit3d' or device_batch % 2 == 0",
+    )
+    """An equivariance objective trains on view pairs: every batch and pass holds whole pairs."""
+
     lift_run: str = "default"
     """Stage-1 run name whose scenes provide the targets."""
     image_scale: float = setting(1.0, "(0, 1]")
@@ -467,6 +487,37 @@ class FinetuneConfig:
     views: str = setting("train", ("train", "all"))
     """Views of each stage-1 scene stage 2 trains on: `train` or `all` (train and test frames,
     FiT3D's `train_samples_all.txt`; the ScanNet++ preset)."""
+    objective: str = setting("fit3d", OBJECTIVES)
+    """What the student is trained to do (docs/method.md, "Stage-2 objectives"): `fit3d` (masked
+    L1 to the rendered features, FiT3D), `equivariance` (InfoNCE over dense correspondences
+    between two views of a scene, from the depth rendered from its Gaussians) or
+    `fit3d+equivariance` (the L1 plus `equiv_weight` x the InfoNCE). With an equivariance term a
+    batch of `batch_size` images is `batch_size / 2` view pairs of one scene each."""
+    equiv_weight: float = setting(0.1, ">= 0")
+    """Weight of the InfoNCE term in `fit3d+equivariance` (the L1 has weight 1)."""
+    equiv_temperature: float = setting(0.1, "> 0")
+    """InfoNCE temperature on cosine similarities."""
+    equiv_points: int = setting(128, ">= 2")
+    """Correspondences per view pair in the InfoNCE (at most one per token of the first view)."""
+    equiv_max_angle: float = setting(60.0, "(0, 180]")
+    """A pair's second view is drawn among the scene's views within this relative rotation
+    (degrees) of the first (the nearest one if none is)."""
+    adapter: str = setting("full", ADAPTERS)
+    """`full`: every backbone weight trains (FiT3D); `lora`: only low-rank updates of `lora_targets`
+    in the last `lora_blocks` blocks, merged into the weights on export (plain timm state dict)."""
+    lora_rank: int = setting(4, ">= 1")
+    """LoRA rank."""
+    lora_blocks: int = setting(4, ">= 0")
+    """LoRA on the last this many blocks (0 = all)."""
+    lora_targets: tuple[str, ...] = setting(("q", "v"), LORA_TARGET_NAMES, length=">= 1")
+    """Layers of each adapted block: `q`, `k`, `v` (thirds of the attention's qkv), `proj`,
+    `fc1`, `fc2`."""
+    lora_alpha: float = setting(0.0, ">= 0")
+    """LoRA scale alpha / rank (0 = alpha = rank: scale 1)."""
+    lora_lr_scale: float = setting(10.0, "> 0")
+    """With `lora`, the AdamW learning rate is `lr` x this: the low-rank updates start at zero
+    and have few parameters (10x is the usual ratio of LoRA to full fine-tuning rates; chosen,
+    not tuned)."""
 
 
 @dataclass(frozen=True)

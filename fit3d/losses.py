@@ -1,7 +1,8 @@
 """Losses and image metrics, all honouring a validity mask (True / weight 1 = pixel counts).
 
 `masked_l1` is the one feature/colour L1 of both stages (FiT3D's stage-2 loss; stage 1's colour
-and feature terms); the rest are stage 1's RGB loss and held-out metrics.
+and feature terms); `correspondence_infonce` is stage 2's equivariance term; the rest are stage 1's
+RGB loss and held-out metrics.
 
 SSIM has torchmetrics' definition (11x11 Gaussian window, sigma 1.5, data range 1, reflect
 padding, variances clamped at 0), taken as a per-pixel map so masked pixels can be left out of its
@@ -50,6 +51,32 @@ def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | Non
         mask = torch.ones(pred.shape[:-3] + pred.shape[-2:], device=pred.device)
     m = mask.to(device=pred.device, dtype=pred.dtype).unsqueeze(-3)  # [..., 1, H, W]
     return ((pred - target).abs() * m).sum() / (m.sum() * pred.shape[-3]).clamp_min(1e-12)
+
+
+def correspondence_infonce(
+    fa: torch.Tensor,
+    fb: torch.Tensor,
+    temperature: float = 0.1,
+    negatives: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Symmetric InfoNCE over M corresponding points of two views (docs/method.md, "Stage-2
+    objectives"): fa, fb [M, C] features of the same 3D points in view a and view b. Logits are
+    cosines / temperature [M, M]; point i of a must pick point i of b among all M (and b's i pick
+    a's i); the loss is the mean of both cross-entropies. `negatives` [M, M] bool (optional):
+    which off-diagonal pairs may act as negatives (False = left out, e.g. two points too close
+    to tell apart); the diagonal is always the positive. Identical features everywhere give
+    log(M)."""
+    if fa.shape != fb.shape or fa.ndim != 2:
+        raise ValueError(
+            f"need fa, fb [M, C] of one shape, got {tuple(fa.shape)}, {tuple(fb.shape)}"
+        )
+    m = fa.shape[0]
+    logits = F.normalize(fa.float(), dim=1) @ F.normalize(fb.float(), dim=1).T / temperature
+    if negatives is not None:
+        keep = negatives.to(logits.device) | torch.eye(m, dtype=torch.bool, device=logits.device)
+        logits = logits.masked_fill(~keep, float("-inf"))
+    labels = torch.arange(m, device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
 def ssim_map(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -91,7 +91,7 @@ def autocast(device: torch.device, precision: str):
 
 
 # --- output layout --------------------------------------------------------------------------
-STAGES = ("lift", "finetune", "eval", "labels")
+STAGES = ("lift", "finetune", "eval", "labels", "compare")
 CONFIG_FILE = "config.yaml"
 """The resolved config of a run, in its folder."""
 META_FILE = "meta.json"
@@ -180,7 +180,8 @@ def check_settings(cfg: Config, folder: Path, sections: tuple[str, ...]) -> bool
     """Refuse to mix results of different settings in one run folder.
 
     Returns True when `folder` already holds a config.yaml whose `sections` equal `cfg`'s (a rerun
-    or resume of the same run; `EVAL_ONLY` keys aside), False when there is none; raises
+    or resume of the same run; `EVAL_ONLY` keys aside; a key the old file lacks, i.e. a setting
+    added since, matches its default value), False when there is none; raises
     `UserError` naming the sections that differ otherwise.
     """
     path = Path(folder) / CONFIG_FILE
@@ -190,8 +191,14 @@ def check_settings(cfg: Config, folder: Path, sections: tuple[str, ...]) -> bool
         old = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise UserError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
-    new = to_dict(cfg)
-    changed = [s for s in sections if _tied(old, s) != _tied(new, s)]
+    new, defaults = to_dict(cfg), to_dict(type(cfg)())
+
+    def same(s: str) -> bool:  # a setting added since the old run counts at its default
+        was, now = _tied(old, s), _tied(new, s)
+        now = {k: v for k, v in now.items() if k in was or v != defaults.get(s, {}).get(k)}
+        return was == now
+
+    changed = [s for s in sections if not same(s)]
     if changed:
         raise UserError(
             f"{path} was written with different settings ({', '.join(changed)}); "

@@ -42,11 +42,15 @@ from tqdm import tqdm
 
 from fit3d.errors import UserError
 from fit3d.gaussians import META_FILE, LiftedScene, list_lifted_scenes, load_lifted_scene
+from fit3d.geometry import relative_rotation
 from fit3d.io import atomic_path
 from fit3d.scenes import Scene, open_scene
 from fit3d.targets import mask_to_tokens, render_token_target
 
 _META_KEYS = ("scenes_root", "resolution", "backbone", "embed_dim")
+DEPTH_SCALE = 0.25
+"""Resolution of the depth rendered for an equivariance objective's correspondences, as a
+fraction of the image's (correspondences at 1/4-resolution pixels)."""
 GridFn = Callable[[int, int], tuple[int, int]]
 """(image height, width) -> (h, w) token grid of the backbone."""
 Grids = dict[tuple[int, int], tuple[int, int]]
@@ -181,6 +185,7 @@ class FinetuneDataset(Dataset):
         image_scale: float = 1.0,
         crop: float = 1.0,
         patch: int = 14,
+        with_depth: bool = False,
     ):
         self.run = run
         self.scenes = scenes
@@ -189,6 +194,7 @@ class FinetuneDataset(Dataset):
         self.backend = backend
         self.image_scale = image_scale
         self.crop, self.patch = crop, patch
+        self.with_depth = with_depth
         self.cache = LiftedCache(run.path, cache_size, device)
 
     def __len__(self) -> int:
@@ -199,10 +205,20 @@ class FinetuneDataset(Dataset):
         scene = self.scenes[si]
         return self.grids[(scene.height(view), scene.width(view))]
 
+    def depth_size(self, index: int) -> tuple[int, int]:
+        """(rows, columns) of pair `index`'s rendered depth (`DEPTH_SCALE` of the image)."""
+        si, view = self.pairs[index]
+        scene = self.scenes[si]
+        return scaled_size(scene.height(view), scene.width(view), DEPTH_SCALE)
+
     def record_size(self, index: int) -> int:
-        """float32 values in the record of pair `index`: C*h*w (target) + h*w (mask)."""
+        """float32 values in the record of pair `index`: C*h*w (target) + h*w (mask), + the
+        depth's rows x columns `with_depth`."""
         h, w = self._grid(index)
-        return (int(self.run.metas[self.pairs[index][0]]["embed_dim"]) + 1) * h * w
+        n = (int(self.run.metas[self.pairs[index][0]]["embed_dim"]) + 1) * h * w
+        if self.with_depth:
+            n += int(np.prod(self.depth_size(index)))
+        return n
 
     def render(self, index: int) -> tuple[Tensor, Tensor]:
         """Unflipped target [C, h, w] and token mask [h, w] of pair `index`, on the cache's
@@ -220,40 +236,79 @@ class FinetuneDataset(Dataset):
         mask = mask_to_tokens(valid[None].to(target.device), grid)[0]  # [h, w]
         return target, mask
 
-    def read(self, index: int, file: str, offset: int) -> tuple[Tensor, Tensor]:
-        """Target [C, h, w] and mask [h, w] of pair `index` from its `TargetStore` record."""
+    def depth_K(self, index: int) -> Tensor:
+        """Intrinsics [3, 3] of pair `index`'s rendered depth grid (pixel centres kept)."""
+        si, view = self.pairs[index]
+        scene = self.scenes[si]
+        h4, w4 = self.depth_size(index)
+        sx, sy = w4 / scene.width(view), h4 / scene.height(view)
+        return torch.diag(torch.tensor([sx, sy, 1.0])) @ scene.K(view).float()
+
+    def render_depth(self, index: int) -> Tensor:
+        """Expected depth [h4, w4] of pair `index` rendered from its scene's Gaussians (0 where
+        nothing solid is seen), unflipped and uncropped, on the cache's device."""
+        from fit3d.correspond import render_depth
+
+        si, view = self.pairs[index]
+        scene = self.scenes[si]
+        lifted = self.cache.get(scene.scene_id)
+        return render_depth(
+            lifted, scene.viewmat(view), scene.K(view), scene.width(view), scene.height(view),
+            DEPTH_SCALE, backend=self.backend,
+        )  # fmt: skip
+
+    def read(self, index: int, file: str, offset: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Target [C, h, w], mask [h, w] and (`with_depth`) depth [h4, w4] of pair `index`
+        from its `TargetStore` record."""
         h, w = self._grid(index)
         n = self.record_size(index)
         flat = torch.from_numpy(np.fromfile(file, dtype=np.float32, count=n, offset=offset))
         if flat.numel() != n:
             raise RuntimeError(f"{file}: record at byte {offset} is truncated")
-        return flat[: n - h * w].view(-1, h, w), flat[n - h * w :].view(h, w)
+        depth = None
+        if self.with_depth:
+            h4, w4 = self.depth_size(index)
+            flat, depth = flat[: n - h4 * w4], flat[n - h4 * w4 :].view(h4, w4)
+        m = flat.numel()
+        return flat[: m - h * w].view(-1, h, w), flat[m - h * w :].view(h, w), depth
 
     def __getitem__(self, key: Sample | tuple[int, bool]) -> dict[str, Tensor]:
         key = Sample(*key)
         si, view = self.pairs[key.pair]
         if key.file:
-            target, mask = self.read(key.pair, key.file, key.offset)
+            target, mask, depth = self.read(key.pair, key.file, key.offset)
         else:
             target, mask = self.render(key.pair)
+            depth = self.render_depth(key.pair) if self.with_depth else None
         image = self.scenes[si].load_image(view).permute(2, 0, 1).to(target.device)  # [3, H, W]
         if self.image_scale != 1.0:
             size = scaled_size(image.shape[1], image.shape[2], self.image_scale)
             image = F.interpolate(image[None], size, mode="bilinear", antialias=True)[0]
+        grid = torch.tensor(target.shape[1:], dtype=torch.long)  # whole token grid (h, w)
         if key.flip:
             image, target, mask = image.flip(-1), target.flip(-1), mask.flip(-1)
+        origin = (0, 0)
         if self.crop < 1.0 and key.corner[0] >= 0:
-            image, target, mask = self._crop(image, target, mask, key.corner)
+            image, target, mask, origin = self._crop(image, target, mask, key.corner)
         key_t = torch.tensor([si, view, int(key.flip)], dtype=torch.long)
-        return {"image": image, "target": target, "mask": mask, "key": key_t}
+        item = {"image": image, "target": target, "mask": mask, "key": key_t}
+        if self.with_depth:  # what the equivariance term needs to match this view to another
+            item |= {
+                "depth": depth.to(target.device),
+                "depth_K": self.depth_K(key.pair),
+                "viewmat": self.scenes[si].viewmat(view).float(),
+                "grid": grid,
+                "origin": torch.tensor(origin, dtype=torch.long),
+            }
+        return item
 
     def _crop(
         self, image: Tensor, target: Tensor, mask: Tensor, corner: tuple[float, float]
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor, tuple[int, int]]:
         """A token-aligned crop of `crop` x the grid's rows and columns, starting `corner` of the
         way into the free rows and columns: the target [C, h, w] and mask [h, w] keep those
         tokens, the image [3, H, W] (resized to h*patch x w*patch first, as the backbone would)
-        the pixels under them."""
+        the pixels under them. Also returns the crop's first (row, column) token."""
         h, w = target.shape[1:]
         ch, cw = max(1, round(self.crop * h)), max(1, round(self.crop * w))
         oy = min(int(corner[0] * (h - ch + 1)), h - ch)
@@ -262,7 +317,8 @@ class FinetuneDataset(Dataset):
         if tuple(image.shape[1:]) != (h * p, w * p):
             image = F.interpolate(image[None], (h * p, w * p), mode="bilinear", antialias=True)[0]
         image = image[:, oy * p : (oy + ch) * p, ox * p : (ox + cw) * p]
-        return image, target[:, oy : oy + ch, ox : ox + cw], mask[oy : oy + ch, ox : ox + cw]
+        target, mask = target[:, oy : oy + ch, ox : ox + cw], mask[oy : oy + ch, ox : ox + cw]
+        return image, target, mask, (oy, ox)
 
 
 class TargetStore:
@@ -301,30 +357,35 @@ class TargetStore:
         """
         if self._files and all(p in self._last for p in pairs):
             return str(self._files[-1]), [self._last[p] for p in pairs]
+        unique = list(dict.fromkeys(pairs))  # a view twice in a window (view pairs) once
         by_scene: dict[int, list[int]] = {}
-        for j, p in enumerate(pairs):
-            by_scene.setdefault(self.dataset.pairs[p][0], []).append(j)
+        for p in unique:
+            by_scene.setdefault(self.dataset.pairs[p][0], []).append(p)
         resident = self.dataset.cache.resident()
         scenes = sorted(
             by_scene, key=lambda s: (self.dataset.scenes[s].scene_id not in resident, s)
         )
-        offsets = [0] * len(pairs)
+        at: dict[int, int] = {}
         file = self.folder / f"{name}.f32"
-        bar = tqdm(total=len(pairs), desc="stage 2 targets", unit="view", leave=False, disable=None)
+        bar = tqdm(
+            total=len(unique), desc="stage 2 targets", unit="view", leave=False, disable=None
+        )
         with bar, atomic_path(file) as tmp, tmp.open("wb") as fh:
             for si in scenes:
-                for j in by_scene[si]:
-                    target, mask = self.dataset.render(pairs[j])
-                    offsets[j] = fh.tell()
-                    record = torch.cat([target.flatten(), mask.flatten()]).float().cpu()
-                    fh.write(record.numpy().tobytes())
+                for p in by_scene[si]:
+                    target, mask = self.dataset.render(p)
+                    parts = [target.flatten(), mask.flatten()]
+                    if self.dataset.with_depth:
+                        parts.append(self.dataset.render_depth(p).flatten())
+                    at[p] = fh.tell()
+                    fh.write(torch.cat(parts).float().cpu().numpy().tobytes())
                     self.rendered += 1
                     bar.update()
         for old in self._files[:-1]:
             old.unlink(missing_ok=True)
         self._files = [*self._files[-1:], file]
-        self._last = dict(zip(pairs, offsets, strict=True))
-        return str(file), offsets
+        self._last = at
+        return str(file), [at[p] for p in pairs]
 
     def close(self) -> None:
         """Delete the folder and everything in it."""
@@ -338,6 +399,12 @@ class ShuffledSampler(Sampler):
     each rank takes every `num_replicas`-th position, all ranks the same count (the remainder is
     dropped). Flips (p=0.5 when `flip`) come from the same seeded generator, one per position.
     With a `store`, every `window` keys of this rank are rendered ahead into one store file.
+
+    With `partners` (pair index -> the pair indices it may be matched with: other views of its
+    scene), the order is made of view pairs instead: the first num_pairs // 2 entries of the
+    permutation, each followed by a partner drawn uniformly from its list (same generator), so an
+    epoch has as many samples as without; ranks take every `num_replicas`-th view pair (both of
+    its samples, consecutively), so a batch of an even size holds whole view pairs.
     """
 
     def __init__(
@@ -351,8 +418,10 @@ class ShuffledSampler(Sampler):
         store: TargetStore | None = None,
         window: int = 4096,
         crop: bool = False,
+        partners: list[list[int]] | None = None,
     ):
         self.num_pairs = num_pairs
+        self.partners = partners
         self.shuffle, self.flip, self.seed, self.crop = shuffle, flip, seed, crop
         self.num_replicas, self.rank = num_replicas, rank
         self.store, self.window = store, max(1, window)
@@ -367,6 +436,8 @@ class ShuffledSampler(Sampler):
         self._skip[epoch] = n
 
     def __len__(self) -> int:
+        if self.partners is not None:
+            return 2 * (self.num_pairs // 2 // self.num_replicas)
         return self.num_pairs // self.num_replicas
 
     def order(self) -> tuple[Tensor, Tensor]:
@@ -374,8 +445,24 @@ class ShuffledSampler(Sampler):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         n = self.num_pairs
         idx = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
-        flips = torch.rand(n, generator=g) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)
+        if self.partners is not None:  # [first, its partner, first, its partner, ...]
+            firsts = idx[: n // 2]
+            draws = torch.rand(len(firsts), generator=g)
+            second = [
+                self.partners[a][int(u * len(self.partners[a]))]
+                for a, u in zip(firsts.tolist(), draws.tolist(), strict=True)
+            ]
+            idx = torch.stack([firsts, torch.tensor(second, dtype=torch.long)], 1).flatten()
+        m = len(idx)
+        flips = torch.rand(m, generator=g) < 0.5 if self.flip else torch.zeros(m, dtype=torch.bool)
         return idx, flips
+
+    def positions(self) -> Tensor:
+        """This rank's positions [len(self)] in the common order."""
+        if self.partners is None:
+            return torch.arange(self.rank, len(self) * self.num_replicas, self.num_replicas)
+        units = torch.arange(self.rank, len(self) // 2 * self.num_replicas, self.num_replicas)
+        return torch.stack([2 * units, 2 * units + 1], 1).flatten()
 
     def corners(self) -> Tensor:
         """Crop corners [M, 2] in [0, 1) of the whole epoch's positions (with `crop`), from a
@@ -385,7 +472,7 @@ class ShuffledSampler(Sampler):
 
     def __iter__(self) -> Iterator[Sample]:
         idx, flips = self.order()
-        mine = torch.arange(self.rank, len(self) * self.num_replicas, self.num_replicas)
+        mine = self.positions()
         corners = self.corners()[mine].tolist() if self.crop else [(-1.0, -1.0)] * len(mine)
         keys = list(zip(idx[mine].tolist(), flips[mine].tolist(), map(tuple, corners), strict=True))
         start = self._skip.pop(self.epoch, 0)
@@ -400,6 +487,28 @@ class ShuffledSampler(Sampler):
             )
 
 
+def partner_lists(
+    scenes: list[Scene], pairs: list[tuple[int, int]], max_angle: float
+) -> list[list[int]]:
+    """For each (scene, view) pair, the indices of the other pairs of its scene whose camera is
+    within `max_angle` degrees of relative rotation (the nearest one when none is; itself when
+    its scene has no other view): what a view may be matched with."""
+    by_scene: dict[int, list[int]] = {}
+    for i, (si, _) in enumerate(pairs):
+        by_scene.setdefault(si, []).append(i)
+    out: list[list[int]] = []
+    for i, (si, v) in enumerate(pairs):
+        vm = scenes[si].viewmat(v)
+        others = [j for j in by_scene[si] if j != i]
+        if not others:
+            out.append([i])
+            continue
+        angles = [relative_rotation(vm, scenes[si].viewmat(pairs[j][1])) for j in others]
+        near = [j for j, a in zip(others, angles, strict=True) if a <= max_angle]
+        out.append(near or [others[int(np.argmin(angles))]])
+    return out
+
+
 class FinetuneDataModule(L.LightningDataModule):
     """Train pairs = train views of a stage-1 run's scenes; val pairs = held-out views.
 
@@ -410,7 +519,9 @@ class FinetuneDataModule(L.LightningDataModule):
     scenes) provides the validation scenes when given; otherwise the test views of the training
     scenes are used. At most `val_views` views per validation scene (0 = all). Training targets
     are rendered on the training device (CUDA -> gsplat) in the main process; loader workers only
-    read images and target records (and render validation items, on CPU).
+    read images and target records (and render validation items, on CPU). `view_pairs` (a
+    maximum relative rotation, degrees; None = off): train on view pairs (`ShuffledSampler`'s
+    `partners`, `partner_lists`), each item with its rendered depth and camera.
     """
 
     def __init__(
@@ -429,9 +540,11 @@ class FinetuneDataModule(L.LightningDataModule):
         image_scale: float = 1.0,
         crop: float = 1.0,
         patch: int = 14,
+        view_pairs: float | None = None,
     ):
         super().__init__()
         self.image_scale, self.crop, self.patch = image_scale, crop, patch
+        self.view_pairs = view_pairs
         self.run, self.val_run = run, val_run
         self.batch_size, self.num_workers = batch_size, num_workers
         self.val_batch_size = val_batch_size or batch_size
@@ -459,6 +572,9 @@ class FinetuneDataModule(L.LightningDataModule):
         self.grids: Grids = {
             size: grid_fn(*scaled_size(*size, image_scale)) for size in sorted(sizes)
         }
+        self.partners = None if view_pairs is None else partner_lists(
+            self.scenes, self.train_pairs, view_pairs
+        )  # fmt: skip
         self._position = (0, 0)  # (epoch, training batches consumed in it)
         self._device = torch.device("cpu")
         self.stores: list[TargetStore] = []
@@ -486,6 +602,7 @@ class FinetuneDataModule(L.LightningDataModule):
         return FinetuneDataset(
             self.run, self.scenes, self.train_pairs, self.grids, 1, self._device,
             image_scale=self.image_scale, crop=self.crop, patch=self.patch,
+            with_depth=self.partners is not None,
         )  # fmt: skip
 
     def val_dataset(self, device: str | torch.device | None = None) -> FinetuneDataset:
@@ -505,7 +622,7 @@ class FinetuneDataModule(L.LightningDataModule):
         self.stores.append(store)
         sampler = ShuffledSampler(
             len(self.train_pairs), True, True, self.seed, world, rank, store, self.window,
-            crop=self.crop < 1.0,
+            crop=self.crop < 1.0, partners=self.partners,
         )  # fmt: skip
         epoch, consumed = self._position
         sampler.skip_once(epoch, consumed * self.batch_size)

@@ -30,6 +30,7 @@ from fit3d.config import Config, to_dict
 from fit3d.errors import UserError
 from fit3d.export import export_dir, write_export
 from fit3d.io import sha256_file, write_json, write_safetensors
+from fit3d.lora import add_lora, has_lora, merge_lora
 from fit3d.runs import (
     BACKBONE_FILE,
     META_FILE,
@@ -221,6 +222,12 @@ def run(cfg: Config, callbacks: list[Callback] | None = None) -> dict[str, Any]:
         resume = ckpt_path.is_file()  # same settings, interrupted: carry on from the checkpoint
     trainer = make_trainer(cfg, out, list(callbacks or []))
     plan = batch_plan(f.batch_size, f.device_batch, trainer.num_devices * trainer.num_nodes)
+    if f.objective != "fit3d" and (plan.per_device % 2 or plan.device_batch % 2):
+        raise UserError(
+            f"finetune.objective={f.objective} trains on view pairs: each device's share of "
+            f"finetune.batch_size ({plan.per_device}) and its passes ({plan.device_batch}) "
+            "must be even"
+        )
     data = FinetuneDataModule(
         lift,
         backbone.token_grid,
@@ -236,9 +243,16 @@ def run(cfg: Config, callbacks: list[Callback] | None = None) -> dict[str, Any]:
         image_scale=f.image_scale,
         crop=f.crop,
         patch=backbone.patch_size,
+        view_pairs=f.equiv_max_angle if f.objective != "fit3d" else None,
     )
     fused = f.precision != "16-mixed"  # fp16's loss scaler unscales inside a fused step
-    module = FinetuneModule(backbone, f.lr, f.weight_decay, f.grad_clip, plan.device_batch, fused)
+    lr = f.lr * (f.lora_lr_scale if f.adapter == "lora" else 1.0)
+    module = FinetuneModule(
+        backbone, lr, f.weight_decay, f.grad_clip, plan.device_batch, fused, f.objective,
+        f.equiv_weight, f.equiv_temperature, f.equiv_points, cfg.run.seed,
+    )  # fmt: skip
+    if f.adapter == "lora":  # after the module made every weight trainable: freezes the base
+        add_lora(backbone.model, f.lora_rank, f.lora_blocks, f.lora_targets, f.lora_alpha or None)
     if trainer.is_global_zero:
         write_config(cfg, out)
     # mid-epoch resumption is exact (FinetuneDataModule.state_dict), unlike Lightning assumes
@@ -265,6 +279,9 @@ def _finish(
     """Rank 0 after training: weights, before/after checks, pca.png, the exported model folder,
     meta.json (last)."""
     tuned = module.backbone.eval()
+    trainable = sum(p.numel() for p in tuned.parameters() if p.requires_grad)
+    if has_lora(tuned.model):  # every consumer reads a plain timm state dict
+        merge_lora(tuned.model)
     weights_file = out / BACKBONE_FILE
     write_safetensors(
         weights_file,
@@ -293,14 +310,22 @@ def _finish(
         "epochs": round(trainer.global_step / max(trainer.num_training_batches, 1), 3),
         "world_size": trainer.world_size,
         "batch": {**asdict(plan), "per_device": plan.per_device},
+        "objective": cfg.finetune.objective,
+        "adapter": cfg.finetune.adapter,
+        "trainable_params": trainable,
         "optimizer": {
-            "lr": cfg.finetune.lr,
+            "lr": module.lr,
             "weight_decay": cfg.finetune.weight_decay,
             "grad_clip": cfg.finetune.grad_clip,
         },
         "seconds": round(seconds, 2),
         "losses": {
             "train_last_epoch": metrics.get("finetune/loss_epoch"),
+            **{
+                f"train_last_epoch_{k}": metrics[f"finetune/{k}_epoch"]
+                for k in ("l1", "equiv")
+                if f"finetune/{k}_epoch" in metrics
+            },
             "val": metrics.get("finetune/val_loss"),
         },
         "heldout": {

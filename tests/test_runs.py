@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import save_file
 
 from fit3d import runs
@@ -132,6 +133,21 @@ def test_check_settings_accepts_a_rerun_and_names_the_changed_sections(tmp_path:
     (folder / runs.CONFIG_FILE).write_text("lift: [unclosed\n")
     with pytest.raises(UserError, match="is not valid YAML"):
         runs.check_settings(cfg, folder, ("lift",))
+
+
+def test_check_settings_reads_a_setting_added_since_as_its_default(tmp_path: Path):
+    """A run folder written before `finetune.objective` existed is the same run as one with
+    the default objective, and a different one from any other objective."""
+    cfg = load_config([], ["finetune.lr=0.5"])
+    runs.write_config(cfg, tmp_path)
+    path = tmp_path / runs.CONFIG_FILE
+    old = yaml.safe_load(path.read_text())
+    del old["finetune"]["objective"], old["finetune"]["adapter"]
+    path.write_text(yaml.safe_dump(old))
+    assert runs.check_settings(cfg, tmp_path, ("finetune",)) is True
+    other = load_config([], ["finetune.lr=0.5", "finetune.objective=equivariance"])
+    with pytest.raises(UserError, match=r"different settings \(finetune\)"):
+        runs.check_settings(other, tmp_path, ("finetune",))
 
 
 def test_build_backbone_and_provenance(tmp_path: Path):
