@@ -170,7 +170,11 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         cells = [_cell(r["verdicts"].get(k), METRICS[k][2]) for k in KEYS]
         params = r["trainable_params"]
-        shown = f"{params / 1e6:.2f} M" if isinstance(params, int) else "-"
+        shown = (
+            "-"
+            if not isinstance(params, int)
+            else (f"{params / 1e6:.2f} M" if params >= 1e6 else f"{params / 1e3:.1f} k")
+        )
         secs = r["finetune_seconds"]
         took = f"{secs:.0f}" if secs is not None else "-"
         lines.append(f"| {r['variant']} | " + " | ".join(cells) + f" | {took} | {shown} |")
@@ -191,9 +195,13 @@ def plot(rows: list[dict]) -> bytes | None:
     if not keys:
         return None
     colors = matplotlib.colormaps["tab10"].colors
-    fig = Figure(figsize=(3.0 * len(keys), 0.45 * len(rows) + 1.2))
-    axes = fig.subplots(1, len(keys), squeeze=False)[0]
-    for ax, key in zip(axes, keys, strict=True):
+    cols = min(4, len(keys))
+    lines = -(-len(keys) // cols)
+    fig = Figure(figsize=(3.2 * cols, (0.4 * len(rows) + 1.0) * lines + 0.4))
+    grid = fig.subplots(lines, cols, squeeze=False)
+    for ax in grid.flat[len(keys) :]:
+        ax.set_axis_off()
+    for n, (ax, key) in enumerate(zip(grid.flat, keys, strict=False)):
         scale = METRICS[key][2]
         for i, r in enumerate(rows):
             v = r["verdicts"].get(key)
@@ -205,7 +213,7 @@ def plot(rows: list[dict]) -> bytes | None:
         ax.axvline(0, color="0.3", lw=0.8)
         ax.set_ylim(-0.7, len(rows) - 0.3)
         ax.set_yticks(range(len(rows)), [r["variant"] for r in reversed(rows)], fontsize=7)
-        if ax is not axes[0]:
+        if n % cols:
             ax.set_yticklabels([])
         better = "right" if METRICS[key][1] else "left"
         ax.set_title(f"{metric_label(key)}\n(better to the {better})", fontsize=7)
