@@ -130,3 +130,25 @@ def test_mixed_precision_clips_the_unscaled_gradient(fake, monkeypatch, precisio
     norms = [float(g.float().norm()) for g in grads]
     assert norms and max(norms) == pytest.approx(0.1, rel=1e-3)
     assert all(n <= 0.1 * (1 + 1e-3) for n in norms)
+
+
+def test_depth_rendered_by_gsplat_matches_the_cpu_renderer(fake):
+    """The equivariance objective's depth (expected depth, 1/4 resolution) on CUDA."""
+    lift = read_lift_run(fake / "lift" / "default")
+    cpu = FinetuneDataModule(lift, lambda h, w: (h // 14, w // 14)).train_dataset()
+    gpu = FinetuneDataset(cpu.run, cpu.scenes, cpu.pairs, cpu.grids, 1, "cuda")
+    for i in range(len(cpu)):
+        d_cpu, d_gpu = cpu.render_depth(i), gpu.render_depth(i)
+        assert d_gpu.is_cuda and d_gpu.shape == d_cpu.shape
+        both = (d_cpu > 0) & (d_gpu.cpu() > 0)
+        assert both.float().mean() > 0.9 * (d_cpu > 0).float().mean(), i
+        assert torch.allclose(d_gpu.cpu()[both], d_cpu[both], rtol=1e-3), i
+
+
+def test_equivariance_objective_with_lora_on_cuda(fake):
+    meta = run(load_config([], _argv(
+        fake, "run.name=equiv_lora", "finetune.objective=fit3d+equivariance",
+        "finetune.adapter=lora", "finetune.equiv_points=16",
+    )))  # fmt: skip
+    assert meta["steps"] == 3 and meta["adapter"] == "lora"
+    assert 0 < meta["trainable_params"] < 1e5 and meta["losses"]["train_last_epoch"] > 0
