@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -431,3 +432,20 @@ def test_kernel_build_target_is_overridable_and_cached_apart(monkeypatch):
     assert _cpp._march() == "x86-64-v3"
     monkeypatch.setenv(_cpp.MARCH_ENV, "x86-64-v2")
     assert len({native, avx2, _cpp._build_tag()}) == 3
+
+
+def test_kernel_sources_build_from_one_copy_outside_the_checkout(monkeypatch, tmp_path):
+    """The build names its sources by path: they are copied once per content tag into the
+    extensions root, so another checkout of the same sources reuses the cached build."""
+    from fit3d.render import _cpp
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    first = _cpp._stable_sources("abc123")
+    assert [Path(p).parent for p in first] == [tmp_path / "fit3d_src_abc123"] * len(first)
+    here = Path(_cpp.__file__).parent
+    for name in _cpp._SOURCES + _cpp._HEADERS:
+        assert (tmp_path / "fit3d_src_abc123" / name).read_bytes() == (here / name).read_bytes()
+    stamp = (tmp_path / "fit3d_src_abc123" / _cpp._SOURCES[0]).stat().st_mtime_ns
+    assert _cpp._stable_sources("abc123") == first  # the copy is reused, not rewritten
+    assert (tmp_path / "fit3d_src_abc123" / _cpp._SOURCES[0]).stat().st_mtime_ns == stamp
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left

@@ -3,7 +3,8 @@ torch.autograd.Functions.
 
 The extension is compiled on first use with `torch.utils.cpp_extension.load` (needs a C++ compiler
 and ninja, which gsplat already pulls in; ~1-2 min once, then cached under
-~/.cache/torch_extensions, keyed by the sources and the target instruction set). The target is
+~/.cache/torch_extensions, keyed by the sources and the target instruction set, and built from a
+copy of the sources there, so every checkout on the machine shares the build). The target is
 `-march=native` unless FIT3D_RENDER_MARCH names another (`x86-64-v3` = AVX2 + FMA, the kernels an
 AVX2-only CPU builds, so an AVX-512 machine can run what an AVX2 one would). If that fails (or
 FIT3D_RENDER_NO_CPP=1 is set), and always for float64 or non-CPU tensors, the renderer uses the
@@ -22,6 +23,8 @@ import logging
 import math
 import os
 import platform
+import shutil
+import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -68,6 +71,29 @@ def _build_tag() -> str:
     return h.hexdigest()[:10]
 
 
+def _stable_sources(tag: str) -> list[str]:
+    """The kernel sources, copied once into `<torch extensions root>/fit3d_src_<tag>/`: the build
+    file torch writes names its sources by absolute path, so building from the checkout's own
+    files would make every other checkout (a fresh clone, a CI clone) rebuild the cached
+    extension (~25 s) even though nothing changed. The tag hashes their content, so the copy is
+    written once (to a temporary folder, then renamed) and never differs."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    here = Path(__file__).parent
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()  # as torch's
+    folder = Path(root) / f"fit3d_src_{tag}"
+    if not all((folder / n).is_file() for n in _SOURCES + _HEADERS):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+        for n in _SOURCES + _HEADERS:
+            shutil.copyfile(here / n, tmp / n)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process got there first: its copy is the same
+            shutil.rmtree(tmp, ignore_errors=True)
+    return [str(folder / n) for n in _SOURCES]
+
+
 @functools.cache
 def _extension() -> ModuleType | None:
     """Build (or load the cached) extension; None when it cannot be built."""
@@ -78,10 +104,10 @@ def _extension() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
-        here = Path(__file__).parent
+        tag = _build_tag()
         return load(
-            name=f"fit3d_render_cpu_{_build_tag()}",
-            sources=[str(here / s) for s in _SOURCES],
+            name=f"fit3d_render_cpu_{tag}",
+            sources=_stable_sources(tag),
             extra_cflags=[*_CFLAGS, f"-march={_march()}"],
             verbose=False,
         )
