@@ -1,8 +1,9 @@
 """`make compare`: stage-2 objectives and adapters side by side, scored by one evaluator.
 
 For every variant `objective/adapter` (`finetune.objective`, `finetune.adapter`): one stage-2 run
-from the same stage-1 run with the same schedule (run name `cmp-<objective>-<adapter>`, or the
-plain `finetune` run name for `fit3d/full`, so the demo's own fine-tune is reused when it exists),
+from the same stage-1 run with the same schedule (run name `cmp-<name>-<objective>-<adapter>`; in
+the comparison named `default`, `fit3d/full` is the plain `run.name`, so `make demo`'s own
+fine-tune is reused),
 then one evaluation of original vs that run's fine-tuned features (`eval.feature_sets=[original,
 fine-tuned]`, run name `cmp-<variant>`; every variant shares one feature cache, so the original's
 features are extracted once). Each stage is its own process (`python -m ...`), as `make` runs it;
@@ -55,9 +56,12 @@ class Variant:
     def label(self) -> str:
         return f"{self.objective} / {self.adapter}"
 
-    def finetune_run(self, plain: str) -> str:
-        """Stage-2 run name: `plain` (the run's own `run.name`) for FiT3D as it is."""
-        return plain if (self.objective, self.adapter) == ("fit3d", "full") else f"cmp-{self.name}"
+    def finetune_run(self, plain: str, compare: str) -> str:
+        """Stage-2 run name: `cmp-<compare>-<variant>`; for FiT3D as it is in the comparison
+        named `default`, `plain` (the run's own `run.name`: `make demo`'s fine-tune is reused)."""
+        if (self.objective, self.adapter) == ("fit3d", "full") and compare == "default":
+            return plain
+        return f"cmp-{compare}-{self.name}"
 
 
 def parse_variants(text: str) -> list[Variant]:
@@ -122,7 +126,7 @@ def run(
     _stage("stage1_lift", base)
     rows = []
     for v in variants:
-        ft_run = v.finetune_run(cfg.run.name)
+        ft_run = v.finetune_run(cfg.run.name, name)
         _stage("stage2_finetune", base + [
             f"run.name={ft_run}", f"finetune.objective={v.objective}",
             f"finetune.adapter={v.adapter}",

@@ -514,10 +514,10 @@ class FinetuneConfig:
     `fc1`, `fc2`."""
     lora_alpha: float = setting(0.0, ">= 0")
     """LoRA scale alpha / rank (0 = alpha = rank: scale 1)."""
-    lora_lr_scale: float = setting(10.0, "> 0")
-    """With `lora`, the AdamW learning rate is `lr` x this: the low-rank updates start at zero
-    and have few parameters (10x is the usual ratio of LoRA to full fine-tuning rates; chosen,
-    not tuned)."""
+    lora_lr_scale: float = setting(100.0, "> 0")
+    """With `lora`, the AdamW learning rate is `lr` x this (the low-rank updates start at zero
+    and are few). 100: on the demo (fit3d objective, lr 3e-5) the held-out masked L1 of stage 2's
+    validation views was 0.578 / 0.549 / 0.540 / 0.576 / 0.959 at 10 / 30 / 100 / 300 / 1000."""
 
 
 @dataclass(frozen=True)

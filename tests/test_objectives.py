@@ -167,7 +167,7 @@ def test_compare_runs_each_objective_and_adapter_through_the_entry_points(tmp_pa
     for row, (objective, adapter) in zip(
         report["variants"], [("fit3d+equivariance", "full"), ("equivariance", "lora")], strict=True
     ):
-        ft = tmp_path / "finetune" / f"cmp-{objective.replace('+', '_')}-{adapter}"
+        ft = tmp_path / "finetune" / f"cmp-t-{objective.replace('+', '_')}-{adapter}"
         meta = json.loads((ft / "meta.json").read_text())
         assert meta["steps"] == 3 and (meta["objective"], meta["adapter"]) == (objective, adapter)
         (log,) = (ft / "logs").glob("version_*/metrics.csv")
