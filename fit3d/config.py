@@ -423,6 +423,17 @@ class FinetuneConfig:
         "objective == 'fit3d' or device_batch % 2 == 0",
     )
     """An equivariance objective trains on view pairs: every batch and pass holds whole pairs."""
+    applies: ClassVar[dict[str, str]] = {
+        **{k: "objective != 'fit3d'" for k in ("equiv_temperature", "equiv_points")},
+        "equiv_max_angle": "objective != 'fit3d'",
+        "equiv_weight": "objective == 'fit3d+equivariance'",
+        **{
+            k: "adapter == 'lora'"
+            for k in ("lora_rank", "lora_blocks", "lora_targets", "lora_alpha", "lora_lr_scale")
+        },
+    }
+    """Settings that matter only when a rule over the others holds: a finished run is the same
+    run whatever they say otherwise (`fit3d.runs.check_settings`)."""
 
     lift_run: str = "default"
     """Stage-1 run name whose scenes provide the targets."""

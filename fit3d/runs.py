@@ -181,7 +181,8 @@ def check_settings(cfg: Config, folder: Path, sections: tuple[str, ...]) -> bool
 
     Returns True when `folder` already holds a config.yaml whose `sections` equal `cfg`'s (a rerun
     or resume of the same run; `EVAL_ONLY` keys aside; a key the old file lacks, i.e. a setting
-    added since, matches its default value), False when there is none; raises
+    added since, matches its default value; a setting whose section's `applies` rule is false
+    for a run is left out), False when there is none; raises
     `UserError` naming the sections that differ otherwise.
     """
     path = Path(folder) / CONFIG_FILE
@@ -193,10 +194,16 @@ def check_settings(cfg: Config, folder: Path, sections: tuple[str, ...]) -> bool
         raise UserError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
     new, defaults = to_dict(cfg), to_dict(type(cfg)())
 
+    def active(values: dict, s: str) -> dict:  # without the settings that do not apply
+        rules = getattr(getattr(cfg, s, None), "applies", {})
+        return {
+            k: v for k, v in values.items()
+            if k not in rules or eval(rules[k], {"__builtins__": {}}, values)  # source rules only
+        }  # fmt: skip
+
     def same(s: str) -> bool:  # a setting added since the old run counts at its default
-        was, now = _tied(old, s), _tied(new, s)
-        now = {k: v for k, v in now.items() if k in was or v != defaults.get(s, {}).get(k)}
-        return was == now
+        was = {**_tied(defaults, s), **_tied(old, s)}
+        return active(was, s) == active(_tied(new, s), s)
 
     changed = [s for s in sections if not same(s)]
     if changed:

@@ -3,6 +3,7 @@ reading, each against values the test plants (environments, files, config change
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import subprocess
 from pathlib import Path
@@ -148,6 +149,27 @@ def test_check_settings_reads_a_setting_added_since_as_its_default(tmp_path: Pat
     other = load_config([], ["finetune.lr=0.5", "finetune.objective=equivariance"])
     with pytest.raises(UserError, match=r"different settings \(finetune\)"):
         runs.check_settings(other, tmp_path, ("finetune",))
+
+
+def test_check_settings_leaves_out_settings_that_do_not_apply(tmp_path: Path):
+    """A full fine-tune is the same run whatever LoRA's settings say; a LoRA run is not."""
+    full = load_config([], ["finetune.lora_lr_scale=10", "finetune.equiv_weight=0.5"])
+    runs.write_config(full, tmp_path / "full")
+    assert runs.check_settings(load_config([], []), tmp_path / "full", ("finetune",)) is True
+    lora = load_config([], ["finetune.adapter=lora", "finetune.lora_lr_scale=10"])
+    runs.write_config(lora, tmp_path / "lora")
+    with pytest.raises(UserError, match=r"different settings \(finetune\)"):
+        runs.check_settings(
+            load_config([], ["finetune.adapter=lora"]), tmp_path / "lora", ("finetune",)
+        )
+    # every rule names fields of its section and holds or fails on the defaults without error
+    from fit3d.config import FinetuneConfig
+
+    names = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    values = runs.to_dict(load_config([], []))["finetune"]
+    for key, rule in FinetuneConfig.applies.items():
+        assert key in names
+        assert eval(rule, {"__builtins__": {}}, values) in (True, False)
 
 
 def test_build_backbone_and_provenance(tmp_path: Path):
