@@ -3,11 +3,10 @@
 For every variant `objective/adapter` (`finetune.objective`, `finetune.adapter`): one stage-2 run
 from the same stage-1 run with the same schedule (run name `cmp-<name>-<objective>-<adapter>`; in
 the comparison named `default`, `fit3d/full` is the plain `run.name`, so `make demo`'s own
-fine-tune is reused),
-then one evaluation of original vs that run's fine-tuned features (`eval.feature_sets=[original,
-fine-tuned]`, run name `cmp-<variant>`; every variant shares one feature cache, so the original's
-features are extracted once). Each stage is its own process (`python -m ...`), as `make` runs it;
-a finished run is skipped by the stage itself.
+fine-tune is reused), then one evaluation of original vs that run's fine-tuned features
+(`eval.feature_sets=[original,fine-tuned]`, run name `cmp-<name>-<variant>`; every variant shares
+one feature cache, so the original's features are extracted once). Each stage is its own process
+(`python -m ...`), as `make` runs it; a finished run is skipped by the stage itself.
 
 Output, `<run.out>/compare/<name>/`: `compare.json` (per variant: its fine-tune meta numbers, its
 verdicts fine-tuned - original with 95% room intervals, its fine-tuned scores), `compare.md` (one

@@ -40,6 +40,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+from fit3d.correspond import render_depth, scaled_intrinsics
 from fit3d.errors import UserError
 from fit3d.gaussians import META_FILE, LiftedScene, list_lifted_scenes, load_lifted_scene
 from fit3d.geometry import relative_rotation
@@ -241,14 +242,13 @@ class FinetuneDataset(Dataset):
         si, view = self.pairs[index]
         scene = self.scenes[si]
         h4, w4 = self.depth_size(index)
-        sx, sy = w4 / scene.width(view), h4 / scene.height(view)
-        return torch.diag(torch.tensor([sx, sy, 1.0])) @ scene.K(view).float()
+        return scaled_intrinsics(
+            scene.K(view).float(), scene.width(view), scene.height(view), w4, h4
+        )
 
     def render_depth(self, index: int) -> Tensor:
         """Expected depth [h4, w4] of pair `index` rendered from its scene's Gaussians (0 where
         nothing solid is seen), unflipped and uncropped, on the cache's device."""
-        from fit3d.correspond import render_depth
-
         si, view = self.pairs[index]
         scene = self.scenes[si]
         lifted = self.cache.get(scene.scene_id)

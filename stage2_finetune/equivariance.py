@@ -18,6 +18,8 @@ first token.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -29,9 +31,13 @@ MIN_POINTS = 8
 """Fewer correspondences than this inside both crops: the pair adds nothing to the term."""
 
 
-class Points(tuple):
-    """(ua [M, 2], ub [M, 2], negatives [M, M] bool): token coordinates (x, y) of M matched
-    points in the two items' token maps, and which off-diagonal pairs count as negatives."""
+class Points(NamedTuple):
+    """Token coordinates (x, y) of M matched points in two items' token maps, and which
+    off-diagonal pairs count as negatives."""
+
+    ua: Tensor  # [M, 2]
+    ub: Tensor  # [M, 2]
+    negatives: Tensor  # [M, M] bool
 
 
 def to_tokens(xy: Tensor, batch: dict[str, Tensor], i: int, size: tuple[int, int]) -> Tensor:
@@ -92,7 +98,7 @@ def pair_points(
         return None
     ua, ub = ua[pick], ub[pick]
     apart = (torch.cdist(ua, ua) > 1.0) & (torch.cdist(ub, ub) > 1.0)  # [M, M]
-    return Points((ua, ub, apart))
+    return Points(ua, ub, apart)
 
 
 def sample_tokens(tokens: Tensor, uv: Tensor) -> Tensor:

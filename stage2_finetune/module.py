@@ -62,12 +62,9 @@ class FinetuneModule(L.LightningModule):
         self.backbone = backbone.requires_grad_(True).train()
         self.lr, self.weight_decay, self.grad_clip = lr, weight_decay, grad_clip
         self.device_batch, self.fused = device_batch, fused
-        terms = objective.split("+")
-        self.l1_weight = 1.0 if "fit3d" in terms else 0.0
-        self.equiv_weight = (1.0 if terms == ["equivariance"] else equiv_weight) * (
-            "equivariance" in terms
-        )
-        self.paired = "equivariance" in terms
+        self.l1_weight = 0.0 if objective == "equivariance" else 1.0
+        self.equiv_weight = {"fit3d": 0.0, "equivariance": 1.0}.get(objective, equiv_weight)
+        self.paired = objective != "fit3d"
         self.temperature, self.points, self.seed = temperature, points, seed
 
     def forward(self, images: Tensor) -> Tensor:

@@ -222,7 +222,8 @@ def run(cfg: Config, callbacks: list[Callback] | None = None) -> dict[str, Any]:
         resume = ckpt_path.is_file()  # same settings, interrupted: carry on from the checkpoint
     trainer = make_trainer(cfg, out, list(callbacks or []))
     plan = batch_plan(f.batch_size, f.device_batch, trainer.num_devices * trainer.num_nodes)
-    if f.objective != "fit3d" and (plan.per_device % 2 or plan.device_batch % 2):
+    paired = f.objective != "fit3d"  # an equivariance term: view pairs
+    if paired and (plan.per_device % 2 or plan.device_batch % 2):
         raise UserError(
             f"finetune.objective={f.objective} trains on view pairs: each device's share of "
             f"finetune.batch_size ({plan.per_device}) and its passes ({plan.device_batch}) "
@@ -243,7 +244,7 @@ def run(cfg: Config, callbacks: list[Callback] | None = None) -> dict[str, Any]:
         image_scale=f.image_scale,
         crop=f.crop,
         patch=backbone.patch_size,
-        view_pairs=f.equiv_max_angle if f.objective != "fit3d" else None,
+        view_pairs=f.equiv_max_angle if paired else None,
     )
     fused = f.precision != "16-mixed"  # fp16's loss scaler unscales inside a fused step
     lr = f.lr * (f.lora_lr_scale if f.adapter == "lora" else 1.0)
