@@ -223,3 +223,39 @@ def test_navi_protocol_recovers_the_3d_and_2d_error_of_a_planted_point_cloud():
     m = navi_recall([errs3d], [errs2d], torch.tensor([0.0]))
     assert (m["recall_1cm"], m["recall2d_5px"], m["recall2d_25px"]) == (1.0, 1.0, 1.0)
     assert m["recall_2cm_rot0-30"] == 1.0
+
+
+def test_grids_match_the_resampled_points_they_stand_for():
+    """Dot products taken on the tokens and resampled (Grid) equal those of the bilinearly
+    resampled point features, and every set's neighbours are the nearest by the cosines of the
+    resampled points' concatenation, whatever the chunking. Clamped edges make some view-1 points
+    identical (true ties, which rounding may order either way): a pick counts as right when its
+    cosine is the row's best to 1e-12 (float64) or 1e-5 (float32)."""
+    from fit3d.eval.correspondence import Grid, _columns, _resampled_rows, upsampled
+
+    gen = torch.Generator().manual_seed(3)
+    maps0 = {p: torch.randn(6, 5, 7, generator=gen, dtype=torch.float64) for p in "ab"}
+    maps1 = {p: torch.randn(6, 4, 9, generator=gen, dtype=torch.float64) for p in "ab"}
+    valid0 = torch.rand(18, 25, generator=gen) > 0.3  # 18 x 25 grid from 5 x 7 tokens
+    valid1 = torch.rand(15, 31, generator=gen) > 0.3
+    pts0 = {p: upsampled(m, (18, 25))[valid0.flatten()] for p, m in maps0.items()}
+    pts1 = {p: upsampled(m, (15, 31))[valid1.flatten()] for p, m in maps1.items()}
+    g0 = {p: Grid(m, valid0) for p, m in maps0.items()}
+    g1 = {p: Grid(m, valid1) for p, m in maps1.items()}
+    rows = _resampled_rows(g0["a"], _columns(g0["a"], g1["a"]), 0, 18)[g0["a"].flat]
+    torch.testing.assert_close(rows, pts0["a"] @ pts1["a"].T, rtol=0, atol=1e-12)
+    sets = {"a": ("a",), "b": ("b",), "ab": ("a", "b"), "aab": ("a", "a", "b")}
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        g0 = {p: Grid(m.to(dtype), valid0) for p, m in maps0.items()}
+        g1 = {p: Grid(m.to(dtype), valid1) for p, m in maps1.items()}
+        for max_elems in (1 << 24, 1):  # one chunk; one grid row per chunk
+            got = ratio_matches_sets(g0, g1, sets, max_elems)
+            for s, parts in sets.items():
+                f0 = torch.nn.functional.normalize(torch.cat([pts0[p] for p in parts], 1), dim=1)
+                f1 = torch.nn.functional.normalize(torch.cat([pts1[p] for p in parts], 1), dim=1)
+                cos = f0 @ f1.T  # [N0, N1]
+                best = cos.topk(2, dim=1).values
+                picked = cos.gather(1, got[s][0][:, None])[:, 0]
+                assert (picked >= best[:, 0] - tol).all(), (s, dtype)
+                weight = 1 - (1 - best[:, 0]).clamp_min(1e-9) / (1 - best[:, 1]).clamp_min(1e-9)
+                torch.testing.assert_close(got[s][1], weight, rtol=0, atol=100 * tol)

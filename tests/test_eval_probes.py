@@ -145,6 +145,36 @@ def test_bins_to_depth_equals_the_autograd_form():
     assert torch.autograd.gradcheck(lambda x: bins_to_depth(x, centres), (away_from_kink,))
 
 
+def test_depth_head_takes_constant_channels_once_per_image():
+    """With its last channels a broadcast vector, a head told so gives the plain head's depth,
+    gradients and BatchNorm running statistics (train mode), float64."""
+    torch.manual_seed(2)
+    raw = torch.randn(3, 5, 4, 6, dtype=torch.float64)
+    cls = torch.randn(3, 4, dtype=torch.float64)
+    x = torch.cat([raw, cls[:, :, None, None].expand(-1, -1, 4, 6)], 1)  # [3, 9, 4, 6]
+    plain = DepthHead(9, 5.0).double()
+    told = DepthHead(9, 5.0, constant=4).double()
+    told.load_state_dict(plain.state_dict())
+    with torch.no_grad():  # away from BatchNorm's identity init, so every term matters
+        for head in (plain, told):
+            head.bn.weight.copy_(torch.linspace(0.5, 2.0, 9))
+            head.bn.bias.copy_(torch.linspace(-0.3, 0.3, 9))
+    outs = [head.train()(x, (14, 20), 2) for head in (plain, told)]
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-12)
+    g = torch.randn_like(outs[0])
+    heads = (plain, told)
+    grads = [
+        torch.autograd.grad(o, list(h.parameters()), g) for o, h in zip(outs, heads, strict=True)
+    ]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-10)
+    torch.testing.assert_close(told.bn.running_var, plain.bn.running_var, rtol=0, atol=1e-12)
+    after = [head.eval()(x, (8, 12)) for head in heads]
+    torch.testing.assert_close(after[1], after[0], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="constant"):
+        DepthHead(9, 5.0, constant=9)
+
+
 def test_dpt_head_output_is_16x_the_token_grid():
     head = DPTHead([8, 8, 8, 12], "depth", hidden=4, max_depth=5.0).eval()
     feats = [torch.randn(2, c, 3, 5) for c in (8, 8, 8, 12)]

@@ -226,8 +226,10 @@ def _new_head(task: str, head: str, ctx: Context, x_example) -> torch.nn.Module:
     c = x_example.shape[0]
     if task == "seg":
         return SegHead(c, ctx.num_classes)
-    if task == "depth":
-        return DepthHead(c, ctx.max_depth, ctx.min_depth, batch_norm=ec.protocol != "paper")
+    if task == "depth":  # its input ends with the original model's CLS token on every cell
+        cls = ctx.backbones["original"].embed_dim
+        return DepthHead(c, ctx.max_depth, ctx.min_depth, batch_norm=ec.protocol != "paper",
+                         constant=cls)  # fmt: skip
     return NormalHead(c)
 
 

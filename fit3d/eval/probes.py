@@ -82,17 +82,21 @@ def resample(
     return F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=align_corners)
 
 
-def _upsample_matrix(n_in: int, n_out: int, device: torch.device | None = None) -> Tensor:
-    """[n_out, n_in] weights of 1-D bilinear resizing with align_corners=False (edges clamped)."""
-    src = ((torch.arange(n_out, device=device) + 0.5) * n_in / n_out - 0.5).clamp(min=0)
+def upsample_matrix(
+    n_in: int, n_out: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """[n_out, n_in] weights of 1-D bilinear resizing with align_corners=False (edges clamped),
+    computed in float64, returned in `dtype`."""
+    src = (torch.arange(n_out, device=device, dtype=torch.float64) + 0.5) * n_in / n_out - 0.5
+    src = src.clamp(min=0)
     i0 = src.floor().long().clamp(max=n_in - 1)
     i1 = (i0 + 1).clamp(max=n_in - 1)
     w1 = src - i0
-    m = torch.zeros(n_out, n_in, device=device)
+    m = torch.zeros(n_out, n_in, device=device, dtype=torch.float64)
     rows = torch.arange(n_out, device=device)
     m.index_put_((rows, i0), 1 - w1, accumulate=True)
     m.index_put_((rows, i1), w1, accumulate=True)
-    return m
+    return m.to(dtype)
 
 
 class _BinsToDepth(torch.autograd.Function):
@@ -144,7 +148,12 @@ class SegHead(nn.Module):
 
 
 class DepthHead(nn.Module):
-    """[BatchNorm +] 1x1 conv to depth bins, x4 upsample, ReLU-normalised expected depth."""
+    """[BatchNorm +] 1x1 conv to depth bins, x4 upsample, ReLU-normalised expected depth.
+
+    `constant`: the last `constant` input channels are the same at every grid cell (FiT3D's CLS
+    token broadcast over the grid): their part of the 1x1 conv is taken once per image and added
+    to every cell. The same function and gradients (the BatchNorm still sees every cell), at half
+    the conv's multiply-adds for a single backbone's input."""
 
     def __init__(
         self,
@@ -153,18 +162,30 @@ class DepthHead(nn.Module):
         min_depth: float = 1e-3,
         bins: int = 256,
         batch_norm: bool = True,
+        constant: int = 0,
     ):
         super().__init__()
+        if not 0 <= constant < in_channels:
+            raise ValueError(f"constant={constant} of {in_channels} input channels")
         self.bn = nn.BatchNorm2d(in_channels) if batch_norm else nn.Identity()
         self.conv = nn.Conv2d(in_channels, bins, 1)
+        self.constant = constant
         self.register_buffer("centres", torch.linspace(min_depth, max_depth, bins))
 
     def forward(self, x: Tensor, size: tuple[int, int], stride: int = 1) -> Tensor:
         """x [B, C, h, w] -> depth [B, H, W] metres (H, W = size, strided by `stride`)."""
-        logits = self.conv(self.bn(x))  # [B, bins, h, w]
+        x = self.bn(x)
+        if self.constant:
+            c = x.shape[1] - self.constant
+            weight = self.conv.weight  # [bins, C, 1, 1]
+            logits = F.conv2d(x[:, :c], weight[:, :c], self.conv.bias)  # [B, bins, h, w]
+            per_image = x[:, c:, 0, 0] @ weight[:, c:, 0, 0].T.to(x.dtype)  # [B, bins]
+            logits = logits + per_image[:, :, None, None].to(logits.dtype)
+        else:
+            logits = self.conv(x)  # [B, bins, h, w]
         h, w = logits.shape[2:]
-        up_h = _upsample_matrix(h, 4 * h, logits.device).to(logits.dtype)
-        up_w = _upsample_matrix(w, 4 * w, logits.device).to(logits.dtype)
+        up_h = upsample_matrix(h, 4 * h, logits.device, logits.dtype)
+        up_w = upsample_matrix(w, 4 * w, logits.device, logits.dtype)
         logits = up_h @ logits @ up_w.T  # exact x4 bilinear upsample, [B, bins, 4h, 4w]
         depth = bins_to_depth(logits, self.centres)  # [B, 4h, 4w]
         return resample(depth[:, None], size, stride)[:, 0]
