@@ -345,3 +345,24 @@ def test_angular_nll_counts_depth_pixels_without_normal_at_90_degrees():
     eps = 1e-4
     expected = (reg + k * math.acos(1 - eps) + reg + k * math.pi / 2) / 2
     assert float(angular_nll(out, gt)) == pytest.approx(expected, abs=1e-5)  # fp32 clamp
+
+
+def test_inputs_are_kept_in_memory_up_to_the_budget():
+    """Each key's (input, label) is made once while it fits in the budget; past the budget it is
+    made again on every read (read from disk, as without the cache); clear() frees it all."""
+    from fit3d.eval.fitting import Inputs
+
+    made: list[int] = []
+
+    def make(n: int):
+        made.append(n)
+        return torch.full((10,), float(n)), [torch.zeros(5, dtype=torch.float64)]  # 40 + 40 B
+
+    inputs = Inputs(budget=200)  # room for two items of 80 B
+    for n in (0, 1, 2, 0, 1, 2):
+        x, y = inputs.get(("train", n), lambda n=n: make(n))
+        assert float(x[0]) == n
+    assert made == [0, 1, 2, 2] and inputs.used == 160
+    inputs.clear()
+    inputs.get(("train", 0), lambda: make(0))
+    assert made == [0, 1, 2, 2, 0] and inputs.used == 80

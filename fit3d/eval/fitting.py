@@ -59,6 +59,36 @@ PER_GROUP_MAX = 64
 """Test groups (scenes) up to which metrics are also kept per group."""
 
 
+INPUT_CACHE_BYTES = 1 << 30
+"""Probe inputs and labels of one feature set kept in memory up to this many bytes (`Inputs`)."""
+
+
+class Inputs:
+    """One feature set's per-view probe inputs and labels, kept in memory while they fit in
+    `budget` bytes: its learning-rate sweep and seeds read the same views ~5 times over. Views
+    past the budget are read from the on-disk caches each time, so memory stays bounded whatever
+    the number of views; `run_task` clears it between feature sets."""
+
+    def __init__(self, budget: int = INPUT_CACHE_BYTES):
+        self.budget, self.used = budget, 0
+        self.items: dict[tuple, tuple] = {}
+
+    def get(self, key: tuple, make: Callable[[], tuple]) -> tuple:
+        """The (input, label) of `key`, from memory or `make()` (then kept if it fits)."""
+        if key in self.items:
+            return self.items[key]
+        item = make()
+        size = sum(t.nbytes for x in item for t in (x if isinstance(x, list) else [x]))
+        if self.used + size <= self.budget:
+            self.items[key] = item
+            self.used += size
+        return item
+
+    def clear(self) -> None:
+        self.items.clear()
+        self.used = 0
+
+
 @dataclass
 class Context:
     """Everything the probes of one run share."""
@@ -78,6 +108,8 @@ class Context:
     max_depth: float = 10.0
     plan: MapPlan | None = None
     """Maps, image fit and normalisation of every feature pass (cached or live)."""
+    inputs: Inputs = field(default_factory=Inputs)
+    """The current feature set's probe inputs kept in memory (bounded)."""
 
     @property
     def amp(self):
@@ -124,13 +156,26 @@ def _same_shape(feats: SplitFeatures, split: D.Split, positions: list[int]) -> l
 
 
 def _micro(
-    feats: SplitFeatures, split: D.Split, positions: list[int], parts, kind: str, task: str, quarter
+    feats: SplitFeatures,
+    split: D.Split,
+    positions: list[int],
+    parts,
+    kind: str,
+    task: str,
+    quarter,
+    inputs: Inputs | None = None,
 ) -> list[tuple]:
+    def one(n: int) -> tuple:
+        return probe_input(feats, n, parts, kind, quarter), D.label_batch(split, [n], task)[0]
+
     out = []
     for same in _same_shape(feats, split, positions):
-        x = _stack([probe_input(feats, n, parts, kind, quarter) for n in same])
-        y = torch.stack(D.label_batch(split, same, task))
-        out.append((x, y))
+        if inputs is None:
+            items = [one(n) for n in same]
+        else:
+            key = (split.role, tuple(parts), kind, task)
+            items = [inputs.get((*key, n), lambda n=n: one(n)) for n in same]
+        out.append((_stack([x for x, _ in items]), torch.stack([y for _, y in items])))
     return out
 
 
@@ -145,16 +190,17 @@ def cached_batches(
     micro: int,
     seed: int,
     quarter=(),
+    inputs: Inputs | None = None,
 ) -> Iterator[list[tuple]]:
     """Endless optimiser steps of `batch` cached views (a seeded shuffle per epoch), read from
-    the stores one micro-batch at a time."""
+    the stores (or `inputs`) one micro-batch at a time."""
     gen = torch.Generator().manual_seed(seed)
     while True:
         order = [positions[k] for k in torch.randperm(len(positions), generator=gen).tolist()]
         for chunk in D.chunked(order, batch):
             step = []
             for m in D.chunked(chunk, micro or batch):
-                step += _micro(feats, split, m, parts, kind, task, quarter)
+                step += _micro(feats, split, m, parts, kind, task, quarter, inputs)
             yield step
 
 
@@ -255,7 +301,7 @@ def fit_cached(
     module = _new_head(task, head, ctx, probe_input(feats, positions[0], parts, kind, ctx.quarter))
     batches = cached_batches(
         feats, split, positions, parts, kind, task, ec.batch_size, ec.micro_batch, seed,
-        ctx.quarter,
+        ctx.quarter, ctx.inputs,
     )  # fmt: skip
     return train_head(
         module, batches, steps, lr, schedule, loss_fn(task, head, probe3d=ec.probe3d), ctx.device,
@@ -271,7 +317,7 @@ def score_cached(
     kind = _input_kind(task, head)
 
     def predict(chunk):
-        for x, y in _micro(feats, split, chunk, parts, kind, task, ctx.quarter):
+        for x, y in _micro(feats, split, chunk, parts, kind, task, ctx.quarter, ctx.inputs):
             x = [t.to(ctx.device).float() for t in x] if isinstance(x, list) else x.to(ctx.device)
             with ctx.amp or contextlib.nullcontext():
                 out = module(x if isinstance(x, list) else x.float(), tuple(y.shape[1:3]))
@@ -452,6 +498,7 @@ def run_task(task: str, head: str, sets: list[str], ctx: Context) -> tuple[dict,
             for k, v in m.items():
                 per_seed.setdefault(f"eval/{name}/{k}", []).append(v)
         metrics[s] = {k: summarize(v) for k, v in per_seed.items()}
+        ctx.inputs.clear()  # the next set reads other inputs
         took = f" ({time.perf_counter() - t0:.0f} s)"
         print(f"  {name:11s} {s:11s} lr {lrs[s]:.3g}: " + short(metrics[s]) + took, flush=True)
     return metrics, lrs
