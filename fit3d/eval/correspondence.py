@@ -187,6 +187,7 @@ def ratio_matches_sets(
         chunk = max(min(max_elems, 1 << 21) // (width * max(n1, 1)), 1) * width
         cols = {p: _columns(f0[p], f1[p]) for p in used}
         set_cols = {u: sum(cols[p] * (m * inv1[u])[None] for p, m in u) for u in unique}
+        del cols  # [h0 w0, N1] per part; only the sets' sums are read from here on
     out: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {u: ([], []) for u in unique}
     for start in range(0, n_rows, chunk):
         rows = slice(start, start + chunk)
