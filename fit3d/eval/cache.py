@@ -71,6 +71,7 @@ class ViewStore:
             "views": num_views,
         }
         self.note: str | None = None
+        self._reader: tuple[int, int] | None = None  # (pid, read descriptor), see `_fd`
         self._open()
 
     # --- layout ------------------------------------------------------------------------------
@@ -232,7 +233,7 @@ class ViewStore:
 
     def _fd(self) -> int:
         """This process's read-only descriptor of the data file (opened on first use)."""
-        if getattr(self, "_reader", None) is None or self._reader[0] != os.getpid():
+        if self._reader is None or self._reader[0] != os.getpid():
             self._reader = (os.getpid(), os.open(self.data_path, os.O_RDONLY))
         return self._reader[1]
 

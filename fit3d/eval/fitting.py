@@ -163,18 +163,15 @@ def _micro(
     kind: str,
     task: str,
     quarter,
-    inputs: Inputs | None = None,
+    inputs: Inputs,
 ) -> list[tuple]:
     def one(n: int) -> tuple:
         return probe_input(feats, n, parts, kind, quarter), D.label_batch(split, [n], task)[0]
 
+    key = (split.role, tuple(parts), kind, task)
     out = []
     for same in _same_shape(feats, split, positions):
-        if inputs is None:
-            items = [one(n) for n in same]
-        else:
-            key = (split.role, tuple(parts), kind, task)
-            items = [inputs.get((*key, n), lambda n=n: one(n)) for n in same]
+        items = [inputs.get((*key, n), lambda n=n: one(n)) for n in same]
         out.append((_stack([x for x, _ in items]), torch.stack([y for _, y in items])))
     return out
 
@@ -189,8 +186,8 @@ def cached_batches(
     batch: int,
     micro: int,
     seed: int,
+    inputs: Inputs,
     quarter=(),
-    inputs: Inputs | None = None,
 ) -> Iterator[list[tuple]]:
     """Endless optimiser steps of `batch` cached views (a seeded shuffle per epoch), read from
     the stores (or `inputs`) one micro-batch at a time."""
@@ -301,7 +298,7 @@ def fit_cached(
     module = _new_head(task, head, ctx, probe_input(feats, positions[0], parts, kind, ctx.quarter))
     batches = cached_batches(
         feats, split, positions, parts, kind, task, ec.batch_size, ec.micro_batch, seed,
-        ctx.quarter, ctx.inputs,
+        ctx.inputs, ctx.quarter,
     )  # fmt: skip
     return train_head(
         module, batches, steps, lr, schedule, loss_fn(task, head, probe3d=ec.probe3d), ctx.device,
